@@ -1,0 +1,44 @@
+//! The local API: one tonic server on the Unix socket carrying tokend.v1
+//! (token, admin) and grpc.health.v1. No business logic here.
+
+mod status;
+mod tokend;
+mod uds;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+pub use self::status::{REASON_KEY, detail_of, reason_of, reject};
+pub use self::tokend::{AdminApi, TokenApi, key_info};
+pub use self::uds::{bind, caller_uid, check_uid, own_uid};
+use crate::daemon::Core;
+use crate::proto::tokend::v1 as pb;
+
+/// Serves every local service on `listener` until `shutdown` completes, then
+/// finishes in-flight calls and returns.
+pub async fn serve(
+    listener: UnixListener,
+    core: Arc<Core>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
+        .await;
+    reporter
+        .set_serving::<pb::admin_service_server::AdminServiceServer<AdminApi>>()
+        .await;
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(pb::token_service_server::TokenServiceServer::new(TokenApi(
+            core.clone(),
+        )))
+        .add_service(pb::admin_service_server::AdminServiceServer::new(AdminApi(
+            core,
+        )))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}

@@ -1,0 +1,228 @@
+//! The `tokend` command line (DESIGN.md "CLI contract"): the clap tree, value
+//! parsers and dispatch. Opens no sockets or files itself.
+
+mod offline;
+mod remote;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+/// Exit code for a usage or configuration error (BSD EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// tokend: service-to-service token sidecar.
+#[derive(Debug, Parser)]
+#[command(name = "tokend", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the local socket is.
+#[derive(Debug, Clone, Args)]
+pub struct SocketArg {
+    /// The sidecar's Unix socket.
+    #[arg(long, env = "TOKEND_SOCKET", default_value = "./tokend.sock")]
+    pub socket: PathBuf,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the sidecar (with no config: working defaults, keys generated on first start).
+    Serve(ServeArgs),
+    /// Mint a token for AUDIENCE; prints the compact JWT.
+    Mint {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Target service: a name of the trust domain (`ledger`) or a SPIFFE ID.
+        #[arg(long)]
+        audience: String,
+        /// Lifetime, like 90s or 5m (default: the sidecar's default_ttl).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// A caller claim KEY=VALUE; VALUE is JSON if it parses as JSON, else a string. Repeatable.
+        #[arg(long = "claim", value_parser = parse_claim)]
+        claims: Vec<(String, serde_json::Value)>,
+        /// A token verifiers accept only once.
+        #[arg(long)]
+        one_time: bool,
+    },
+    /// Verify TOKEN (or `-` for stdin); prints the claims as JSON, or `rejected: <reason>: <detail>` and exits 1.
+    Verify {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The audience the token must name (default: this sidecar).
+        #[arg(long)]
+        audience: Option<String>,
+        /// The token, or `-` to read it from stdin.
+        token: String,
+    },
+    /// Exchange a received TOKEN (or `-`) for a delegated token to AUDIENCE.
+    Exchange {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The next service.
+        #[arg(long)]
+        audience: String,
+        /// The token, or `-`.
+        token: String,
+    },
+    /// Key administration.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The sidecar's public JWKS (with --all, every key set it trusts).
+    Jwks {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Every issuer's set and its source.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show a token's header and claims, UNVERIFIED.
+    Decode {
+        /// The token, or `-`.
+        token: String,
+    },
+}
+
+/// `tokend keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// List keys with their lifecycle times.
+    List {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Start a rotation now.
+    Rotate {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Revoke KID at once.
+    Revoke {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The key id.
+        kid: String,
+    },
+}
+
+/// `tokend serve` flags; each overrides the config file.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Service name this sidecar speaks for.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Trust domain.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Socket path (default: TOKEND_SOCKET, then ./tokend.sock).
+    #[arg(long, env = "TOKEND_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Keys directory.
+    #[arg(long)]
+    pub keys_dir: Option<PathBuf>,
+    /// Peer API listen address.
+    #[arg(long)]
+    pub peer_listen: Option<String>,
+    /// Prometheus listen address.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+}
+
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let d = crate::config::parse_duration(s)?;
+    if d.as_secs() == 0 {
+        return Err("ttl must be at least 1s".into());
+    }
+    Ok(d.as_secs())
+}
+
+fn parse_claim(s: &str) -> Result<(String, serde_json::Value), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if k.is_empty() {
+        return Err(format!("{s:?} has an empty KEY"));
+    }
+    let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()));
+    Ok((k.to_owned(), value))
+}
+
+/// Reads TOKEN, or stdin (at most 64 KiB) when it is `-`.
+fn token_arg(t: &str) -> Result<String, String> {
+    use std::io::Read;
+    if t != "-" {
+        return Ok(t.trim().to_owned());
+    }
+    let mut s = String::new();
+    std::io::stdin()
+        .lock()
+        .take(64 * 1024)
+        .read_to_string(&mut s)
+        .map_err(|e| format!("cannot read token from stdin: {e}"))?;
+    Ok(s.trim().to_owned())
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> u8 {
+    match cli.command {
+        Command::Serve(args) => remote::serve(args).await,
+        Command::Mint {
+            socket,
+            audience,
+            ttl,
+            claims,
+            one_time,
+        } => remote::mint(&socket.socket, audience, ttl, claims, one_time).await,
+        Command::Verify {
+            socket,
+            audience,
+            token,
+        } => match token_arg(&token) {
+            Ok(t) => remote::verify(&socket.socket, t, audience).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Exchange {
+            socket,
+            audience,
+            token,
+        } => match token_arg(&token) {
+            Ok(t) => remote::exchange(&socket.socket, t, audience).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Keys(KeysCommand::List { socket }) => remote::keys_list(&socket.socket).await,
+        Command::Keys(KeysCommand::Rotate { socket }) => remote::keys_rotate(&socket.socket).await,
+        Command::Keys(KeysCommand::Revoke { socket, kid }) => {
+            remote::keys_revoke(&socket.socket, kid).await
+        }
+        Command::Jwks { socket, all } => remote::jwks(&socket.socket, all).await,
+        Command::Decode { token } => match token_arg(&token) {
+            Ok(t) => offline::decode(&t),
+            Err(e) => fail_usage(&e),
+        },
+    }
+}
+
+fn fail_usage(msg: &str) -> u8 {
+    eprintln!("tokend: {msg}");
+    EXIT_USAGE
+}

@@ -1,0 +1,260 @@
+//! Commands that talk to a running sidecar over its Unix socket (one channel,
+//! one RPC, print), and `serve` itself. Never signs, never reads keys.
+
+use std::path::{Path, PathBuf};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::{EXIT_USAGE, ServeArgs};
+use crate::api::{detail_of, reason_of};
+use crate::proto::tokend::v1 as pb;
+
+/// Opens a gRPC channel to the sidecar at `socket`.
+pub(super) async fn connect(socket: &Path) -> Result<Channel, String> {
+    let path: PathBuf = socket.to_owned();
+    // The URI is required by the API but unused: the connector dials the socket.
+    Endpoint::try_from("http://tokend.local")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to tokend at {}: {e}", socket.display()))
+}
+
+fn print_status(status: &tonic::Status, prefix: &str) -> u8 {
+    match reason_of(status) {
+        Some(r) => eprintln!("{prefix}: {r}: {}", detail_of(status)),
+        None => eprintln!("tokend: {}: {}", code_name(status.code()), status.message()),
+    }
+    1
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}").to_lowercase()
+}
+
+macro_rules! channel_or_exit {
+    ($socket:expr) => {
+        match connect($socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tokend: {e}");
+                return 1;
+            }
+        }
+    };
+}
+
+/// `tokend serve`.
+pub(super) async fn serve(args: ServeArgs) -> u8 {
+    let overrides = crate::config::Overrides {
+        name: args.name,
+        trust_domain: args.trust_domain,
+        socket: args.socket,
+        keys_dir: args.keys_dir,
+        peer_listen: args.peer_listen,
+        metrics_listen: args.metrics_listen,
+    };
+    let config = match crate::config::Config::load(args.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("tokend: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    let clock = std::sync::Arc::new(crate::clock::SystemClock);
+    let daemon = match crate::daemon::Daemon::build(config, clock).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("tokend: cannot start: {e}");
+            return if e.is_config() { EXIT_USAGE } else { 1 };
+        }
+    };
+    match daemon.run(crate::shutdown::signal()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tokend: {e}");
+            1
+        }
+    }
+}
+
+/// `tokend mint`.
+pub(super) async fn mint(
+    socket: &Path,
+    audience: String,
+    ttl: Option<u64>,
+    claims: Vec<(String, serde_json::Value)>,
+    one_time: bool,
+) -> u8 {
+    let claims_json = if claims.is_empty() {
+        String::new()
+    } else {
+        serde_json::Value::Object(claims.into_iter().collect()).to_string()
+    };
+    let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
+    let req = pb::MintRequest {
+        audience,
+        ttl_seconds: ttl.unwrap_or(0),
+        claims_json,
+        one_time,
+    };
+    match client.mint(req).await {
+        Ok(r) => {
+            println!("{}", r.into_inner().token);
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
+/// `tokend verify`.
+pub(super) async fn verify(socket: &Path, token: String, audience: Option<String>) -> u8 {
+    let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
+    let req = pb::VerifyRequest {
+        token,
+        audience: audience.unwrap_or_default(),
+    };
+    match client.verify(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            let claims: serde_json::Value =
+                serde_json::from_str(&r.claims_json).unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&claims).unwrap_or_default()
+            );
+            0
+        }
+        Err(s) => print_status(&s, "rejected"),
+    }
+}
+
+/// `tokend exchange`.
+pub(super) async fn exchange(socket: &Path, token: String, audience: String) -> u8 {
+    let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
+    match client
+        .exchange(pb::ExchangeRequest {
+            token,
+            audience,
+            ttl_seconds: 0,
+        })
+        .await
+    {
+        Ok(r) => {
+            println!("{}", r.into_inner().token);
+            0
+        }
+        Err(s) => print_status(&s, "rejected"),
+    }
+}
+
+fn time(t: i64) -> String {
+    if t <= 0 {
+        return "-".into();
+    }
+    let st = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
+    humantime::format_rfc3339_seconds(st).to_string()
+}
+
+/// `tokend keys list`.
+pub(super) async fn keys_list(socket: &Path) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client.list_keys(pb::ListKeysRequest {}).await {
+        Ok(r) => {
+            println!(
+                "{:<44} {:<8} {:<21} {:<21} {:<21} {:<21}",
+                "KID", "STATE", "CREATED", "ACTIVATES", "RETIRES", "DELETED-AFTER"
+            );
+            for k in r.into_inner().keys {
+                println!(
+                    "{:<44} {:<8} {:<21} {:<21} {:<21} {:<21}",
+                    k.kid,
+                    k.state,
+                    time(k.created_at),
+                    time(k.activates_at),
+                    time(k.retires_at),
+                    time(k.deleted_after)
+                );
+            }
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
+/// `tokend keys rotate`.
+pub(super) async fn keys_rotate(socket: &Path) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client.rotate_key(pb::RotateKeyRequest {}).await {
+        Ok(r) => {
+            let k = r.into_inner().key.unwrap_or_default();
+            println!(
+                "new key {} published; signs from {}",
+                k.kid,
+                time(k.activates_at)
+            );
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
+/// `tokend keys revoke`.
+pub(super) async fn keys_revoke(socket: &Path, kid: String) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client.revoke_key(pb::RevokeKeyRequest { kid }).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            println!(
+                "revoked {}; signing key is now {}",
+                r.revoked.unwrap_or_default().kid,
+                r.active_kid
+            );
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
+/// `tokend jwks [--all]`.
+pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client.get_jwks(pb::GetJwksRequest { all }).await {
+        Ok(r) => {
+            let issuers = r.into_inner().issuers;
+            let doc =
+                |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap_or_default();
+            let out = if all {
+                let list: Vec<_> = issuers
+                    .iter()
+                    .map(|i| {
+                        serde_json::json!({
+                            "issuer": i.issuer,
+                            "source": i.source,
+                            "updated_at": i.updated_at,
+                            "revoked_kids": i.revoked_kids,
+                            "last_error": if i.last_error.is_empty() { serde_json::Value::Null } else { i.last_error.clone().into() },
+                            "jwks": doc(&i.jwks_json),
+                        })
+                    })
+                    .collect();
+                serde_json::Value::Array(list)
+            } else {
+                issuers
+                    .first()
+                    .map(|i| doc(&i.jwks_json))
+                    .unwrap_or_default()
+            };
+            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}

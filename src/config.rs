@@ -1,0 +1,531 @@
+//! Configuration: TOML (every key optional) plus `serve` flag overrides,
+//! validated once into a typed `Config`. Unknown keys, bad durations and
+//! unreadable files are errors that name the key or file. Relative paths in
+//! a config file are resolved against that file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::identity::{SpiffeId, TrustDomain};
+
+/// A configuration problem, naming what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a wrong type, a bad duration.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (names the key and line).
+        message: String,
+    },
+    /// A value that parses but is not acceptable.
+    #[error("invalid config value {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        message: String,
+    },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A duration written as `90s`, `5m`, `24h`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `90s`, `5m`, `24h`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("invalid duration {s:?} ({e}); write it like 90s, 5m or 24h"))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    name: Option<String>,
+    trust_domain: Option<String>,
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    allowed_uids: Option<Vec<u32>>,
+    admin_uids: Option<Vec<u32>>,
+    keys_dir: Option<PathBuf>,
+    #[serde(default)]
+    tokens: TokensFile,
+    #[serde(default)]
+    rotation: RotationFile,
+    peer_api: Option<PeerApiFile>,
+    #[serde(default)]
+    peers: Vec<PeerFile>,
+    metrics: Option<MetricsFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokensFile {
+    default_ttl: Option<HumanDuration>,
+    max_ttl: Option<HumanDuration>,
+    clock_skew: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RotationFile {
+    interval: Option<HumanDuration>,
+    publish_ahead: Option<HumanDuration>,
+    key_bits: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerApiFile {
+    listen: String,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeerFile {
+    name: String,
+    address: Option<String>,
+    jwks_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsFile {
+    listen: String,
+}
+
+/// Token lifetimes.
+#[derive(Clone, Copy, Debug)]
+pub struct TokensConfig {
+    /// Lifetime of a token when none is asked for.
+    pub default_ttl: Duration,
+    /// Longest lifetime minted or accepted.
+    pub max_ttl: Duration,
+    /// Tolerated clock difference.
+    pub clock_skew: Duration,
+}
+
+/// Key rotation.
+#[derive(Clone, Copy, Debug)]
+pub struct RotationConfig {
+    /// Time between rotations.
+    pub interval: Duration,
+    /// Time a new key is published before it signs.
+    pub publish_ahead: Duration,
+    /// RSA modulus size of new keys.
+    pub key_bits: u32,
+}
+
+/// Where and how this sidecar serves its keys to peers.
+#[derive(Clone, Debug)]
+pub struct PeerApiConfig {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// Trust anchor for peers.
+    pub ca: PathBuf,
+    /// This sidecar's certificate.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+}
+
+/// Where a peer's keys come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerSource {
+    /// A live peer over mTLS.
+    Address(String),
+    /// An offline JWKS file.
+    JwksFile(PathBuf),
+}
+
+/// One peer whose tokens this sidecar accepts.
+#[derive(Clone, Debug)]
+pub struct PeerConfig {
+    /// Service name.
+    pub name: String,
+    /// Its identity.
+    pub id: SpiffeId,
+    /// Where its keys come from.
+    pub source: PeerSource,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Service name.
+    pub name: String,
+    /// Trust domain.
+    pub trust_domain: TrustDomain,
+    /// `spiffe://trust_domain/name`.
+    pub id: SpiffeId,
+    /// Local API socket.
+    pub socket: PathBuf,
+    /// Socket file mode.
+    pub socket_mode: u32,
+    /// Callers allowed on the socket (None: anyone who can open it).
+    pub allowed_uids: Option<Vec<u32>>,
+    /// Callers allowed to use the admin API (None: the daemon's own uid only).
+    pub admin_uids: Option<Vec<u32>>,
+    /// Key store directory.
+    pub keys_dir: PathBuf,
+    /// Token lifetimes.
+    pub tokens: TokensConfig,
+    /// Rotation.
+    pub rotation: RotationConfig,
+    /// Peer API, if served.
+    pub peer_api: Option<PeerApiConfig>,
+    /// Peers.
+    pub peers: Vec<PeerConfig>,
+    /// Prometheus listener.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// `serve` flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// --name
+    pub name: Option<String>,
+    /// --trust-domain
+    pub trust_domain: Option<String>,
+    /// --socket
+    pub socket: Option<PathBuf>,
+    /// --keys-dir
+    pub keys_dir: Option<PathBuf>,
+    /// --peer-listen
+    pub peer_listen: Option<String>,
+    /// --metrics-listen
+    pub metrics_listen: Option<String>,
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Loads `path` (if any) and applies the overrides.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::from_toml("", Path::new("."), Path::new("<defaults>"), overrides),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                let base = p
+                    .parent()
+                    .filter(|b| !b.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                Self::from_toml(&text, base, p, overrides)
+            }
+        }
+    }
+
+    /// Parses TOML text; relative paths are resolved against `base`.
+    pub fn from_toml(
+        text: &str,
+        base: &Path,
+        origin: &Path,
+        ov: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string().trim().to_owned(),
+        })?;
+        let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+
+        let name = ov
+            .name
+            .clone()
+            .or(f.name)
+            .unwrap_or_else(|| "default".into());
+        let td_text = ov
+            .trust_domain
+            .clone()
+            .or(f.trust_domain)
+            .unwrap_or_else(|| "local".into());
+        let trust_domain =
+            TrustDomain::new(&td_text).map_err(|e| invalid("trust_domain", e.to_string()))?;
+        let id = trust_domain
+            .id(&name)
+            .map_err(|e| invalid("name", e.to_string()))?;
+
+        let socket = ov
+            .socket
+            .clone()
+            .or(f.socket.map(rel))
+            .unwrap_or_else(|| PathBuf::from("tokend.sock"));
+        let socket_mode = match f.socket_mode.as_deref() {
+            None => 0o600,
+            Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                Ok(v @ (0o600 | 0o660)) => v,
+                _ => {
+                    return Err(invalid(
+                        "socket_mode",
+                        format!("{m:?} must be \"0600\" or \"0660\""),
+                    ));
+                }
+            },
+        };
+        let keys_dir = ov
+            .keys_dir
+            .clone()
+            .or(f.keys_dir.map(rel))
+            .unwrap_or_else(|| PathBuf::from("keys"));
+
+        let secs = |d: Option<HumanDuration>, default: u64| {
+            d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+        };
+        let tokens = TokensConfig {
+            default_ttl: secs(f.tokens.default_ttl, 300),
+            max_ttl: secs(f.tokens.max_ttl, 3600),
+            clock_skew: secs(f.tokens.clock_skew, 30),
+        };
+        if tokens.default_ttl.as_secs() == 0 {
+            return Err(invalid("tokens.default_ttl", "must be at least 1s"));
+        }
+        if tokens.default_ttl > tokens.max_ttl {
+            return Err(invalid(
+                "tokens.default_ttl",
+                format!(
+                    "{} exceeds tokens.max_ttl {}",
+                    humantime::format_duration(tokens.default_ttl),
+                    humantime::format_duration(tokens.max_ttl)
+                ),
+            ));
+        }
+        if tokens.clock_skew > Duration::from_secs(600) {
+            return Err(invalid("tokens.clock_skew", "must be at most 10m"));
+        }
+        let rotation = RotationConfig {
+            interval: secs(f.rotation.interval, 86_400),
+            publish_ahead: secs(f.rotation.publish_ahead, 600),
+            key_bits: f.rotation.key_bits.unwrap_or(2048),
+        };
+        if !matches!(rotation.key_bits, 2048 | 3072 | 4096) {
+            return Err(invalid(
+                "rotation.key_bits",
+                format!("{} must be 2048, 3072 or 4096", rotation.key_bits),
+            ));
+        }
+        if rotation.interval.as_secs() == 0 {
+            return Err(invalid("rotation.interval", "must be at least 1s"));
+        }
+        if rotation.publish_ahead >= rotation.interval {
+            return Err(invalid(
+                "rotation.publish_ahead",
+                "must be shorter than rotation.interval",
+            ));
+        }
+
+        let peer_api = match (f.peer_api, &ov.peer_listen) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "peer_api",
+                    "--peer-listen needs a [peer_api] section with ca, cert and key",
+                ));
+            }
+            (Some(p), listen_ov) => {
+                let listen_text = listen_ov.clone().unwrap_or(p.listen);
+                let listen = listen_text.parse().map_err(|_| {
+                    invalid(
+                        "peer_api.listen",
+                        format!("{listen_text:?} is not an address like 127.0.0.1:7443"),
+                    )
+                })?;
+                Some(PeerApiConfig {
+                    listen,
+                    ca: rel(p.ca),
+                    cert: rel(p.cert),
+                    key: rel(p.key),
+                })
+            }
+        };
+
+        let mut peers = Vec::new();
+        for (i, p) in f.peers.into_iter().enumerate() {
+            let key = format!("peers[{i}]");
+            let pid = trust_domain
+                .id(&p.name)
+                .map_err(|e| invalid(&format!("{key}.name"), e.to_string()))?;
+            if pid == id {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    "a sidecar cannot list itself as a peer",
+                ));
+            }
+            if peers.iter().any(|q: &PeerConfig| q.id == pid) {
+                return Err(invalid(
+                    &format!("{key}.name"),
+                    format!("peer {:?} is listed twice", p.name),
+                ));
+            }
+            let source = match (p.address, p.jwks_file) {
+                (Some(a), None) => {
+                    if !(a.starts_with("https://")) {
+                        return Err(invalid(
+                            &format!("{key}.address"),
+                            format!("{a:?} must be an https:// URL"),
+                        ));
+                    }
+                    PeerSource::Address(a)
+                }
+                (None, Some(f)) => PeerSource::JwksFile(rel(f)),
+                _ => return Err(invalid(&key, "give exactly one of address or jwks_file")),
+            };
+            peers.push(PeerConfig {
+                name: p.name,
+                id: pid,
+                source,
+            });
+        }
+        if peers
+            .iter()
+            .any(|p| matches!(p.source, PeerSource::Address(_)))
+            && peer_api.is_none()
+        {
+            return Err(invalid(
+                "peer_api",
+                "peers with an address need [peer_api] (ca, cert, key) for mTLS",
+            ));
+        }
+
+        let metrics_text = ov.metrics_listen.clone().or(f.metrics.map(|m| m.listen));
+        let metrics_listen = match metrics_text {
+            None => None,
+            Some(t) => Some(t.parse().map_err(|_| {
+                invalid(
+                    "metrics.listen",
+                    format!("{t:?} is not an address like 127.0.0.1:9464"),
+                )
+            })?),
+        };
+
+        Ok(Self {
+            name,
+            trust_domain,
+            id,
+            socket,
+            socket_mode,
+            allowed_uids: f.allowed_uids,
+            admin_uids: f.admin_uids,
+            keys_dir,
+            tokens,
+            rotation,
+            peer_api,
+            peers,
+            metrics_listen,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            text,
+            Path::new("/etc/tokend"),
+            Path::new("t.toml"),
+            &Overrides::default(),
+        )
+    }
+
+    /// No config at all gives the documented defaults.
+    #[test]
+    fn defaults() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.id.as_str(), "spiffe://local/default");
+        assert_eq!(c.tokens.default_ttl, Duration::from_secs(300));
+        assert_eq!(c.tokens.max_ttl, Duration::from_secs(3600));
+        assert_eq!(c.socket_mode, 0o600);
+        assert_eq!(c.rotation.key_bits, 2048);
+    }
+
+    /// An unknown key is refused and named.
+    #[test]
+    fn unknown_key_named() {
+        let e = parse("nmae = \"x\"").expect_err("unknown").to_string();
+        assert!(e.contains("nmae"), "{e}");
+        let e = parse("[tokens]\nmax_tll = \"1h\"")
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("max_tll"), "{e}");
+    }
+
+    /// A bad duration is refused with the offending text and the key.
+    #[test]
+    fn bad_duration_named() {
+        let e = parse("[tokens]\nmax_ttl = \"5 parsecs\"")
+            .expect_err("bad")
+            .to_string();
+        assert!(e.contains("5 parsecs") && e.contains("max_ttl"), "{e}");
+    }
+
+    /// Relative paths resolve against the config file's directory; peers validated.
+    #[test]
+    fn paths_and_peers() {
+        let c = parse("keys_dir = \"k\"\n[[peers]]\nname = \"archive\"\njwks_file = \"a.json\"")
+            .expect("ok");
+        assert_eq!(c.keys_dir, Path::new("/etc/tokend/k"));
+        assert_eq!(
+            c.peers[0].source,
+            PeerSource::JwksFile("/etc/tokend/a.json".into())
+        );
+        let e = parse("[[peers]]\nname = \"x\"")
+            .expect_err("no source")
+            .to_string();
+        assert!(e.contains("peers[0]"), "{e}");
+        let e = parse("default_ttl = 1")
+            .expect_err("wrong place")
+            .to_string();
+        assert!(e.contains("default_ttl"), "{e}");
+    }
+
+    /// Inconsistent values are named.
+    #[test]
+    fn inconsistent_values() {
+        let e = parse("[tokens]\ndefault_ttl = \"2h\"")
+            .expect_err("over max")
+            .to_string();
+        assert!(e.contains("tokens.default_ttl"), "{e}");
+        let e = parse("socket_mode = \"0666\"")
+            .expect_err("mode")
+            .to_string();
+        assert!(e.contains("socket_mode"), "{e}");
+        let e = parse("[rotation]\nkey_bits = 1024")
+            .expect_err("bits")
+            .to_string();
+        assert!(e.contains("rotation.key_bits"), "{e}");
+    }
+}

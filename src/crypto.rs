@@ -1,0 +1,140 @@
+//! The ring-backed `CryptoProvider` for jsonwebtoken: RS256 only. jsonwebtoken
+//! does the JWS framing; every signature is made and checked by ring here.
+//!
+//! jsonwebtoken hands the signer a DER key on every call. Parsing an RSA key
+//! pair costs more than the signature's framing, so parsed key pairs are kept
+//! in a small cache keyed by the SHA-256 of their DER.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Once, OnceLock};
+
+use jsonwebtoken::crypto::{CryptoProvider, JwtSigner, JwtVerifier, KeyUtils};
+use jsonwebtoken::errors::{Error as JwtError, ErrorKind};
+use jsonwebtoken::jwk::ThumbprintHash;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey};
+use ring::rand::SystemRandom;
+use ring::signature::{self as sig, RsaKeyPair};
+
+/// The provider tokend installs: RS256 signing and verification through ring.
+static RING_PROVIDER: CryptoProvider = CryptoProvider {
+    signer_factory: new_signer,
+    verifier_factory: new_verifier,
+    key_utils: KeyUtils {
+        rsa_pub_components_from_private_key: rsa_components_from_pkcs8,
+        rsa_pub_components_from_public_key: |_| Err(ErrorKind::UnsupportedAlgorithm.into()),
+        ec_pub_components_from_private_key: |_, _| Err(ErrorKind::UnsupportedAlgorithm.into()),
+        ed_pub_components_from_private_key: |_, _| Err(ErrorKind::UnsupportedAlgorithm.into()),
+        compute_digest,
+    },
+};
+
+/// Installs the ring provider as jsonwebtoken's process default. Idempotent;
+/// every constructor of a signing or verifying key calls it first.
+pub fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Fails only if another provider was installed first, which tokend never does.
+        let _ = RING_PROVIDER.install_default();
+    });
+}
+
+fn new_signer(
+    alg: &Algorithm,
+    key: &EncodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtSigner>> {
+    if *alg != Algorithm::RS256 {
+        return Err(ErrorKind::UnsupportedAlgorithm.into());
+    }
+    Ok(Box::new(Rs256Signer(parsed_key_pair(key.as_bytes())?)))
+}
+
+fn new_verifier(
+    alg: &Algorithm,
+    key: &DecodingKey,
+) -> jsonwebtoken::errors::Result<Box<dyn JwtVerifier>> {
+    if *alg != Algorithm::RS256 {
+        return Err(ErrorKind::UnsupportedAlgorithm.into());
+    }
+    match key.kind() {
+        jsonwebtoken::DecodingKeyKind::RsaModulusExponent { .. } => {
+            Ok(Box::new(Rs256Verifier(key.clone())))
+        }
+        _ => Err(ErrorKind::InvalidKeyFormat.into()),
+    }
+}
+
+fn parsed_key_pair(der: &[u8]) -> jsonwebtoken::errors::Result<Arc<RsaKeyPair>> {
+    static CACHE: OnceLock<Mutex<HashMap<[u8; 32], Arc<RsaKeyPair>>>> = OnceLock::new();
+    const MAX_CACHED: usize = 32;
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut id = [0u8; 32];
+    id.copy_from_slice(digest.as_ref());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(kp) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Ok(kp.clone());
+    }
+    let kp = RsaKeyPair::from_pkcs8(der)
+        .map_err(|e| JwtError::from(ErrorKind::InvalidRsaKey(e.to_string())))?;
+    let kp = Arc::new(kp);
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if map.len() >= MAX_CACHED {
+        map.clear();
+    }
+    map.insert(id, kp.clone());
+    Ok(kp)
+}
+
+struct Rs256Signer(Arc<RsaKeyPair>);
+
+impl signature::Signer<Vec<u8>> for Rs256Signer {
+    fn try_sign(&self, msg: &[u8]) -> Result<Vec<u8>, signature::Error> {
+        let mut out = vec![0; self.0.public().modulus_len()];
+        self.0
+            .sign(&sig::RSA_PKCS1_SHA256, &SystemRandom::new(), msg, &mut out)
+            .map_err(|_| signature::Error::new())?;
+        Ok(out)
+    }
+}
+
+impl JwtSigner for Rs256Signer {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::RS256
+    }
+}
+
+struct Rs256Verifier(DecodingKey);
+
+impl signature::Verifier<Vec<u8>> for Rs256Verifier {
+    fn verify(&self, msg: &[u8], signature: &Vec<u8>) -> Result<(), signature::Error> {
+        match self.0.kind() {
+            jsonwebtoken::DecodingKeyKind::RsaModulusExponent { n, e } => {
+                sig::RsaPublicKeyComponents { n, e }
+                    .verify(&sig::RSA_PKCS1_2048_8192_SHA256, msg, signature)
+                    .map_err(|_| signature::Error::new())
+            }
+            _ => Err(signature::Error::new()),
+        }
+    }
+}
+
+impl JwtVerifier for Rs256Verifier {
+    fn algorithm(&self) -> Algorithm {
+        Algorithm::RS256
+    }
+}
+
+fn rsa_components_from_pkcs8(der: &[u8]) -> jsonwebtoken::errors::Result<(Vec<u8>, Vec<u8>)> {
+    let kp = parsed_key_pair(der)?;
+    let c = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(kp.public());
+    Ok((c.n, c.e))
+}
+
+fn compute_digest(data: &[u8], hash: ThumbprintHash) -> jsonwebtoken::errors::Result<Vec<u8>> {
+    let alg = match hash {
+        ThumbprintHash::SHA256 => &ring::digest::SHA256,
+        ThumbprintHash::SHA384 => &ring::digest::SHA384,
+        ThumbprintHash::SHA512 => &ring::digest::SHA512,
+        _ => return Err(ErrorKind::UnsupportedAlgorithm.into()),
+    };
+    Ok(ring::digest::digest(alg, data).as_ref().to_vec())
+}

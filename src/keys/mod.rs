@@ -1,0 +1,338 @@
+//! The sidecar's own signing keys. `KeyStore` is the single writer (owned by
+//! the rotation task); it publishes immutable `KeySet` snapshots through a
+//! `watch` channel that any number of `KeyView` readers borrow from: the
+//! minter, the verifier's own-issuer entry, the peer server, the admin API.
+
+mod disk;
+mod generate;
+mod key;
+pub mod rotation;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+pub use self::disk::{DiskError, KeyDir, MANIFEST, atomic_write, parse_pkcs8_pem};
+pub use self::generate::{GenerateError, generate_pkcs8};
+pub use self::key::{
+    KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, retires_at,
+    state_at,
+};
+use crate::jwk::PublicKey;
+
+/// Why a key-store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// Disk trouble (names the file).
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// Generation failed.
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    /// Freshly generated material was refused (should not happen).
+    #[error("generated key refused: {0}")]
+    Material(#[from] KeyMaterialError),
+    /// No key with that kid.
+    #[error("no key with kid {0:?}")]
+    NotFound(String),
+    /// The key is already revoked.
+    #[error("key {0:?} is already revoked")]
+    AlreadyRevoked(String),
+}
+
+/// One key of a snapshot: its record and, unless revoked, its material.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    /// The manifest record.
+    pub record: KeyRecord,
+    /// The key (absent once revoked).
+    pub key: Option<Arc<SigningKey>>,
+}
+
+/// An immutable snapshot of the key store, sorted by activation time.
+#[derive(Debug)]
+pub struct KeySet {
+    /// Increases with every change; peers use it to notice updates.
+    pub version: u64,
+    /// The lifecycle timings in force.
+    pub lifecycle: Lifecycle,
+    entries: Vec<KeyEntry>,
+}
+
+// === impl KeySet ===
+
+impl KeySet {
+    fn new(version: u64, lifecycle: Lifecycle, mut entries: Vec<KeyEntry>) -> Self {
+        entries.sort_by_key(|e| (e.record.activates_at, e.record.created_at));
+        Self {
+            version,
+            lifecycle,
+            entries,
+        }
+    }
+
+    /// Every entry, oldest activation first.
+    pub fn entries(&self) -> &[KeyEntry] {
+        &self.entries
+    }
+
+    /// Every record, for state derivation.
+    pub fn records(&self) -> Vec<KeyRecord> {
+        self.entries.iter().map(|e| e.record.clone()).collect()
+    }
+
+    /// The key that signs at `now`: the most recently activated key, unless
+    /// that one is revoked (an older key never resumes signing).
+    pub fn signing_key(&self, now: i64) -> Option<&Arc<SigningKey>> {
+        let newest = self
+            .entries
+            .iter()
+            .rev()
+            .find(|e| e.record.activates_at <= now)?;
+        if newest.record.revoked_at.is_some() {
+            return None;
+        }
+        newest.key.as_ref()
+    }
+
+    /// The public keys peers may verify with: every unrevoked key still held.
+    pub fn published(&self) -> impl Iterator<Item = &PublicKey> {
+        self.entries
+            .iter()
+            .filter(|e| e.record.revoked_at.is_none())
+            .filter_map(|e| e.key.as_ref().map(|k| k.public()))
+    }
+
+    /// Kids revoked and still remembered.
+    pub fn revoked_kids(&self) -> impl Iterator<Item = &str> {
+        self.entries
+            .iter()
+            .filter(|e| e.record.revoked_at.is_some())
+            .map(|e| e.record.kid.as_str())
+    }
+
+    /// The published set as a JWKS document.
+    pub fn jwks_json(&self) -> String {
+        crate::jwk::to_jwks_json(self.published())
+    }
+}
+
+/// A reader of the key store's snapshots. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct KeyView(watch::Receiver<Arc<KeySet>>);
+
+// === impl KeyView ===
+
+impl KeyView {
+    /// The current snapshot.
+    pub fn current(&self) -> Arc<KeySet> {
+        self.0.borrow().clone()
+    }
+
+    /// A receiver that wakes on every change (for streams to peers).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<KeySet>> {
+        self.0.clone()
+    }
+}
+
+/// The single writer of the keys directory and of the published snapshots.
+pub struct KeyStore {
+    dir: KeyDir,
+    lifecycle: Lifecycle,
+    bits: u32,
+    records: Vec<KeyRecord>,
+    keys: HashMap<String, Arc<SigningKey>>,
+    version: u64,
+    tx: watch::Sender<Arc<KeySet>>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("dir", &self.dir)
+            .field("keys", &self.records.len())
+            .finish()
+    }
+}
+
+// === impl KeyStore ===
+
+impl KeyStore {
+    /// Opens the keys directory, loading and checking every key; a fresh
+    /// directory gets its first key, active at once. Runs the rotation plan
+    /// once so a signing key exists before the sidecar serves.
+    pub async fn open(
+        dir: &std::path::Path,
+        lifecycle: Lifecycle,
+        bits: u32,
+        now: i64,
+    ) -> Result<(Self, KeyView), KeyError> {
+        let dir = KeyDir::open(dir)?;
+        let loaded = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || dir.load())
+                .await
+                .map_err(|e| DiskError::Io {
+                    op: "load keys",
+                    path: std::path::PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
+        let mut records = Vec::new();
+        let mut keys = HashMap::new();
+        for l in loaded.unwrap_or_default() {
+            if let Some(k) = l.key {
+                keys.insert(l.record.kid.clone(), Arc::new(k));
+            }
+            records.push(l.record);
+        }
+        let (tx, rx) = watch::channel(Arc::new(KeySet::new(0, lifecycle, Vec::new())));
+        let mut store = Self {
+            dir,
+            lifecycle,
+            bits,
+            records,
+            keys,
+            version: 0,
+            tx,
+        };
+        store.publish();
+        rotation::apply(&mut store, now).await?;
+        Ok((store, KeyView(rx)))
+    }
+
+    /// The records, for planning.
+    pub fn records(&self) -> &[KeyRecord] {
+        &self.records
+    }
+
+    /// The lifecycle timings.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    /// A reader of this store.
+    pub fn view(&self) -> KeyView {
+        KeyView(self.tx.subscribe())
+    }
+
+    fn publish(&mut self) {
+        self.version += 1;
+        let entries = self
+            .records
+            .iter()
+            .map(|r| KeyEntry {
+                record: r.clone(),
+                key: self.keys.get(&r.kid).cloned(),
+            })
+            .collect();
+        self.tx
+            .send_replace(Arc::new(KeySet::new(self.version, self.lifecycle, entries)));
+    }
+
+    /// Generates a key that signs from `activates_at`: key file first, then the
+    /// manifest (the commit point), then the snapshot, so peers see it at once.
+    pub async fn generate(&mut self, activates_at: i64, now: i64) -> Result<KeyRecord, KeyError> {
+        let der = generate::generate_pkcs8_async(self.bits).await?;
+        let key = SigningKey::from_pkcs8(&der)?;
+        let file = self.dir.write_key(key.kid(), &der)?;
+        let record = KeyRecord {
+            kid: key.kid().to_owned(),
+            file: file.clone(),
+            bits: self.bits,
+            created_at: now,
+            activates_at,
+            revoked_at: None,
+        };
+        self.records.push(record.clone());
+        if let Err(e) = self.dir.write_manifest(&self.records) {
+            self.records.pop();
+            let _ = self.dir.remove_key_file(&file);
+            return Err(e.into());
+        }
+        tracing::info!(kid = %record.kid, activates_at, "generated signing key");
+        metrics::counter!("tokend_keys_generated_total").increment(1);
+        self.keys.insert(record.kid.clone(), Arc::new(key));
+        self.publish();
+        Ok(record)
+    }
+
+    /// Revokes `kid` at `now`. If it is the signing key, a successor signs at
+    /// once: the pending next key if there is one, else a freshly generated
+    /// key. The revocation and the successor are committed in one manifest write.
+    pub async fn revoke(&mut self, kid: &str, now: i64) -> Result<(KeyRecord, String), KeyError> {
+        let idx = self
+            .records
+            .iter()
+            .position(|r| r.kid == kid)
+            .ok_or_else(|| KeyError::NotFound(kid.to_owned()))?;
+        if self.records[idx].revoked_at.is_some() {
+            return Err(KeyError::AlreadyRevoked(kid.to_owned()));
+        }
+        let signing_now = self
+            .tx
+            .borrow()
+            .signing_key(now)
+            .map(|k| k.kid().to_owned());
+        let mut new_records = self.records.clone();
+        if signing_now.as_deref() == Some(kid) {
+            let pending = new_records
+                .iter_mut()
+                .filter(|r| r.revoked_at.is_none() && r.activates_at > now)
+                .min_by_key(|r| r.activates_at);
+            match pending {
+                Some(p) => p.activates_at = now,
+                None => {
+                    // Generate first: the manifest below commits both changes together.
+                    let der = generate::generate_pkcs8_async(self.bits).await?;
+                    let key = SigningKey::from_pkcs8(&der)?;
+                    let file = self.dir.write_key(key.kid(), &der)?;
+                    new_records.push(KeyRecord {
+                        kid: key.kid().to_owned(),
+                        file,
+                        bits: self.bits,
+                        created_at: now,
+                        activates_at: now,
+                        revoked_at: None,
+                    });
+                    self.keys.insert(key.kid().to_owned(), Arc::new(key));
+                }
+            }
+        }
+        let old_file = std::mem::take(&mut new_records[idx].file);
+        new_records[idx].revoked_at = Some(now);
+        self.dir.write_manifest(&new_records)?;
+        self.records = new_records;
+        self.keys.remove(kid);
+        self.dir.remove_key_file(&old_file)?;
+        self.publish();
+        let active = self
+            .tx
+            .borrow()
+            .signing_key(now)
+            .map(|k| k.kid().to_owned())
+            .unwrap_or_default();
+        tracing::warn!(kid, active = %active, "revoked signing key");
+        metrics::counter!("tokend_keys_revoked_total").increment(1);
+        Ok((self.records[idx].clone(), active))
+    }
+
+    /// Forgets a key whose last token has expired: manifest first, then the file.
+    pub fn forget(&mut self, kid: &str) -> Result<(), KeyError> {
+        let Some(idx) = self.records.iter().position(|r| r.kid == kid) else {
+            return Ok(());
+        };
+        let mut new_records = self.records.clone();
+        let rec = new_records.remove(idx);
+        self.dir.write_manifest(&new_records)?;
+        self.records = new_records;
+        self.keys.remove(kid);
+        if !rec.file.is_empty() {
+            self.dir.remove_key_file(&rec.file)?;
+        }
+        tracing::info!(kid, "deleted expired key");
+        self.publish();
+        Ok(())
+    }
+}

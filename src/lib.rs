@@ -1,0 +1,28 @@
+//! tokend: a service-to-service token sidecar.
+//!
+//! Each service runs one tokend. It keeps the service's RS256 keys
+//! (`keys`), mints short-lived JWTs (`mint`), verifies incoming tokens against
+//! per-issuer key sets (`verify`) filled from its own keys and from peers
+//! (`peers`), and serves all of it over gRPC on a Unix socket (`api`).
+//!
+//! Layout: `config` → `daemon` builds everything; `cli` is the command line;
+//! `reason` holds the stable refusal codes; `identity` the SPIFFE names;
+//! `clock` the only wall-clock reader; `crypto` the ring provider for
+//! jsonwebtoken; `jwk` public keys and thumbprints.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod daemon;
+pub mod identity;
+pub mod jwk;
+pub mod keys;
+pub mod mint;
+pub mod peers;
+pub mod proto;
+pub mod reason;
+pub mod shutdown;
+pub mod telemetry;
+pub mod verify;

@@ -1,0 +1,249 @@
+//! Minting: builds the claims (the registered ones are ours; caller claims can
+//! never set or override them), signs with the key active at `now` through
+//! jsonwebtoken and the ring provider, and reuses a cached token for the same
+//! request while it is still well inside its life. No network, no disk.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::rand::SecureRandom;
+use serde_json::{Map, Value};
+
+use crate::identity::SpiffeId;
+use crate::keys::KeyView;
+use crate::reason::Reason;
+
+/// Claims only tokend sets.
+pub const REGISTERED_CLAIMS: [&str; 9] = [
+    "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time",
+];
+/// The largest caller-claims document accepted, in bytes.
+pub const MAX_CLAIMS_LEN: usize = 4096;
+const CACHE_CAPACITY: usize = 4096;
+
+/// Why a mint was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MintError {
+    /// Caller claims tried to set a registered claim.
+    #[error("claim {0:?} is set by tokend and cannot be given by the caller")]
+    ReservedClaim(String),
+    /// Caller claims are not a JSON object or too large.
+    #[error("caller claims: {0}")]
+    BadClaims(String),
+    /// Requested ttl over max_ttl.
+    #[error("requested ttl {requested}s exceeds max_ttl {max}s")]
+    TtlTooLong {
+        /// Asked for.
+        requested: u64,
+        /// Allowed.
+        max: u64,
+    },
+    /// No active signing key.
+    #[error("no active signing key")]
+    NoKey,
+    /// Signing failed.
+    #[error("signing failed: {0}")]
+    Sign(String),
+}
+
+impl MintError {
+    /// The reason code clients see.
+    pub fn reason(&self) -> Reason {
+        match self {
+            MintError::ReservedClaim(_) | MintError::BadClaims(_) => Reason::Malformed,
+            MintError::TtlTooLong { .. } => Reason::LifetimeTooLong,
+            MintError::NoKey | MintError::Sign(_) => Reason::Unavailable,
+        }
+    }
+}
+
+/// A mint request, already validated at the API edge.
+#[derive(Debug, Clone)]
+pub struct MintRequest {
+    /// Who the token is for.
+    pub audience: SpiffeId,
+    /// Lifetime in seconds; `None` for the default.
+    pub ttl: Option<u64>,
+    /// Caller claims.
+    pub claims: Map<String, Value>,
+    /// Accept-once token (never cached).
+    pub one_time: bool,
+}
+
+/// A minted token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Minted {
+    /// Compact JWS.
+    pub token: String,
+    /// Signing key.
+    pub kid: String,
+    /// Issued at.
+    pub issued_at: i64,
+    /// Expiry.
+    pub expires_at: i64,
+    /// Token id.
+    pub jti: String,
+}
+
+/// Lifetime limits.
+#[derive(Clone, Copy, Debug)]
+pub struct MintPolicy {
+    /// Lifetime when none is asked for.
+    pub default_ttl: u64,
+    /// Longest lifetime granted.
+    pub max_ttl: u64,
+}
+
+/// Mints tokens for this sidecar's identity.
+pub struct Minter {
+    issuer: SpiffeId,
+    keys: KeyView,
+    policy: MintPolicy,
+    cache: Mutex<HashMap<(String, u64, String), Minted>>,
+}
+
+impl std::fmt::Debug for Minter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minter")
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses caller claims text (empty means none) and refuses registered names.
+pub fn parse_claims(text: &str) -> Result<Map<String, Value>, MintError> {
+    if text.trim().is_empty() {
+        return Ok(Map::new());
+    }
+    if text.len() > MAX_CLAIMS_LEN {
+        return Err(MintError::BadClaims(format!(
+            "{} bytes, over the {MAX_CLAIMS_LEN}-byte limit",
+            text.len()
+        )));
+    }
+    let map = match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(m)) => m,
+        Ok(_) => return Err(MintError::BadClaims("not a JSON object".into())),
+        Err(e) => return Err(MintError::BadClaims(format!("not JSON: {e}"))),
+    };
+    if let Some(k) = map.keys().find(|k| REGISTERED_CLAIMS.contains(&k.as_str())) {
+        return Err(MintError::ReservedClaim(k.clone()));
+    }
+    Ok(map)
+}
+
+fn new_jti() -> Result<String, MintError> {
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| MintError::Sign("no randomness for jti".into()))?;
+    Ok(B64.encode(b))
+}
+
+// === impl Minter ===
+
+impl Minter {
+    /// A minter signing as `issuer` with keys from `keys`.
+    pub fn new(issuer: SpiffeId, keys: KeyView, policy: MintPolicy) -> Self {
+        Self {
+            issuer,
+            keys,
+            policy,
+            cache: Mutex::default(),
+        }
+    }
+
+    /// The identity tokens are issued as.
+    pub fn issuer(&self) -> &SpiffeId {
+        &self.issuer
+    }
+
+    /// Mints (or reuses) a token at `now`.
+    pub fn mint(&self, req: &MintRequest, now: i64) -> Result<Minted, MintError> {
+        if let Some(k) = req
+            .claims
+            .keys()
+            .find(|k| REGISTERED_CLAIMS.contains(&k.as_str()))
+        {
+            return Err(MintError::ReservedClaim(k.clone()));
+        }
+        let ttl = req.ttl.unwrap_or(self.policy.default_ttl);
+        if ttl > self.policy.max_ttl {
+            return Err(MintError::TtlTooLong {
+                requested: ttl,
+                max: self.policy.max_ttl,
+            });
+        }
+        if ttl == 0 {
+            return Err(MintError::BadClaims(
+                "ttl must be at least one second".into(),
+            ));
+        }
+        let set = self.keys.current();
+        let key = set.signing_key(now).ok_or(MintError::NoKey)?;
+        let cache_key = (
+            req.audience.as_str().to_owned(),
+            ttl,
+            Value::Object(req.claims.clone()).to_string(),
+        );
+        if !req.one_time {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(m) = cache.get(&cache_key)
+                && m.kid == key.kid()
+                && now >= m.issued_at
+                && (now - m.issued_at) * 2 < ttl as i64
+            {
+                metrics::counter!("tokend_mint_total", "cached" => "true").increment(1);
+                return Ok(m.clone());
+            }
+        }
+        let jti = new_jti()?;
+        let exp = now.saturating_add(ttl as i64);
+        let mut claims = req.claims.clone();
+        claims.insert("iss".into(), self.issuer.as_str().into());
+        claims.insert("sub".into(), self.issuer.as_str().into());
+        claims.insert("aud".into(), req.audience.as_str().into());
+        claims.insert("iat".into(), now.into());
+        claims.insert("nbf".into(), now.into());
+        claims.insert("exp".into(), exp.into());
+        claims.insert("jti".into(), jti.clone().into());
+        if req.one_time {
+            claims.insert("one_time".into(), true.into());
+        }
+        let token = self.sign(&claims, key.kid(), key.encoding_key())?;
+        let minted = Minted {
+            token,
+            kid: key.kid().to_owned(),
+            issued_at: now,
+            expires_at: exp,
+            jti,
+        };
+        metrics::counter!("tokend_mint_total", "cached" => "false").increment(1);
+        if !req.one_time {
+            let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= CACHE_CAPACITY {
+                cache.retain(|_, m| m.expires_at > now);
+                if cache.len() >= CACHE_CAPACITY {
+                    cache.clear();
+                }
+            }
+            cache.insert(cache_key, minted.clone());
+        }
+        Ok(minted)
+    }
+
+    /// Signs arbitrary claims as-is with the given key (used by exchange too).
+    pub fn sign(
+        &self,
+        claims: &Map<String, Value>,
+        kid: &str,
+        key: &jsonwebtoken::EncodingKey,
+    ) -> Result<String, MintError> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.typ = Some("JWT".into());
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, claims, key).map_err(|e| MintError::Sign(e.to_string()))
+    }
+}

@@ -1,0 +1,224 @@
+//! Per-issuer key sets: issuer identity → kid → public key. A token naming
+//! issuer X is only ever checked against X's set. Sources (this sidecar's own
+//! keys, a JWKS file, a live peer) replace an issuer's set whole. An unknown
+//! kid of a known issuer triggers at most one refresh at a time per issuer
+//! (single-flight), and not more often than `min_refresh_interval`.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use crate::jwk::PublicKey;
+
+/// The most keys one issuer may publish.
+pub const MAX_KEYS_PER_ISSUER: usize = 64;
+
+/// Asks a source to fetch its issuer's keys again (file re-read, peer fetch).
+pub trait Refresh: Send + Sync + 'static {
+    /// Fetches and installs the issuer's set; returns a description of any failure.
+    fn refresh(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+}
+
+/// What a lookup found.
+#[derive(Debug)]
+pub enum Lookup {
+    /// The key.
+    Found(Arc<PublicKey>),
+    /// The issuer revoked this kid.
+    Revoked,
+    /// The issuer is known; the kid is not.
+    UnknownKid,
+    /// No such issuer.
+    UnknownIssuer,
+}
+
+/// A snapshot of one issuer's trust, for `jwks --all` and status.
+#[derive(Clone, Debug)]
+pub struct IssuerSnapshot {
+    /// The issuer identity.
+    pub issuer: String,
+    /// `self`, `file:<path>`, `peer:<address>`.
+    pub source: String,
+    /// The keys.
+    pub keys: Vec<Arc<PublicKey>>,
+    /// Revoked kids.
+    pub revoked: Vec<String>,
+    /// Last successful update, seconds since the epoch (0: never).
+    pub updated_at: i64,
+    /// Last error of the source.
+    pub last_error: Option<String>,
+}
+
+struct IssuerKeys {
+    source: String,
+    keys: HashMap<String, Arc<PublicKey>>,
+    revoked: HashSet<String>,
+    updated_at: i64,
+    last_error: Option<String>,
+    refresher: Option<Arc<dyn Refresh>>,
+    /// Single-flight guard and the time of the last refresh attempt.
+    refresh_gate: Arc<tokio::sync::Mutex<i64>>,
+}
+
+/// Every issuer this sidecar trusts, with its keys.
+#[derive(Default)]
+pub struct TrustStore {
+    issuers: RwLock<HashMap<String, IssuerKeys>>,
+    min_refresh_interval: i64,
+}
+
+impl std::fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustStore").finish_non_exhaustive()
+    }
+}
+
+/// Why a set was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SetError {
+    /// More keys than `MAX_KEYS_PER_ISSUER`.
+    #[error("key set of {0} keys exceeds the limit of {MAX_KEYS_PER_ISSUER}")]
+    TooManyKeys(usize),
+    /// Issuer not registered.
+    #[error("issuer {0} is not configured")]
+    UnknownIssuer(String),
+}
+
+// === impl TrustStore ===
+
+impl TrustStore {
+    /// A store that refreshes an issuer at most once per `min_refresh_interval` seconds.
+    pub fn new(min_refresh_interval: i64) -> Self {
+        Self {
+            issuers: RwLock::default(),
+            min_refresh_interval,
+        }
+    }
+
+    /// Registers an issuer with its source and optional refresher (empty set).
+    pub fn register(&self, issuer: &str, source: String, refresher: Option<Arc<dyn Refresh>>) {
+        let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(
+            issuer.to_owned(),
+            IssuerKeys {
+                source,
+                keys: HashMap::new(),
+                revoked: HashSet::new(),
+                updated_at: 0,
+                last_error: None,
+                refresher,
+                refresh_gate: Arc::new(tokio::sync::Mutex::new(i64::MIN)),
+            },
+        );
+    }
+
+    /// Replaces an issuer's whole set. Refused (keeping the previous set) if it is too large.
+    pub fn replace(
+        &self,
+        issuer: &str,
+        keys: Vec<PublicKey>,
+        revoked: Vec<String>,
+        now: i64,
+    ) -> Result<(), SetError> {
+        if keys.len() > MAX_KEYS_PER_ISSUER {
+            self.note_error(issuer, format!("refused set of {} keys", keys.len()));
+            return Err(SetError::TooManyKeys(keys.len()));
+        }
+        let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
+        let entry = map
+            .get_mut(issuer)
+            .ok_or_else(|| SetError::UnknownIssuer(issuer.to_owned()))?;
+        let revoked: HashSet<String> = entry.revoked.iter().cloned().chain(revoked).collect();
+        entry.keys = keys
+            .into_iter()
+            .filter(|k| !revoked.contains(k.kid()))
+            .map(|k| (k.kid().to_owned(), Arc::new(k)))
+            .collect();
+        entry.revoked = revoked;
+        entry.updated_at = now;
+        entry.last_error = None;
+        Ok(())
+    }
+
+    /// Records a source error (the previous set stays in use).
+    pub fn note_error(&self, issuer: &str, error: String) {
+        let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(issuer) {
+            e.last_error = Some(error);
+        }
+    }
+
+    /// Finds `kid` in `issuer`'s set, and nowhere else.
+    pub fn lookup(&self, issuer: &str, kid: &str) -> Lookup {
+        let map = self.issuers.read().unwrap_or_else(|p| p.into_inner());
+        match map.get(issuer) {
+            None => Lookup::UnknownIssuer,
+            Some(e) if e.revoked.contains(kid) => Lookup::Revoked,
+            Some(e) => e
+                .keys
+                .get(kid)
+                .cloned()
+                .map_or(Lookup::UnknownKid, Lookup::Found),
+        }
+    }
+
+    /// Whether `issuer` is configured.
+    pub fn knows(&self, issuer: &str) -> bool {
+        self.issuers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(issuer)
+    }
+
+    /// Refreshes `issuer` once if no refresh ran since `asked_at` and the rate
+    /// limit allows. Concurrent callers wait for the one refresh in flight.
+    pub async fn refresh(&self, issuer: &str, asked_at: i64, now: impl Fn() -> i64) {
+        let (gate, refresher) = {
+            let map = self.issuers.read().unwrap_or_else(|p| p.into_inner());
+            match map.get(issuer) {
+                Some(e) => (e.refresh_gate.clone(), e.refresher.clone()),
+                None => return,
+            }
+        };
+        let Some(refresher) = refresher else { return };
+        let mut last = gate.lock().await;
+        if *last >= asked_at {
+            return; // someone refreshed while we waited
+        }
+        let t = now();
+        if *last != i64::MIN && t - *last < self.min_refresh_interval {
+            return; // rate limited
+        }
+        *last = t;
+        metrics::counter!("tokend_key_refresh_total").increment(1);
+        if let Err(e) = refresher.refresh().await {
+            tracing::warn!(issuer, error = %e, "refresh of issuer keys failed");
+            self.note_error(issuer, e);
+        }
+    }
+
+    /// Every issuer, sorted by name.
+    pub fn snapshot(&self) -> Vec<IssuerSnapshot> {
+        let map = self.issuers.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<IssuerSnapshot> = map
+            .iter()
+            .map(|(iss, e)| {
+                let mut keys: Vec<_> = e.keys.values().cloned().collect();
+                keys.sort_by(|a, b| a.kid().cmp(b.kid()));
+                let mut revoked: Vec<_> = e.revoked.iter().cloned().collect();
+                revoked.sort();
+                IssuerSnapshot {
+                    issuer: iss.clone(),
+                    source: e.source.clone(),
+                    keys,
+                    revoked,
+                    updated_at: e.updated_at,
+                    last_error: e.last_error.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        out
+    }
+}

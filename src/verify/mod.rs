@@ -1,0 +1,445 @@
+//! Token verification. `Verifier::verify(token, audience, now)` checks, in this
+//! order: structure → algorithm → issuer known → kid in THAT issuer's set
+//! (one single-flight refresh on a miss) → signature → exp/nbf/iat with clock
+//! skew → audience → lifetime ≤ max_ttl → required claims → one-time replay.
+//! Every refusal is an `Error` naming its `Reason`.
+
+mod keysets;
+mod replay;
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::{Map, Value};
+
+pub use self::keysets::{
+    IssuerSnapshot, Lookup, MAX_KEYS_PER_ISSUER, Refresh, SetError, TrustStore,
+};
+pub use self::replay::{ReplayCache, Seen};
+use crate::clock::SharedClock;
+use crate::identity::SpiffeId;
+use crate::jwk::PublicKey;
+use crate::reason::Reason;
+
+/// The longest token accepted, in bytes.
+pub const MAX_TOKEN_LEN: usize = 8192;
+
+/// A refusal: the reason code and a human detail.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Error {
+    /// The stable code.
+    pub reason: Reason,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+fn fail<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Error> {
+    Err(Error {
+        reason,
+        detail: detail.into(),
+    })
+}
+
+/// A token that passed every check.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// Issuer identity.
+    pub issuer: String,
+    /// Subject.
+    pub subject: String,
+    /// The key that signed it.
+    pub kid: String,
+    /// Expiry.
+    pub expires_at: i64,
+    /// Every claim.
+    pub claims: Map<String, Value>,
+}
+
+/// The split, decoded parts of a compact JWS. Nothing here is trusted yet.
+#[derive(Debug)]
+pub struct Parts<'a> {
+    /// `alg` header.
+    pub alg: String,
+    /// `kid` header.
+    pub kid: Option<String>,
+    /// Decoded claims (a JSON object), or the raw payload if not JSON.
+    pub claims: Result<Map<String, Value>, Vec<u8>>,
+    /// The header object.
+    pub header: Map<String, Value>,
+    /// `header.payload`, the bytes the signature covers, exactly as sent.
+    pub signing_input: &'a str,
+    /// The signature, base64url.
+    pub signature: &'a str,
+}
+
+/// Splits and decodes a compact JWS (structure and algorithm checks only).
+pub fn parse(token: &str) -> Result<Parts<'_>, Error> {
+    if token.len() > MAX_TOKEN_LEN {
+        return fail(
+            Reason::Malformed,
+            format!(
+                "token is {} bytes, over the {MAX_TOKEN_LEN}-byte limit",
+                token.len()
+            ),
+        );
+    }
+    let mut it = token.split('.');
+    let (Some(h), Some(p), Some(s), None) = (it.next(), it.next(), it.next(), it.next()) else {
+        return fail(
+            Reason::Malformed,
+            "not a compact JWS (expected three dot-separated parts)",
+        );
+    };
+    let signing_input = &token[..h.len() + 1 + p.len()];
+    let header_bytes = B64.decode(h).map_err(|_| Error {
+        reason: Reason::Malformed,
+        detail: "header is not base64url".into(),
+    })?;
+    let header: Map<String, Value> = serde_json::from_slice(&header_bytes).map_err(|_| Error {
+        reason: Reason::Malformed,
+        detail: "header is not a JSON object".into(),
+    })?;
+    let payload = B64.decode(p).map_err(|_| Error {
+        reason: Reason::Malformed,
+        detail: "payload is not base64url".into(),
+    })?;
+    if s.is_empty() || B64.decode(s).is_err() {
+        return fail(Reason::Malformed, "signature is empty or not base64url");
+    }
+    let alg = match header.get("alg") {
+        Some(Value::String(a)) => a.clone(),
+        Some(_) => return fail(Reason::Malformed, "header alg is not a string"),
+        None => return fail(Reason::Malformed, "header has no alg"),
+    };
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(k)) => Some(k.clone()),
+        Some(_) => return fail(Reason::Malformed, "header kid is not a string"),
+    };
+    let claims = match serde_json::from_slice::<Value>(&payload) {
+        Ok(Value::Object(m)) => Ok(m),
+        _ => Err(payload),
+    };
+    Ok(Parts {
+        alg,
+        kid,
+        claims,
+        header,
+        signing_input,
+        signature: s,
+    })
+}
+
+/// Checks the structure, algorithm and signature under one known key: the
+/// signature layer the full verifier is built on, and the one test vectors use.
+pub fn check_signature<'a>(token: &'a str, key: &PublicKey) -> Result<Parts<'a>, Error> {
+    let parts = parse(token)?;
+    check_alg(&parts)?;
+    if !key.verify(parts.signing_input.as_bytes(), parts.signature) {
+        return fail(
+            Reason::BadSignature,
+            format!("signature does not verify under key {}", key.kid()),
+        );
+    }
+    Ok(parts)
+}
+
+fn check_alg(parts: &Parts<'_>) -> Result<(), Error> {
+    if parts.alg != "RS256" {
+        return fail(
+            Reason::UnsupportedAlg,
+            format!("alg {:?} is not accepted; only RS256", parts.alg),
+        );
+    }
+    if parts.header.contains_key("crit") {
+        return fail(
+            Reason::UnsupportedAlg,
+            "header has crit extensions tokend does not implement",
+        );
+    }
+    for embedded in ["jwk", "jku", "x5u", "x5c"] {
+        if parts.header.contains_key(embedded) {
+            return fail(
+                Reason::UnsupportedAlg,
+                format!("header parameter {embedded} (embedded or remote key) is not accepted"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Verification limits.
+#[derive(Clone, Copy, Debug)]
+pub struct Policy {
+    /// Longest lifetime (exp − iat) accepted, seconds.
+    pub max_ttl: i64,
+    /// Clock skew tolerated on exp/nbf/iat, seconds.
+    pub clock_skew: i64,
+}
+
+/// The verifier of one sidecar.
+pub struct Verifier {
+    own: SpiffeId,
+    trust: Arc<TrustStore>,
+    policy: Policy,
+    replay: ReplayCache,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("own", &self.own)
+            .finish_non_exhaustive()
+    }
+}
+
+fn int_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, Error> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .as_i64()
+            .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
+            .map(Some)
+            .ok_or_else(|| Error {
+                reason: Reason::Malformed,
+                detail: format!("claim {name} is not a number"),
+            }),
+    }
+}
+
+fn str_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Result<&'a str, Error> {
+    match claims.get(name) {
+        None => fail(Reason::MissingClaim, format!("claim {name} is missing")),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => fail(Reason::Malformed, format!("claim {name} is not a string")),
+    }
+}
+
+// === impl Verifier ===
+
+impl Verifier {
+    /// A verifier for the sidecar `own`, trusting `trust`.
+    pub fn new(own: SpiffeId, trust: Arc<TrustStore>, policy: Policy, clock: SharedClock) -> Self {
+        Self {
+            own,
+            trust,
+            policy,
+            replay: ReplayCache::new(100_000),
+            clock,
+        }
+    }
+
+    /// This sidecar's identity: the default audience.
+    pub fn own(&self) -> &SpiffeId {
+        &self.own
+    }
+
+    /// The trust store, for inspection.
+    pub fn trust(&self) -> &Arc<TrustStore> {
+        &self.trust
+    }
+
+    /// Verifies `token` for `audience` at `now`.
+    pub async fn verify(
+        &self,
+        token: &str,
+        audience: &SpiffeId,
+        now: i64,
+    ) -> Result<Verified, Error> {
+        let started = std::time::Instant::now();
+        let result = self.verify_inner(token, audience, now).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason.as_str(),
+        };
+        metrics::counter!("tokend_verify_total", "result" => outcome).increment(1);
+        metrics::histogram!("tokend_verify_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn verify_inner(
+        &self,
+        token: &str,
+        audience: &SpiffeId,
+        now: i64,
+    ) -> Result<Verified, Error> {
+        // 1-2. structure, algorithm
+        let parts = parse(token)?;
+        check_alg(&parts)?;
+        let claims = match &parts.claims {
+            Ok(c) => c,
+            Err(_) => return fail(Reason::Malformed, "payload is not a JSON object"),
+        };
+        // 3. issuer known
+        let issuer = str_claim(claims, "iss")?;
+        if !self.trust.knows(issuer) {
+            return fail(
+                Reason::UnknownIssuer,
+                format!("issuer {issuer:?} is not this sidecar nor a configured peer"),
+            );
+        }
+        // 4. kid, in that issuer's set only
+        let Some(kid) = parts.kid.as_deref() else {
+            return fail(Reason::MissingClaim, "header kid is missing");
+        };
+        let key = match self.trust.lookup(issuer, kid) {
+            Lookup::Found(k) => k,
+            Lookup::Revoked => {
+                return fail(
+                    Reason::RevokedKey,
+                    format!("key {kid} was revoked by {issuer}"),
+                );
+            }
+            Lookup::UnknownIssuer => {
+                return fail(
+                    Reason::UnknownIssuer,
+                    format!("issuer {issuer:?} is not known"),
+                );
+            }
+            Lookup::UnknownKid => {
+                let clock = self.clock.clone();
+                self.trust.refresh(issuer, now, move || clock.now()).await;
+                match self.trust.lookup(issuer, kid) {
+                    Lookup::Found(k) => k,
+                    Lookup::Revoked => {
+                        return fail(
+                            Reason::RevokedKey,
+                            format!("key {kid} was revoked by {issuer}"),
+                        );
+                    }
+                    _ => {
+                        return fail(
+                            Reason::UnknownKid,
+                            format!("key {kid} is not in the key set of {issuer}"),
+                        );
+                    }
+                }
+            }
+        };
+        // 5. signature
+        if !key.verify(parts.signing_input.as_bytes(), parts.signature) {
+            return fail(
+                Reason::BadSignature,
+                format!("signature does not verify under {issuer} key {kid}"),
+            );
+        }
+        // 6. time
+        let skew = self.policy.clock_skew;
+        let Some(exp) = int_claim(claims, "exp")? else {
+            return fail(Reason::MissingClaim, "claim exp is missing");
+        };
+        if now > exp.saturating_add(skew) {
+            return fail(
+                Reason::Expired,
+                format!("expired at {exp}, now {now} (skew {skew}s)"),
+            );
+        }
+        let nbf = int_claim(claims, "nbf")?;
+        if let Some(nbf) = nbf
+            && now.saturating_add(skew) < nbf
+        {
+            return fail(
+                Reason::NotYetValid,
+                format!("not before {nbf}, now {now} (skew {skew}s)"),
+            );
+        }
+        let iat = int_claim(claims, "iat")?;
+        if let Some(iat) = iat
+            && now.saturating_add(skew) < iat
+        {
+            return fail(
+                Reason::NotYetValid,
+                format!("issued in the future at {iat}, now {now} (skew {skew}s)"),
+            );
+        }
+        // 7. audience
+        match claims.get("aud") {
+            None => return fail(Reason::MissingClaim, "claim aud is missing"),
+            Some(Value::String(a)) if a == audience.as_str() => {}
+            Some(Value::Array(list))
+                if list.iter().any(|a| a.as_str() == Some(audience.as_str())) => {}
+            Some(Value::String(_)) | Some(Value::Array(_)) => {
+                return fail(
+                    Reason::WrongAudience,
+                    format!("token is not for {audience}"),
+                );
+            }
+            Some(_) => {
+                return fail(
+                    Reason::Malformed,
+                    "claim aud is neither a string nor an array",
+                );
+            }
+        }
+        // 8. lifetime
+        let Some(start) = iat.or(nbf) else {
+            return fail(Reason::MissingClaim, "claim iat is missing");
+        };
+        if exp.saturating_sub(start) > self.policy.max_ttl {
+            return fail(
+                Reason::LifetimeTooLong,
+                format!(
+                    "lifetime {}s exceeds max_ttl {}s",
+                    exp.saturating_sub(start),
+                    self.policy.max_ttl
+                ),
+            );
+        }
+        // 9. required claims, and the subject rule
+        if iat.is_none() {
+            return fail(Reason::MissingClaim, "claim iat is missing");
+        }
+        let subject = str_claim(claims, "sub")?;
+        let jti = str_claim(claims, "jti")?;
+        match claims.get("act") {
+            None if subject != issuer => {
+                return fail(
+                    Reason::Malformed,
+                    format!("sub {subject:?} differs from iss without an act (delegation) claim"),
+                );
+            }
+            Some(Value::Object(act)) if act.get("sub").and_then(Value::as_str) != Some(issuer) => {
+                return fail(
+                    Reason::Malformed,
+                    "act.sub must name the issuer (the current actor)",
+                );
+            }
+            Some(v) if !v.is_object() => {
+                return fail(Reason::Malformed, "claim act is not an object");
+            }
+            _ => {}
+        }
+        // 10. one-time tokens
+        if claims.get("one_time") == Some(&Value::Bool(true)) {
+            match self.replay.check(
+                &format!("{issuer}\u{0}{jti}"),
+                exp.saturating_add(skew),
+                now,
+            ) {
+                Seen::First => {}
+                Seen::Again => {
+                    return fail(
+                        Reason::Replayed,
+                        format!("one-time token {jti} was already used"),
+                    );
+                }
+                Seen::Full => {
+                    return fail(
+                        Reason::Unavailable,
+                        "replay cache is full; cannot accept one-time tokens",
+                    );
+                }
+            }
+        }
+        Ok(Verified {
+            issuer: issuer.to_owned(),
+            subject: subject.to_owned(),
+            kid: kid.to_owned(),
+            expires_at: exp,
+            claims: claims.clone(),
+        })
+    }
+}

@@ -17,6 +17,23 @@ pub use self::uds::{bind, caller_uid, check_uid, own_uid};
 use crate::daemon::Core;
 use crate::proto::tokend::v1 as pb;
 
+/// Opens a gRPC channel to the sidecar listening on `socket` (clients, CLI, tests).
+pub async fn connect(socket: &std::path::Path) -> Result<tonic::transport::Channel, String> {
+    let path = socket.to_owned();
+    // The URI is required by the API but unused: the connector dials the socket.
+    tonic::transport::Endpoint::try_from("http://tokend.local")
+        .map_err(|e| e.to_string())?
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await
+        .map_err(|e| format!("cannot connect to tokend at {}: {e}", socket.display()))
+}
+
 /// Serves every local service on `listener` until `shutdown` completes, then
 /// finishes in-flight calls and returns.
 pub async fn serve(

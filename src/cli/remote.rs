@@ -1,30 +1,11 @@
 //! Commands that talk to a running sidecar over its Unix socket (one channel,
 //! one RPC, print), and `serve` itself. Never signs, never reads keys.
 
-use std::path::{Path, PathBuf};
-
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint, Uri};
+use std::path::Path;
 
 use super::{EXIT_USAGE, ServeArgs};
-use crate::api::{detail_of, reason_of};
+use crate::api::{connect, detail_of, reason_of};
 use crate::proto::tokend::v1 as pb;
-
-/// Opens a gRPC channel to the sidecar at `socket`.
-pub(super) async fn connect(socket: &Path) -> Result<Channel, String> {
-    let path: PathBuf = socket.to_owned();
-    // The URI is required by the API but unused: the connector dials the socket.
-    Endpoint::try_from("http://tokend.local")
-        .map_err(|e| e.to_string())?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
-            }
-        }))
-        .await
-        .map_err(|e| format!("cannot connect to tokend at {}: {e}", socket.display()))
-}
 
 fn print_status(status: &tonic::Status, prefix: &str) -> u8 {
     match reason_of(status) {

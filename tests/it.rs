@@ -1,0 +1,19 @@
+#![allow(unreachable_pub, missing_docs, clippy::unwrap_used)]
+//! The one integration-test binary: real `tokend` processes on temp sockets,
+//! driven through the CLI and over gRPC, plus the published test vectors.
+
+#[path = "it/support.rs"]
+mod support;
+
+#[path = "it/cli.rs"]
+mod cli;
+#[path = "it/config.rs"]
+mod config;
+#[path = "it/interop.rs"]
+mod interop;
+#[path = "it/keyfiles.rs"]
+mod keyfiles;
+#[path = "it/mint_verify.rs"]
+mod mint_verify;
+#[path = "it/vectors.rs"]
+mod vectors;

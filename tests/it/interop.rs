@@ -1,0 +1,109 @@
+//! Interoperability with PyJWT: a PyJWT verifier accepts tokend's tokens with
+//! the JWKS tokend publishes, and tokend accepts PyJWT-signed tokens from a
+//! JWKS file. Python comes from TOKEND_PYTHON (set by .ci/run) or a venv this
+//! test makes under target/ from tests/interop/requirements.txt.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use crate::support::*;
+
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOKEND_PYTHON") {
+        return PathBuf::from(p);
+    }
+    static VENV: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    VENV.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let venv = root.join("target/interop-venv");
+        let req = root.join("tests/interop/requirements.txt");
+        let marker = venv.join("requirements.installed");
+        let wanted = std::fs::read(&req).expect("requirements");
+        if std::fs::read(&marker).ok().as_deref() != Some(&wanted[..]) {
+            let ok = Command::new("python3")
+                .args(["-m", "venv"])
+                .arg(&venv)
+                .status()
+                .expect("python3 -m venv");
+            assert!(ok.success(), "cannot create venv (install python3-venv)");
+            let ok = Command::new(venv.join("bin/pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(&req)
+                .status()
+                .expect("pip");
+            assert!(ok.success(), "pip install -r {} failed", req.display());
+            std::fs::write(&marker, &wanted).expect("marker");
+        }
+        venv.join("bin/python")
+    })
+    .clone()
+}
+
+fn py(args: &[&str]) -> String {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/interop/pyjwt_interop.py"
+    );
+    let out = Command::new(python())
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned()
+}
+
+/// PyJWT verifies a tokend token (RS256, kid, registered claims) with the published JWKS.
+#[tokio::test]
+async fn pyjwt_verifies_tokend_tokens() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let jwks = root.path().join("payments.jwks.json");
+    std::fs::write(&jwks, a.jwks()).expect("jwks");
+    let token = a.mint("ledger").await.token;
+    let claims: serde_json::Value = serde_json::from_str(&py(&[
+        "verify",
+        jwks.to_str().expect("utf8"),
+        &token,
+        &id("ledger"),
+        &id("payments"),
+    ]))
+    .expect("claims");
+    assert_eq!(claims["sub"], id("payments"));
+    assert_eq!(claims["aud"], id("ledger"));
+}
+
+/// tokend accepts a PyJWT-signed token whose key it has from a JWKS file, and
+/// refuses it once tampered.
+#[tokio::test]
+async fn tokend_verifies_pyjwt_tokens() {
+    let root = tmp();
+    let jwks = root.path().join("archive.jwks.json");
+    let token = py(&[
+        "sign",
+        jwks.to_str().expect("utf8"),
+        &id("archive"),
+        &id("ledger"),
+    ]);
+    let b = Sidecar::start(
+        root.path(),
+        "ledger",
+        "[[peers]]\nname = \"archive\"\njwks_file = \"../archive.jwks.json\"",
+    );
+    let v = b.verify(&token).await.expect("accepted");
+    assert_eq!(v.issuer, id("archive"));
+    assert!(v.claims_json.contains("read:ledger"));
+    let mut c = payload(&token);
+    c["scope"] = "write:ledger".into();
+    assert_eq!(
+        b.verify(&with_payload(&token, &c)).await.err().as_deref(),
+        Some("bad_signature")
+    );
+}

@@ -1,0 +1,366 @@
+//! Minting and verification through real sidecars, each refusal asserted by its reason code.
+
+use crate::support::*;
+
+/// Two sidecars: `a` (payments) and `b` (ledger) which trusts a's JWKS file.
+async fn pair(root: &std::path::Path, b_extra: &str) -> (Sidecar, Sidecar) {
+    let a = Sidecar::start(root, "payments", "");
+    std::fs::write(root.join("payments.jwks.json"), a.jwks()).expect("write jwks");
+    let b = Sidecar::start(
+        root,
+        "ledger",
+        &format!(
+            "{b_extra}\n[[peers]]\nname = \"payments\"\njwks_file = \"../payments.jwks.json\"\n"
+        ),
+    );
+    (a, b)
+}
+
+/// A token minted by a sidecar for itself verifies there, over gRPC and the CLI.
+#[tokio::test]
+async fn mint_verify_round_trip_same_sidecar() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let m = a.mint("payments").await;
+    let v = a.verify(&m.token).await.expect("verifies");
+    assert_eq!(v.issuer, id("payments"));
+    assert_eq!(v.subject, id("payments"));
+    assert_eq!(v.kid, m.kid);
+
+    let out = a.cli(&[
+        "mint",
+        "--audience",
+        "payments",
+        "--claim",
+        "role=teller",
+        "--claim",
+        "limit=100",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_owned();
+    let out = a.cli(&["verify", &token]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let claims: serde_json::Value = serde_json::from_slice(&out.stdout).expect("claims json");
+    assert_eq!(claims["role"], "teller");
+    assert_eq!(claims["limit"], 100);
+    assert_eq!(claims["iss"], id("payments"));
+    assert_eq!(claims["aud"], id("payments"));
+    assert_eq!(
+        claims["jti"].as_str().map(str::len),
+        Some(22),
+        "128-bit jti, base64url"
+    );
+}
+
+/// A's token for B verifies at B (A's keys from a JWKS file); B names A as issuer.
+/// Tampering, the wrong audience, expiry and an over-long lifetime are each refused by reason.
+#[tokio::test]
+async fn cross_sidecar_verification_and_refusals() {
+    let root = tmp();
+    let (a, b) = pair(
+        root.path(),
+        "[tokens]\nmax_ttl = \"10m\"\nclock_skew = \"5s\"",
+    )
+    .await;
+    let m = a.mint("ledger").await;
+    let v = b.verify(&m.token).await.expect("B accepts A's token");
+    assert_eq!(v.issuer, id("payments"));
+    assert_eq!(v.subject, id("payments"));
+
+    // Tampered payload: same header and signature, one claim changed.
+    let mut c2 = payload(&m.token);
+    c2["exp"] = (c2["exp"].as_i64().expect("exp") + 1).into();
+    assert_eq!(
+        b.verify(&with_payload(&m.token, &c2))
+            .await
+            .err()
+            .as_deref(),
+        Some("bad_signature")
+    );
+
+    // Token for another audience.
+    let other = a.mint("archive").await;
+    assert_eq!(
+        b.verify(&other.token).await.err().as_deref(),
+        Some("wrong_audience")
+    );
+    // ...but the same token names archive when asked for that audience explicitly.
+    let req = tokend::proto::tokend::v1::VerifyRequest {
+        token: other.token.clone(),
+        audience: "archive".into(),
+    };
+    assert!(
+        b.tokens().await.verify(req).await.is_ok(),
+        "audience given as a bare name"
+    );
+
+    // Expired, signed with A's real key: exp beyond skew in the past.
+    let key = a.signing_key();
+    let mut c = claims_for("payments", "ledger", -60, 30);
+    assert_eq!(
+        b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
+        Some("expired")
+    );
+    // Inside the skew it still passes.
+    c = claims_for("payments", "ledger", -3, 7);
+    assert!(
+        b.verify(&forge(&key, key.kid(), &c)).await.is_ok(),
+        "3s past exp is within 5s skew"
+    );
+
+    // Not yet valid.
+    let mut c = claims("payments", "ledger", 60);
+    c["nbf"] = (now() + 30).into();
+    assert_eq!(
+        b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
+        Some("not_yet_valid")
+    );
+
+    // Lifetime over B's max_ttl (10m).
+    let c = claims("payments", "ledger", 3600);
+    assert_eq!(
+        b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
+        Some("lifetime_too_long")
+    );
+
+    // Missing jti.
+    let mut c = claims("payments", "ledger", 60);
+    c.as_object_mut().expect("obj").remove("jti");
+    assert_eq!(
+        b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
+        Some("missing_claim")
+    );
+
+    // A kid A never published.
+    let c = claims("payments", "ledger", 60);
+    assert_eq!(
+        b.verify(&forge(&key, "no-such-kid", &c))
+            .await
+            .err()
+            .as_deref(),
+        Some("unknown_kid")
+    );
+
+    // An issuer B does not know.
+    let c = claims("mallory", "ledger", 60);
+    assert_eq!(
+        b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
+        Some("unknown_issuer")
+    );
+}
+
+fn claims_for(iss: &str, aud: &str, exp_offset: i64, lifetime: i64) -> serde_json::Value {
+    let t = now();
+    serde_json::json!({
+        "iss": id(iss), "sub": id(iss), "aud": id(aud),
+        "iat": t + exp_offset - lifetime, "exp": t + exp_offset, "jti": "x",
+    })
+}
+
+/// Algorithm confusion and structural garbage are refused before any key is used.
+#[tokio::test]
+async fn algorithm_and_structure_refusals() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let m = a.mint("payments").await;
+    let kid = m.kid.clone();
+    for alg in ["none", "HS256", "RS512", "PS256", "ES256"] {
+        let t = with_header(
+            &m.token,
+            &serde_json::json!({"alg": alg, "typ": "JWT", "kid": kid}),
+        );
+        assert_eq!(
+            a.verify(&t).await.err().as_deref(),
+            Some("unsupported_alg"),
+            "alg {alg}"
+        );
+    }
+    // alg none with an empty signature.
+    let parts: Vec<&str> = m.token.split('.').collect();
+    let none = format!(
+        "{}.{}.",
+        with_header(&m.token, &serde_json::json!({"alg":"none"}))
+            .split('.')
+            .next()
+            .expect("h"),
+        parts[1]
+    );
+    assert_eq!(a.verify(&none).await.err().as_deref(), Some("malformed"));
+    // An embedded key in the header is not trusted.
+    let t = with_header(
+        &m.token,
+        &serde_json::json!({"alg": "RS256", "kid": kid, "jwk": {"kty": "RSA"}}),
+    );
+    assert_eq!(a.verify(&t).await.err().as_deref(), Some("unsupported_alg"));
+    for garbage in [
+        "",
+        "abc",
+        "a.b",
+        "a.b.c.d",
+        "!!!.???.***",
+        &"x".repeat(10_000),
+    ] {
+        assert_eq!(
+            a.verify(garbage).await.err().as_deref(),
+            Some("malformed"),
+            "{garbage:.20}"
+        );
+    }
+    // Valid structure, header without kid.
+    let t = with_header(&m.token, &serde_json::json!({"alg": "RS256", "typ": "JWT"}));
+    assert_eq!(a.verify(&t).await.err().as_deref(), Some("missing_claim"));
+}
+
+/// A one-time token is accepted once and then refused as replayed.
+#[tokio::test]
+async fn one_time_token_replayed() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let req = tokend::proto::tokend::v1::MintRequest {
+        audience: "payments".into(),
+        one_time: true,
+        ..Default::default()
+    };
+    let m = a.tokens().await.mint(req).await.expect("mint").into_inner();
+    assert!(a.verify(&m.token).await.is_ok());
+    assert_eq!(a.verify(&m.token).await.err().as_deref(), Some("replayed"));
+    // Ordinary tokens are reused from the cache and verify any number of times.
+    let x = a.mint("payments").await;
+    let y = a.mint("payments").await;
+    assert_eq!(
+        x.token, y.token,
+        "a repeated request reuses the cached token"
+    );
+    assert!(a.verify(&x.token).await.is_ok() && a.verify(&x.token).await.is_ok());
+}
+
+/// Callers cannot set registered claims nor exceed max_ttl.
+#[tokio::test]
+async fn mint_refusals() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "[tokens]\nmax_ttl = \"10m\"");
+    let mut c = a.tokens().await;
+    for claim in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "act"] {
+        let req = tokend::proto::tokend::v1::MintRequest {
+            audience: "ledger".into(),
+            claims_json: format!("{{\"{claim}\": \"x\"}}"),
+            ..Default::default()
+        };
+        let s = c.mint(req).await.expect_err("refused");
+        assert_eq!(
+            tokend::api::reason_of(&s),
+            Some(tokend::reason::Reason::Malformed),
+            "{claim}"
+        );
+        assert!(s.message().contains(claim), "{}", s.message());
+    }
+    let req = tokend::proto::tokend::v1::MintRequest {
+        audience: "ledger".into(),
+        ttl_seconds: 3600,
+        ..Default::default()
+    };
+    let s = c.mint(req).await.expect_err("too long");
+    assert_eq!(
+        tokend::api::reason_of(&s),
+        Some(tokend::reason::Reason::LifetimeTooLong)
+    );
+    let req = tokend::proto::tokend::v1::MintRequest {
+        audience: "not a name!".into(),
+        ..Default::default()
+    };
+    let s = c.mint(req).await.expect_err("bad audience");
+    assert_eq!(
+        tokend::api::reason_of(&s),
+        Some(tokend::reason::Reason::Malformed)
+    );
+    let out = a.cli(&["mint", "--audience", "ledger", "--claim", "sub=ledger"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("malformed"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A restart keeps the same kid, and tokens minted before it still verify.
+#[tokio::test]
+async fn restart_keeps_kid_and_old_tokens_verify() {
+    let root = tmp();
+    let (mut a, mut b) = pair(root.path(), "").await;
+    let before = a.mint("ledger").await;
+    a.restart();
+    b.restart();
+    let after = a.mint("ledger").await;
+    assert_eq!(before.kid, after.kid);
+    assert!(
+        b.verify(&before.token).await.is_ok(),
+        "old token verifies after both restarts"
+    );
+    assert!(b.verify(&after.token).await.is_ok());
+    assert_eq!(
+        a.jwks(),
+        std::fs::read_to_string(root.path().join("payments.jwks.json")).expect("jwks")
+    );
+}
+
+/// SIGTERM stops the daemon cleanly: exit 0 and the socket file is removed.
+#[tokio::test]
+async fn sigterm_removes_socket() {
+    let root = tmp();
+    let mut a = Sidecar::start(root.path(), "payments", "");
+    assert!(a.socket.exists());
+    let status = a.stop().expect("was running");
+    assert!(status.success(), "{status:?}: {}", a.stderr());
+    assert!(!a.socket.exists(), "socket removed");
+    assert!(a.stderr().contains("tokend stopped"));
+}
+
+/// A second daemon refuses to take over a live socket.
+#[tokio::test]
+async fn live_socket_not_stolen() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let cfg = write_config(root.path(), "payments", "");
+    let out = run_to_exit(
+        std::process::Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        a.verify(&a.mint("payments").await.token).await.is_ok(),
+        "first daemon still serves"
+    );
+}
+
+/// Callers outside allowed_uids are refused with permission_denied.
+#[tokio::test]
+async fn uid_allow_list() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "allowed_uids = [4242424]");
+    let req = tokend::proto::tokend::v1::MintRequest {
+        audience: "ledger".into(),
+        ..Default::default()
+    };
+    let s = a.tokens().await.mint(req).await.expect_err("denied");
+    assert_eq!(
+        tokend::api::reason_of(&s),
+        Some(tokend::reason::Reason::PermissionDenied)
+    );
+}

@@ -1,0 +1,356 @@
+//! Test harness: start real `tokend serve` processes in temp dirs, talk to
+//! them over their sockets, and forge tokens with a sidecar's own key file.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use tokend::proto::tokend::v1 as pb;
+use tonic::transport::Channel;
+
+/// The trust domain of every test sidecar.
+pub const TD: &str = "bank.internal";
+
+/// Path of the built binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokend")
+}
+
+/// `spiffe://bank.internal/<name>`.
+pub fn id(name: &str) -> String {
+    format!("spiffe://{TD}/{name}")
+}
+
+/// A running (or stopped) sidecar process with its own directory.
+pub struct Sidecar {
+    pub name: String,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub keys_dir: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+/// Writes a config for `name` under `root/name/` with `extra` TOML appended.
+pub fn write_config(root: &Path, name: &str, extra: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let cfg = dir.join("tokend.toml");
+    let text = format!(
+        "name = \"{name}\"\ntrust_domain = \"{TD}\"\nsocket = \"tokend.sock\"\nkeys_dir = \"keys\"\n{extra}\n"
+    );
+    std::fs::write(&cfg, text).expect("write config");
+    cfg
+}
+
+impl Sidecar {
+    /// Configures and starts `name`, waiting until its socket answers.
+    pub fn start(root: &Path, name: &str, extra: &str) -> Sidecar {
+        let cfg = write_config(root, name, extra);
+        Self::start_with(root, name, &cfg).unwrap_or_else(|out| {
+            panic!(
+                "sidecar {name} did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
+    /// Starts from an existing config; on failure returns the process's output.
+    pub fn start_with(root: &Path, name: &str, cfg: &Path) -> Result<Sidecar, Output> {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let mut s = Sidecar {
+            name: name.to_owned(),
+            socket: dir.join("tokend.sock"),
+            keys_dir: dir.join("keys"),
+            config: cfg.to_owned(),
+            dir,
+            child: None,
+            stderr_path: root.join(format!("{name}.stderr")),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<(), Output> {
+        let stderr = std::fs::File::create(&self.stderr_path).expect("stderr file");
+        let mut child = Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("TOKEND_LOG", "info")
+            .env_remove("TOKEND_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn tokend");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                let stderr = std::fs::read(&self.stderr_path).unwrap_or_default();
+                return Err(Output {
+                    status,
+                    stdout: Vec::new(),
+                    stderr,
+                });
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                self.child = Some(child);
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sidecar {} not ready in 60s",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the process again with the same config and directory.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn().unwrap_or_else(|out| {
+            panic!(
+                "sidecar {} did not restart: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// What the process wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.stderr_path).unwrap_or_default()).into_owned()
+    }
+
+    /// Runs `tokend ARGS --socket <this socket>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_stdin(args, None)
+    }
+
+    /// Same, feeding `stdin`.
+    pub fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .env("TOKEND_SOCKET", &self.socket)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn cli");
+        {
+            let mut pipe = child.stdin.take().expect("stdin");
+            if let Some(s) = stdin {
+                pipe.write_all(s.as_bytes()).expect("write stdin");
+            }
+        }
+        child.wait_with_output().expect("cli output")
+    }
+
+    /// A gRPC token client.
+    pub async fn tokens(&self) -> pb::token_service_client::TokenServiceClient<Channel> {
+        pb::token_service_client::TokenServiceClient::new(
+            tokend::api::connect(&self.socket).await.expect("connect"),
+        )
+    }
+
+    /// A gRPC admin client.
+    pub async fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
+        pb::admin_service_client::AdminServiceClient::new(
+            tokend::api::connect(&self.socket).await.expect("connect"),
+        )
+    }
+
+    /// Mints over gRPC.
+    pub async fn mint(&self, audience: &str) -> pb::MintResponse {
+        let req = pb::MintRequest {
+            audience: audience.into(),
+            ..Default::default()
+        };
+        self.tokens()
+            .await
+            .mint(req)
+            .await
+            .expect("mint")
+            .into_inner()
+    }
+
+    /// Verifies over gRPC: the verified response, or the reason code of the refusal.
+    pub async fn verify(&self, token: &str) -> Result<pb::VerifyResponse, String> {
+        let req = pb::VerifyRequest {
+            token: token.into(),
+            audience: String::new(),
+        };
+        match self.tokens().await.verify(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(tokend::api::reason_of(&s)
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| format!("no reason: {s}"))),
+        }
+    }
+
+    /// This sidecar's public JWKS, as `tokend jwks` prints it.
+    pub fn jwks(&self) -> String {
+        let out = self.cli(&["jwks"]);
+        assert!(
+            out.status.success(),
+            "jwks: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    /// Loads this sidecar's signing key (the newest activated) from its key dir.
+    pub fn signing_key(&self) -> tokend::keys::SigningKey {
+        signing_key_in(&self.keys_dir)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The newest activated key in a keys directory.
+pub fn signing_key_in(keys_dir: &Path) -> tokend::keys::SigningKey {
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(keys_dir.join("keys.json")).expect("manifest"))
+            .expect("json");
+    let rec = manifest["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .filter(|k| k["revoked_at"].is_null())
+        .max_by_key(|k| k["activates_at"].as_i64())
+        .expect("a key")
+        .clone();
+    let path = keys_dir.join(rec["file"].as_str().expect("file"));
+    tokend::keys::parse_pkcs8_pem(&path, &std::fs::read(&path).expect("read key"))
+        .expect("parse key")
+}
+
+/// Now, seconds since the epoch.
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("time")
+        .as_secs() as i64
+}
+
+/// Signs `claims` with `key` under header `kid` (RS256), as an attacker
+/// holding that private key could.
+pub fn forge(key: &tokend::keys::SigningKey, kid: &str, claims: &serde_json::Value) -> String {
+    tokend::crypto::install();
+    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    h.typ = Some("JWT".into());
+    h.kid = Some(kid.into());
+    jsonwebtoken::encode(&h, claims, key.encoding_key()).expect("encode")
+}
+
+/// Standard claims from `iss` to `aud`, valid now for `ttl` seconds.
+pub fn claims(iss: &str, aud: &str, ttl: i64) -> serde_json::Value {
+    let t = now();
+    serde_json::json!({
+        "iss": id(iss), "sub": id(iss), "aud": id(aud),
+        "iat": t, "nbf": t, "exp": t + ttl, "jti": format!("jti-{}", t),
+    })
+}
+
+/// Replaces the payload of a token with `claims` (keeping header and signature).
+pub fn with_payload(token: &str, claims: &serde_json::Value) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    format!(
+        "{}.{}.{}",
+        parts[0],
+        B64.encode(claims.to_string()),
+        parts[2]
+    )
+}
+
+/// Replaces the header of a token with `header`.
+pub fn with_header(token: &str, header: &serde_json::Value) -> String {
+    let parts: Vec<&str> = token.split('.').collect();
+    format!(
+        "{}.{}.{}",
+        B64.encode(header.to_string()),
+        parts[1],
+        parts[2]
+    )
+}
+
+/// Decodes a token's payload (unverified).
+pub fn payload(token: &str) -> serde_json::Value {
+    let p = token.split('.').nth(1).expect("payload");
+    serde_json::from_slice(&B64.decode(p).expect("b64")).expect("json")
+}
+
+/// Sets a file's mode.
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// A fresh temp dir.
+pub fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("tokend-it-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Runs a command that must exit on its own within 30 s; kills it and fails otherwise.
+pub fn run_to_exit(cmd: &mut Command) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("output"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("command did not exit within 30s");
+        }
+    }
+}

@@ -51,7 +51,13 @@ fn main() {
     let trust = Arc::new(TrustStore::new(5));
     trust.register(id.as_str(), "self".into(), None);
     trust
-        .replace(id.as_str(), set.published().cloned().collect(), vec![], now)
+        .replace(
+            id.as_str(),
+            set.published().cloned().collect(),
+            vec![],
+            Default::default(),
+            now,
+        )
         .expect("trust");
     let verifier = Verifier::new(
         id.clone(),

@@ -14,9 +14,10 @@ use tracing::Instrument;
 
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::config::PeerSource;
 use crate::keys::{KeyError, KeyStore, KeyView, Lifecycle, rotation};
 use crate::mint::{MintPolicy, Minter};
-use crate::peers::JwksFileSource;
+use crate::peers::{JwksFileSource, PeerClient, PeerKeysApi, PeerTls};
 use crate::verify::{Policy, TrustStore, Verifier};
 
 /// Why the daemon could not start or stopped with an error.
@@ -80,6 +81,9 @@ pub struct Daemon {
     commands: mpsc::Receiver<rotation::Command>,
     listener: UnixListener,
     socket: PathBuf,
+    peer_server: Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
+    peer_addr: Option<std::net::SocketAddr>,
+    peer_clients: Vec<Arc<PeerClient>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -97,7 +101,7 @@ fn secs(d: Duration) -> i64 {
 // === impl Daemon ===
 
 impl Daemon {
-    /// Loads keys, peers and binds the socket. Nothing is served yet.
+    /// Loads keys, peers and binds the sockets. Nothing is served yet.
     pub async fn build(config: Config, clock: SharedClock) -> Result<Self, DaemonError> {
         let now = clock.now();
         let lifecycle = Lifecycle {
@@ -111,9 +115,16 @@ impl Daemon {
         let trust = Arc::new(TrustStore::new(5));
         trust.register(config.id.as_str(), "self".into(), None);
         install_own_keys(&trust, &keys, config.id.as_str(), now);
+        let peer_tls = match &config.peer_api {
+            Some(p) => Some(
+                PeerTls::load(p, &config.trust_domain, &config.id).map_err(DaemonError::Peers)?,
+            ),
+            None => None,
+        };
+        let mut peer_clients = Vec::new();
         for peer in &config.peers {
-            match &peer.source {
-                crate::config::PeerSource::JwksFile(path) => {
+            match (&peer.source, &peer_tls) {
+                (PeerSource::JwksFile(path), _) => {
                     JwksFileSource::install(
                         peer.id.as_str(),
                         path.clone(),
@@ -122,9 +133,21 @@ impl Daemon {
                     )
                     .map_err(DaemonError::Peers)?;
                 }
-                crate::config::PeerSource::Address(addr) => {
+                (PeerSource::Address(addr), Some(tls)) => {
+                    let client = PeerClient::install(
+                        &peer.name,
+                        peer.id.clone(),
+                        addr,
+                        tls,
+                        trust.clone(),
+                        clock.clone(),
+                    )
+                    .map_err(DaemonError::Peers)?;
+                    peer_clients.push(client);
+                }
+                (PeerSource::Address(addr), None) => {
                     return Err(DaemonError::Peers(format!(
-                        "peer {} at {addr}: live peers over mTLS are not supported by this build",
+                        "peer {} at {addr} needs [peer_api] for mTLS",
                         peer.name
                     )));
                 }
@@ -151,6 +174,21 @@ impl Daemon {
         if let Some(addr) = config.metrics_listen {
             crate::telemetry::serve_metrics(addr).map_err(DaemonError::Metrics)?;
         }
+        let (peer_server, peer_addr) = match (&config.peer_api, &peer_tls) {
+            (Some(p), Some(tls)) => {
+                let listener = tokio::net::TcpListener::bind(p.listen).await.map_err(|e| {
+                    DaemonError::Socket(format!(
+                        "cannot listen on peer_api.listen {}: {e}",
+                        p.listen
+                    ))
+                })?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| DaemonError::Socket(e.to_string()))?;
+                (Some((listener, tls.server_config())), Some(addr))
+            }
+            _ => (None, None),
+        };
         let listener =
             crate::api::bind(&config.socket, config.socket_mode).map_err(DaemonError::Socket)?;
         let (tx, rx) = mpsc::channel(16);
@@ -169,12 +207,20 @@ impl Daemon {
             commands: rx,
             listener,
             socket,
+            peer_server,
+            peer_addr,
+            peer_clients,
         })
     }
 
     /// The shared core (for in-process tests and the demo).
     pub fn core(&self) -> Arc<Core> {
         self.core.clone()
+    }
+
+    /// The address the peer API listens on (its real port when configured as 0).
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.peer_addr
     }
 
     /// Serves until `shutdown` completes; in-flight calls finish, background
@@ -186,6 +232,9 @@ impl Daemon {
             commands,
             listener,
             socket,
+            peer_server,
+            peer_addr,
+            peer_clients,
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -196,10 +245,29 @@ impl Daemon {
                 .instrument(tracing::info_span!("rotation", id = %id)),
         );
         tracker.spawn(watch_own_keys(core.clone(), cancel.clone()));
+        if let Some((tcp, tls)) = peer_server {
+            let api = PeerKeysApi::new(
+                core.config.id.clone(),
+                core.config.trust_domain.clone(),
+                core.keys.clone(),
+                core.clock.clone(),
+            );
+            let stop = cancel.clone();
+            tracker.spawn(async move {
+                if let Err(e) = crate::peers::serve(tcp, tls, api, stop.cancelled_owned()).await {
+                    tracing::error!(error = %e, "peer API server failed");
+                }
+            });
+        }
+        for client in peer_clients {
+            let span = tracing::info_span!("peer", peer = ?client);
+            tracker.spawn(client.run(cancel.clone()).instrument(span));
+        }
 
         tracing::info!(
             id = %id,
             socket = %socket.display(),
+            peer_api = %peer_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             kid = %core.keys.current().signing_key(core.clock.now()).map(|k| k.kid().to_owned()).unwrap_or_default(),
             "tokend serving"
         );
@@ -231,7 +299,7 @@ fn install_own_keys(trust: &TrustStore, keys: &KeyView, own: &str, now: i64) {
     let set = keys.current();
     let published = set.published().cloned().collect();
     let revoked = set.revoked_kids().map(str::to_owned).collect();
-    if let Err(e) = trust.replace(own, published, revoked, now) {
+    if let Err(e) = trust.replace(own, published, revoked, Default::default(), now) {
         tracing::error!(error = %e, "cannot install own keys in the trust store");
     }
 }

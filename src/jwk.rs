@@ -36,6 +36,9 @@ pub enum JwkError {
     /// The document is not a JWKS.
     #[error("not a JWKS document: {0}")]
     NotJwks(String),
+    /// More keys than the caller allows.
+    #[error("key set holds {0} keys, over the limit of {1}")]
+    TooManyKeys(usize, usize),
     /// Two keys of one set share a kid.
     #[error("duplicate kid {0:?} in key set")]
     DuplicateKid(String),
@@ -203,9 +206,13 @@ fn bit_len(be: &[u8]) -> usize {
 }
 
 /// Parses a JWKS document and imports every key, refusing the whole set on
-/// the first bad key or duplicate kid (a partial set would hide the problem).
-pub fn parse_jwks(text: &[u8]) -> Result<Vec<PublicKey>, JwkError> {
+/// the first bad key or duplicate kid (a partial set would hide the problem),
+/// or when it holds more than `max_keys` keys (checked before any import).
+pub fn parse_jwks(text: &[u8], max_keys: usize) -> Result<Vec<PublicKey>, JwkError> {
     let set: JwkSet = serde_json::from_slice(text).map_err(|e| JwkError::NotJwks(e.to_string()))?;
+    if set.keys.len() > max_keys {
+        return Err(JwkError::TooManyKeys(set.keys.len(), max_keys));
+    }
     let mut out: Vec<PublicKey> = Vec::with_capacity(set.keys.len());
     for jwk in &set.keys {
         let key = PublicKey::from_jwk(jwk)?;
@@ -286,6 +293,6 @@ mod tests {
         );
         let good = Jwk { n: ok_n, ..short };
         assert_eq!(PublicKey::from_jwk(&good).expect("2048-bit").bits(), 2048);
-        assert!(matches!(parse_jwks(b"[1,2]"), Err(JwkError::NotJwks(_))));
+        assert!(matches!(parse_jwks(b"[1,2]", 8), Err(JwkError::NotJwks(_))));
     }
 }

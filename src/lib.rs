@@ -11,6 +11,7 @@
 //! jsonwebtoken; `jwk` public keys and thumbprints.
 
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -15,5 +15,7 @@ mod interop;
 mod keyfiles;
 #[path = "it/mint_verify.rs"]
 mod mint_verify;
+#[path = "it/peers.rs"]
+mod peers;
 #[path = "it/vectors.rs"]
 mod vectors;

@@ -1,6 +1,7 @@
 //! The `tokend` command line (DESIGN.md "CLI contract"): the clap tree, value
 //! parsers and dispatch. Opens no sockets or files itself.
 
+mod demo;
 mod offline;
 mod remote;
 
@@ -94,6 +95,44 @@ pub enum Command {
     Decode {
         /// The token, or `-`.
         token: String,
+    },
+    /// The trust domain's CA and peer certificates.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Start a small bank of sidecars in this process and show minting,
+    /// verification, a refused impersonation and a rotation.
+    Demo,
+}
+
+/// `tokend ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create a CA: writes OUT/ca.pem and OUT/ca.key (0600).
+    Init {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Trust domain, e.g. bank.internal.
+        #[arg(long)]
+        trust_domain: String,
+    },
+    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and OUT/key.pem (0600).
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Service name; the certificate carries spiffe://TD/NAME.
+        #[arg(long)]
+        name: String,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// DNS names (repeatable; default: localhost and NAME).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
     },
 }
 
@@ -219,6 +258,15 @@ pub async fn run(cli: Cli) -> u8 {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),
         },
+        Command::Ca(CaCommand::Init { out, trust_domain }) => offline::ca_init(&out, &trust_domain),
+        Command::Ca(CaCommand::Issue {
+            ca,
+            name,
+            out,
+            dns,
+            days,
+        }) => offline::ca_issue(&ca, &name, &out, &dns, days),
+        Command::Demo => demo::run().await,
     }
 }
 

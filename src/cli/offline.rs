@@ -1,4 +1,4 @@
-//! Commands that never talk to a daemon: `decode`.
+//! Commands that never talk to a daemon: `decode`, `ca init`, `ca issue`.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -28,6 +28,53 @@ pub(super) fn decode(token: &str) -> u8 {
             0
         }
         (Err(e), _) | (_, Err(e)) => {
+            eprintln!("tokend: {e}");
+            1
+        }
+    }
+}
+
+/// `tokend ca init`.
+pub(super) fn ca_init(out: &std::path::Path, td: &str) -> u8 {
+    let td = match crate::identity::TrustDomain::new(td) {
+        Ok(td) => td,
+        Err(e) => {
+            eprintln!("tokend: {e}");
+            return super::EXIT_USAGE;
+        }
+    };
+    match crate::ca::init(out, &td) {
+        Ok(()) => {
+            println!(
+                "CA for spiffe://{td} written to {}/{{ca.pem,ca.key}}",
+                out.display()
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("tokend: {e}");
+            1
+        }
+    }
+}
+
+/// `tokend ca issue`.
+pub(super) fn ca_issue(
+    ca: &std::path::Path,
+    name: &str,
+    out: &std::path::Path,
+    dns: &[String],
+    days: i64,
+) -> u8 {
+    match crate::ca::issue(ca, name, out, dns, days) {
+        Ok(id) => {
+            println!(
+                "certificate for {id} written to {}/{{cert.pem,key.pem}}",
+                out.display()
+            );
+            0
+        }
+        Err(e) => {
             eprintln!("tokend: {e}");
             1
         }

@@ -66,10 +66,16 @@ impl JwksFileSource {
             ));
         }
         let text = std::fs::read(p).map_err(|e| format!("JWKS file {}: {e}", p.display()))?;
-        let keys =
-            crate::jwk::parse_jwks(&text).map_err(|e| format!("JWKS file {}: {e}", p.display()))?;
+        let keys = crate::jwk::parse_jwks(&text, crate::verify::MAX_KEYS_PER_ISSUER)
+            .map_err(|e| format!("JWKS file {}: {e}", p.display()))?;
         self.trust
-            .replace(&self.issuer, keys, Vec::new(), self.clock.now())
+            .replace(
+                &self.issuer,
+                keys,
+                Vec::new(),
+                Default::default(),
+                self.clock.now(),
+            )
             .map_err(|e| format!("JWKS file {}: {e}", p.display()))
     }
 }

@@ -53,6 +53,10 @@ pub struct IssuerSnapshot {
 struct IssuerKeys {
     source: String,
     keys: HashMap<String, Arc<PublicKey>>,
+    /// Per-kid expiry hints from the publisher, applied only while `stale`.
+    expires: HashMap<String, i64>,
+    /// The source lost contact: keys past their hint are no longer used.
+    stale: bool,
     revoked: HashSet<String>,
     updated_at: i64,
     last_error: Option<String>,
@@ -104,6 +108,8 @@ impl TrustStore {
             IssuerKeys {
                 source,
                 keys: HashMap::new(),
+                expires: HashMap::new(),
+                stale: false,
                 revoked: HashSet::new(),
                 updated_at: 0,
                 last_error: None,
@@ -113,12 +119,14 @@ impl TrustStore {
         );
     }
 
-    /// Replaces an issuer's whole set. Refused (keeping the previous set) if it is too large.
+    /// Replaces an issuer's whole set, with the publisher's per-kid expiry
+    /// hints. Refused (keeping the previous set) if it is too large.
     pub fn replace(
         &self,
         issuer: &str,
         keys: Vec<PublicKey>,
         revoked: Vec<String>,
+        expires: HashMap<String, i64>,
         now: i64,
     ) -> Result<(), SetError> {
         if keys.len() > MAX_KEYS_PER_ISSUER {
@@ -136,9 +144,31 @@ impl TrustStore {
             .map(|k| (k.kid().to_owned(), Arc::new(k)))
             .collect();
         entry.revoked = revoked;
+        entry.expires = expires;
+        entry.stale = false;
         entry.updated_at = now;
         entry.last_error = None;
         Ok(())
+    }
+
+    /// Marks an issuer's source as out of contact (or back): while stale, each
+    /// key is used only until its publisher's expiry hint.
+    pub fn set_stale(&self, issuer: &str, stale: bool) {
+        let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(issuer) {
+            e.stale = stale;
+        }
+    }
+
+    /// Records revocations pushed by a publisher without replacing its set.
+    pub fn revoke(&self, issuer: &str, kids: &[String]) {
+        let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(issuer) {
+            for k in kids {
+                e.keys.remove(k);
+                e.revoked.insert(k.clone());
+            }
+        }
     }
 
     /// Records a source error (the previous set stays in use).
@@ -149,12 +179,15 @@ impl TrustStore {
         }
     }
 
-    /// Finds `kid` in `issuer`'s set, and nowhere else.
-    pub fn lookup(&self, issuer: &str, kid: &str) -> Lookup {
+    /// Finds `kid` in `issuer`'s set, and nowhere else, at `now`.
+    pub fn lookup(&self, issuer: &str, kid: &str, now: i64) -> Lookup {
         let map = self.issuers.read().unwrap_or_else(|p| p.into_inner());
         match map.get(issuer) {
             None => Lookup::UnknownIssuer,
             Some(e) if e.revoked.contains(kid) => Lookup::Revoked,
+            Some(e) if e.stale && e.expires.get(kid).is_some_and(|&t| t < now) => {
+                Lookup::UnknownKid
+            }
             Some(e) => e
                 .keys
                 .get(kid)
@@ -220,5 +253,88 @@ impl TrustStore {
             .collect();
         out.sort_by(|a, b| a.issuer.cmp(&b.issuer));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(AtomicUsize);
+
+    impl Refresh for Counting {
+        fn refresh(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+            Box::pin(async move {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Ok(())
+            })
+        }
+    }
+
+    /// Concurrent misses for one issuer cause one refresh; a miss inside the
+    /// rate-limit window causes none; after the window, one more.
+    #[tokio::test]
+    async fn refresh_is_single_flight_and_rate_limited() {
+        let trust = Arc::new(TrustStore::new(5));
+        let counter = Arc::new(Counting(AtomicUsize::new(0)));
+        trust.register("spiffe://td/a", "test".into(), Some(counter.clone()));
+        let calls: Vec<_> = (0..16)
+            .map(|_| {
+                let t = trust.clone();
+                tokio::spawn(async move { t.refresh("spiffe://td/a", 100, || 100).await })
+            })
+            .collect();
+        for c in calls {
+            c.await.expect("join");
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "single flight");
+        trust.refresh("spiffe://td/a", 102, || 102).await;
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "rate limited within 5s"
+        );
+        trust.refresh("spiffe://td/a", 106, || 106).await;
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            2,
+            "allowed after the window"
+        );
+        trust.refresh("spiffe://td/unknown", 200, || 200).await;
+    }
+
+    /// A set over the key limit is refused and the previous set stays; while
+    /// stale, keys past their publisher's hint stop being found.
+    #[test]
+    fn limits_and_staleness() {
+        let trust = TrustStore::new(5);
+        trust.register("i", "test".into(), None);
+        let key =
+            crate::jwk::PublicKey::from_components(&[0xff; 256], &[1, 0, 1], Some("k1".into()))
+                .expect("key");
+        let hints = HashMap::from([("k1".to_owned(), 1000)]);
+        trust
+            .replace("i", vec![key.clone()], vec![], hints, 0)
+            .expect("ok");
+        let too_many = vec![key; MAX_KEYS_PER_ISSUER + 1];
+        assert_eq!(
+            trust.replace("i", too_many, vec![], HashMap::new(), 1),
+            Err(SetError::TooManyKeys(MAX_KEYS_PER_ISSUER + 1))
+        );
+        assert!(
+            matches!(trust.lookup("i", "k1", 2000), Lookup::Found(_)),
+            "hints ignored while in contact"
+        );
+        trust.set_stale("i", true);
+        assert!(matches!(trust.lookup("i", "k1", 999), Lookup::Found(_)));
+        assert!(
+            matches!(trust.lookup("i", "k1", 1001), Lookup::UnknownKid),
+            "expired hint while out of contact"
+        );
+        trust.revoke("i", &["k1".into()]);
+        assert!(matches!(trust.lookup("i", "k1", 0), Lookup::Revoked));
+        assert!(matches!(trust.lookup("j", "k1", 0), Lookup::UnknownIssuer));
     }
 }

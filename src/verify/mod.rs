@@ -285,7 +285,7 @@ impl Verifier {
         let Some(kid) = parts.kid.as_deref() else {
             return fail(Reason::MissingClaim, "header kid is missing");
         };
-        let key = match self.trust.lookup(issuer, kid) {
+        let key = match self.trust.lookup(issuer, kid, now) {
             Lookup::Found(k) => k,
             Lookup::Revoked => {
                 return fail(
@@ -302,7 +302,7 @@ impl Verifier {
             Lookup::UnknownKid => {
                 let clock = self.clock.clone();
                 self.trust.refresh(issuer, now, move || clock.now()).await;
-                match self.trust.lookup(issuer, kid) {
+                match self.trust.lookup(issuer, kid, now) {
                     Lookup::Found(k) => k,
                     Lookup::Revoked => {
                         return fail(

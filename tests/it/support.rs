@@ -354,3 +354,140 @@ pub fn run_to_exit(cmd: &mut Command) -> Output {
         }
     }
 }
+
+/// Makes the trust domain's CA under `root/ca` with `tokend ca init`.
+pub fn ca_init(root: &Path) {
+    let out = Command::new(bin())
+        .args(["ca", "init", "--trust-domain", TD, "--out"])
+        .arg(root.join("ca"))
+        .output()
+        .expect("ca init");
+    assert!(
+        out.status.success(),
+        "ca init: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Issues `root/<name>/peer/{cert,key}.pem` with `tokend ca issue` from the CA in `ca_dir`.
+pub fn ca_issue(ca_dir: &Path, root: &Path, name: &str) -> PathBuf {
+    let out_dir = root.join(name).join("peer");
+    let out = Command::new(bin())
+        .args(["ca", "issue", "--name", name, "--ca"])
+        .arg(ca_dir)
+        .arg("--out")
+        .arg(&out_dir)
+        .output()
+        .expect("ca issue");
+    assert!(
+        out.status.success(),
+        "ca issue: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out_dir
+}
+
+/// Config text for a sidecar with a peer API (port `port`, 0 for any) trusting `peers` by address.
+pub fn peer_config(port: u16, peers: &[(&str, std::net::SocketAddr)], extra: &str) -> String {
+    let mut t = format!(
+        "{extra}\n[peer_api]\nlisten = \"127.0.0.1:{port}\"\nca = \"../ca/ca.pem\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n"
+    );
+    for (name, addr) in peers {
+        t.push_str(&format!(
+            "[[peers]]\nname = \"{name}\"\naddress = \"https://{addr}\"\n"
+        ));
+    }
+    t
+}
+
+impl Sidecar {
+    /// Starts `name` with a peer API and a certificate issued by `root/ca`.
+    pub fn start_peer(
+        root: &Path,
+        name: &str,
+        peers: &[(&str, std::net::SocketAddr)],
+        extra: &str,
+    ) -> Sidecar {
+        ca_issue(&root.join("ca"), root, name);
+        let mut s = Sidecar::start(root, name, &peer_config(0, peers, extra));
+        s.pin_peer_port(peers, extra);
+        s
+    }
+
+    /// The peer API address, read from the startup log line.
+    pub fn peer_addr(&self) -> std::net::SocketAddr {
+        let log = self.stderr();
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("tokend serving"))
+            .expect("serving line");
+        let at = line.find("peer_api=").expect("peer_api field") + "peer_api=".len();
+        line[at..]
+            .split_whitespace()
+            .next()
+            .expect("addr")
+            .parse()
+            .expect("socket addr")
+    }
+
+    /// Rewrites the config with the port actually bound, so a restart reuses it.
+    fn pin_peer_port(&mut self, peers: &[(&str, std::net::SocketAddr)], extra: &str) {
+        let port = self.peer_addr().port();
+        write_config(
+            self.dir.parent().expect("root"),
+            &self.name,
+            &peer_config(port, peers, extra),
+        );
+    }
+
+    /// Every issuer set this sidecar trusts, as `tokend jwks --all` prints it.
+    pub fn jwks_all(&self) -> serde_json::Value {
+        let out = self.cli(&["jwks", "--all"]);
+        assert!(
+            out.status.success(),
+            "jwks --all: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json")
+    }
+
+    /// The `jwks --all` entry for `issuer` (a service name).
+    pub fn issuer_entry(&self, issuer: &str) -> serde_json::Value {
+        let all = self.jwks_all();
+        all.as_array()
+            .expect("array")
+            .iter()
+            .find(|e| e["issuer"] == id(issuer))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The kids `tokend jwks --all` shows for `issuer` (a service name).
+    pub fn kids_of(&self, issuer: &str) -> Vec<String> {
+        let e = self.issuer_entry(issuer);
+        e["jwks"]["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .filter_map(|k| k["kid"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Polls `f` every 50 ms for up to `secs` seconds until it returns true.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    secs: u64,
+    mut f: impl FnMut() -> F,
+) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -154,7 +154,7 @@ fn verifier_trusting(issuer: &str, key: PublicKey, now: i64) -> Verifier {
     let trust = Arc::new(TrustStore::new(5));
     trust.register(issuer, "test".into(), None);
     trust
-        .replace(issuer, vec![key], vec![], now)
+        .replace(issuer, vec![key], vec![], Default::default(), now)
         .expect("install");
     let own = SpiffeId::parse("spiffe://bank.internal/ledger").expect("id");
     Verifier::new(

@@ -1,0 +1,336 @@
+//! One live peer: connect over mTLS, fetch its keys, watch for changes, and
+//! install them in the trust store under the identity its CERTIFICATE proves
+//! (never the name configured for the address, never what the message says).
+//! Reconnects back off exponentially with full jitter; while out of contact
+//! the last keys stay in use until their publisher's expiry hints. Bounded:
+//! message size, key count, key policy, and time to answer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rand::Rng;
+use rustls::pki_types::ServerName;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::tls::spiffe_id_of;
+use crate::clock::SharedClock;
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::proto::tokend::v1 as pb;
+use crate::verify::{MAX_KEYS_PER_ISSUER, Refresh, TrustStore};
+
+/// The largest peer message accepted.
+pub const MAX_PEER_MESSAGE: usize = super::MAX_JWKS_BYTES + 16 * 1024;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// Exponential backoff with full jitter: a random delay in [0, min(max, base·2^attempt)].
+pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
+    let cap = BACKOFF_MIN
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    Duration::from_millis(rng.gen_range(0..=cap.as_millis() as u64))
+}
+
+/// A configured live peer.
+pub struct PeerClient {
+    name: String,
+    expected: SpiffeId,
+    authority: String,
+    td: TrustDomain,
+    tls: Arc<rustls::ClientConfig>,
+    trust: Arc<TrustStore>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for PeerClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerClient")
+            .field("name", &self.name)
+            .field("authority", &self.authority)
+            .finish()
+    }
+}
+
+type Slot = Arc<Mutex<Option<SpiffeId>>>;
+
+// === impl PeerClient ===
+
+impl PeerClient {
+    /// A client for peer `name` at `address` (`https://host:port`), registered in `trust`.
+    pub fn install(
+        name: &str,
+        expected: SpiffeId,
+        address: &str,
+        tls: &super::PeerTls,
+        trust: Arc<TrustStore>,
+        clock: SharedClock,
+    ) -> Result<Arc<Self>, String> {
+        let uri: Uri = address
+            .parse()
+            .map_err(|e| format!("peer {name} address {address:?}: {e}"))?;
+        let authority = uri
+            .authority()
+            .filter(|a| a.port_u16().is_some())
+            .ok_or_else(|| format!("peer {name} address {address:?} needs host:port"))?
+            .to_string();
+        let client = Arc::new(Self {
+            name: name.to_owned(),
+            expected: expected.clone(),
+            authority,
+            td: tls.trust_domain().clone(),
+            tls: tls.client_config()?,
+            trust: trust.clone(),
+            clock,
+        });
+        trust.register(
+            expected.as_str(),
+            format!("peer:{address}"),
+            Some(client.clone()),
+        );
+        Ok(client)
+    }
+
+    /// A fresh channel over one mTLS connection, and the slot its connector
+    /// fills with the identity the server's certificate proves.
+    async fn connect(
+        &self,
+    ) -> Result<(pb::peer_service_client::PeerServiceClient<Channel>, Slot), String> {
+        let slot: Slot = Arc::default();
+        let (tls, authority, td, seen) = (
+            self.tls.clone(),
+            self.authority.clone(),
+            self.td.clone(),
+            slot.clone(),
+        );
+        let server_name = ServerName::try_from(self.name.clone()).map_err(|e| e.to_string())?;
+        let connector = tower::service_fn(move |_: Uri| {
+            let (tls, authority, td, seen, server_name) = (
+                tls.clone(),
+                authority.clone(),
+                td.clone(),
+                seen.clone(),
+                server_name.clone(),
+            );
+            async move {
+                let tcp = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio::net::TcpStream::connect(&authority),
+                )
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                })??;
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp),
+                )
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+                let leaf = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .cloned();
+                let id = leaf
+                    .ok_or_else(|| "no server certificate".to_owned())
+                    .and_then(|der| spiffe_id_of(&der, &td))
+                    .map_err(std::io::Error::other)?;
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let channel = Endpoint::try_from(format!("http://{}", self.authority))
+            .map_err(|e| e.to_string())?
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+        let client = pb::peer_service_client::PeerServiceClient::new(channel)
+            .max_decoding_message_size(MAX_PEER_MESSAGE);
+        Ok((client, slot))
+    }
+
+    /// Validates a key set and installs it under `identity`. Refusals keep the previous set.
+    fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), String> {
+        if identity != &self.expected {
+            tracing::warn!(
+                configured = %self.expected,
+                presented = %identity,
+                claims = %msg.issuer,
+                "peer address serves another identity; filing its keys under the certificate's identity"
+            );
+        }
+        if !self.trust.knows(identity.as_str()) {
+            return Err(format!(
+                "{identity} (from its certificate) is not a configured peer; keys ignored"
+            ));
+        }
+        if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
+            return Err(format!(
+                "key set of {} bytes exceeds {} bytes",
+                msg.jwks_json.len(),
+                super::MAX_JWKS_BYTES
+            ));
+        }
+        let keys = crate::jwk::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)
+            .map_err(|e| e.to_string())?;
+        let n = keys.len();
+        self.trust
+            .replace(
+                identity.as_str(),
+                keys,
+                msg.revoked_kids,
+                msg.key_expires_at,
+                self.clock.now(),
+            )
+            .map_err(|e| e.to_string())?;
+        tracing::debug!(issuer = %identity, keys = n, version = msg.version, "installed peer keys");
+        metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
+        Ok(())
+    }
+
+    fn refuse(&self, identity: Option<&SpiffeId>, error: &str) {
+        let issuer = identity.unwrap_or(&self.expected);
+        tracing::warn!(peer = %self.name, issuer = %issuer, error, "refused peer key set; previous set stays");
+        self.trust.note_error(issuer.as_str(), error.to_owned());
+    }
+
+    /// One unary fetch (used for the unknown-kid refresh).
+    pub async fn fetch_once(&self) -> Result<(), String> {
+        let (mut client, slot) = tokio::time::timeout(ANSWER_TIMEOUT, self.connect())
+            .await
+            .map_err(|_| "connect timed out".to_owned())??;
+        let msg = tokio::time::timeout(ANSWER_TIMEOUT, client.get_keys(pb::GetKeysRequest {}))
+            .await
+            .map_err(|_| format!("no answer within {ANSWER_TIMEOUT:?}"))?
+            .map_err(|s| format!("GetKeys: {}", s.message()))?
+            .into_inner();
+        let identity = slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or("no peer identity")?;
+        self.install_set(&identity, msg)
+            .inspect_err(|e| self.refuse(Some(&identity), e))
+    }
+
+    /// Watches until the stream ends or fails; returns whether any set arrived.
+    async fn watch(&self, cancel: &CancellationToken) -> Result<bool, String> {
+        let (mut client, slot) = self.connect().await?;
+        let mut stream =
+            tokio::time::timeout(ANSWER_TIMEOUT, client.watch_keys(pb::GetKeysRequest {}))
+                .await
+                .map_err(|_| format!("WatchKeys: no answer within {ANSWER_TIMEOUT:?}"))?
+                .map_err(|s| format!("WatchKeys: {}", s.message()))?
+                .into_inner();
+        let identity = slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or("no peer identity")?;
+        let mut got_any = false;
+        loop {
+            let next = if got_any {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(got_any),
+                    m = stream.message() => m,
+                }
+            } else {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(got_any),
+                    m = tokio::time::timeout(ANSWER_TIMEOUT, stream.message()) => {
+                        m.map_err(|_| format!("WatchKeys: no key set within {ANSWER_TIMEOUT:?}"))?
+                    }
+                }
+            };
+            match next {
+                Ok(Some(msg)) => {
+                    got_any = true;
+                    if let Err(e) = self.install_set(&identity, msg) {
+                        self.refuse(Some(&identity), &e);
+                    }
+                }
+                Ok(None) => return Ok(got_any),
+                Err(s) => {
+                    let e = format!("WatchKeys: {}", s.message());
+                    self.refuse(Some(&identity), &e);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Runs until cancelled: watch, and on any failure back off and reconnect.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut attempt = 0u32;
+        loop {
+            match self.watch(&cancel).await {
+                Ok(true) => attempt = 0,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(peer = %self.name, error = %e, "peer unreachable; keeping its last keys");
+                    self.trust.note_error(self.expected.as_str(), e);
+                }
+            }
+            if cancel.is_cancelled() {
+                return;
+            }
+            self.trust.set_stale(self.expected.as_str(), true);
+            let delay = backoff(attempt, &mut rand::thread_rng());
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+impl Refresh for PeerClient {
+    fn refresh(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.fetch_once())
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    /// Backoff grows exponentially, is capped, and is jittered below the cap.
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for attempt in 0..40 {
+            let cap = BACKOFF_MIN
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_MAX);
+            let d = backoff(attempt, &mut rng);
+            assert!(d <= cap && d <= BACKOFF_MAX);
+        }
+        let draws: std::collections::HashSet<_> = (0..20).map(|_| backoff(10, &mut rng)).collect();
+        assert!(draws.len() > 10, "jittered");
+    }
+}

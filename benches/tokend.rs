@@ -36,7 +36,7 @@ fn main() {
         grace: 3630,
     };
     let (_store, view) = rt
-        .block_on(KeyStore::open(dir.path(), lc, 2048, now))
+        .block_on(KeyStore::open(dir.path(), lc, 2048, Arc::new(SystemClock)))
         .expect("keys");
     let set = view.current();
     let id = SpiffeId::parse("spiffe://bench/payments").expect("id");
@@ -48,7 +48,7 @@ fn main() {
             max_ttl: 3600,
         },
     );
-    let trust = Arc::new(TrustStore::new(5));
+    let trust = Arc::new(TrustStore::new(std::time::Duration::from_secs(1)));
     trust.register(id.as_str(), "self".into(), None);
     trust
         .replace(
@@ -66,7 +66,6 @@ fn main() {
             max_ttl: 3600,
             clock_skew: 30,
         },
-        Arc::new(SystemClock),
     );
 
     // Baselines: bare ring RSA-2048 PKCS#1 v1.5 SHA-256 sign and verify of a token-sized message.

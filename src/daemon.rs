@@ -94,6 +94,11 @@ impl std::fmt::Debug for Daemon {
     }
 }
 
+/// At most one on-demand refresh of an issuer per second: a flood of tokens
+/// with random kids costs each peer one fetch a second, and a peer that
+/// restarts with a new key is learnt on its first token.
+const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
 }
@@ -109,10 +114,15 @@ impl Daemon {
             publish_ahead: secs(config.rotation.publish_ahead),
             grace: secs(config.tokens.max_ttl) + secs(config.tokens.clock_skew),
         };
-        let (store, keys) =
-            KeyStore::open(&config.keys_dir, lifecycle, config.rotation.key_bits, now).await?;
+        let (store, keys) = KeyStore::open(
+            &config.keys_dir,
+            lifecycle,
+            config.rotation.key_bits,
+            clock.clone(),
+        )
+        .await?;
 
-        let trust = Arc::new(TrustStore::new(5));
+        let trust = Arc::new(TrustStore::new(MIN_REFRESH_INTERVAL));
         trust.register(config.id.as_str(), "self".into(), None);
         install_own_keys(&trust, &keys, config.id.as_str(), now);
         let peer_tls = match &config.peer_api {
@@ -169,7 +179,6 @@ impl Daemon {
                 max_ttl: secs(config.tokens.max_ttl),
                 clock_skew: secs(config.tokens.clock_skew),
             },
-            clock.clone(),
         );
         if let Some(addr) = config.metrics_listen {
             crate::telemetry::serve_metrics(addr).map_err(DaemonError::Metrics)?;

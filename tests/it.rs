@@ -17,5 +17,7 @@ mod keyfiles;
 mod mint_verify;
 #[path = "it/peers.rs"]
 mod peers;
+#[path = "it/rotation.rs"]
+mod rotation;
 #[path = "it/vectors.rs"]
 mod vectors;

@@ -17,6 +17,9 @@ pub struct KeyRecord {
     pub file: String,
     /// Modulus size.
     pub bits: u32,
+    /// Generation order (1, 2, ...): breaks ties between keys activated in the same second.
+    #[serde(default)]
+    pub seq: u64,
     /// When the key was generated.
     pub created_at: i64,
     /// When it starts signing (publish-ahead: later than `created_at`).
@@ -136,7 +139,7 @@ pub fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
 fn successor_activation(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
     all.iter()
         .filter(|o| o.kid != rec.kid)
-        .filter(|o| (o.activates_at, o.created_at) > (rec.activates_at, rec.created_at))
+        .filter(|o| (o.activates_at, o.seq) > (rec.activates_at, rec.seq))
         .map(|o| o.activates_at)
         .min()
 }

@@ -19,6 +19,7 @@ pub use self::key::{
     KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, retires_at,
     state_at,
 };
+use crate::clock::SharedClock;
 use crate::jwk::PublicKey;
 
 /// Why a key-store operation failed.
@@ -64,7 +65,7 @@ pub struct KeySet {
 
 impl KeySet {
     fn new(version: u64, lifecycle: Lifecycle, mut entries: Vec<KeyEntry>) -> Self {
-        entries.sort_by_key(|e| (e.record.activates_at, e.record.created_at));
+        entries.sort_by_key(|e| (e.record.activates_at, e.record.seq));
         Self {
             version,
             lifecycle,
@@ -145,6 +146,7 @@ pub struct KeyStore {
     keys: HashMap<String, Arc<SigningKey>>,
     version: u64,
     tx: watch::Sender<Arc<KeySet>>,
+    clock: SharedClock,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -166,7 +168,7 @@ impl KeyStore {
         dir: &std::path::Path,
         lifecycle: Lifecycle,
         bits: u32,
-        now: i64,
+        clock: SharedClock,
     ) -> Result<(Self, KeyView), KeyError> {
         let dir = KeyDir::open(dir)?;
         let loaded = {
@@ -196,8 +198,10 @@ impl KeyStore {
             keys,
             version: 0,
             tx,
+            clock,
         };
         store.publish();
+        let now = store.clock.now();
         rotation::apply(&mut store, now).await?;
         Ok((store, KeyView(rx)))
     }
@@ -231,16 +235,28 @@ impl KeyStore {
             .send_replace(Arc::new(KeySet::new(self.version, self.lifecycle, entries)));
     }
 
-    /// Generates a key that signs from `activates_at`: key file first, then the
-    /// manifest (the commit point), then the snapshot, so peers see it at once.
-    pub async fn generate(&mut self, activates_at: i64, now: i64) -> Result<KeyRecord, KeyError> {
+    /// The clock the store reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Generates a key that starts signing at `at`, but never before it has
+    /// been published for `lead` seconds (0: it may sign at once). The
+    /// activation time is fixed after generation, from a whole-second clock,
+    /// and rounded up, so peers always get at least `lead` seconds of notice. Order: key file, then the manifest (the commit
+    /// point), then the snapshot, so peers see it at once.
+    pub async fn generate(&mut self, at: i64, lead: i64) -> Result<KeyRecord, KeyError> {
         let der = generate::generate_pkcs8_async(self.bits).await?;
         let key = SigningKey::from_pkcs8(&der)?;
         let file = self.dir.write_key(key.kid(), &der)?;
+        let now = self.clock.now();
+        let earliest = if lead > 0 { now + lead + 1 } else { now };
+        let activates_at = at.max(earliest);
         let record = KeyRecord {
             kid: key.kid().to_owned(),
             file: file.clone(),
             bits: self.bits,
+            seq: self.next_seq(),
             created_at: now,
             activates_at,
             revoked_at: None,
@@ -258,10 +274,18 @@ impl KeyStore {
         Ok(record)
     }
 
-    /// Revokes `kid` at `now`. If it is the signing key, a successor signs at
-    /// once: the pending next key if there is one, else a freshly generated
-    /// key. The revocation and the successor are committed in one manifest write.
-    pub async fn revoke(&mut self, kid: &str, now: i64) -> Result<(KeyRecord, String), KeyError> {
+    fn next_seq(&self) -> u64 {
+        self.records
+            .iter()
+            .map(|r| r.seq)
+            .max()
+            .map_or(1, |m| m + 1)
+    }
+
+    /// Revokes `kid` now. If it is the signing key, a successor signs at once:
+    /// the pending next key if there is one, else a freshly generated key. The
+    /// revocation and the successor are committed in one manifest write.
+    pub async fn revoke(&mut self, kid: &str) -> Result<(KeyRecord, String), KeyError> {
         let idx = self
             .records
             .iter()
@@ -270,17 +294,19 @@ impl KeyStore {
         if self.records[idx].revoked_at.is_some() {
             return Err(KeyError::AlreadyRevoked(kid.to_owned()));
         }
+        let now = self.clock.now();
         let signing_now = self
             .tx
             .borrow()
             .signing_key(now)
             .map(|k| k.kid().to_owned());
         let mut new_records = self.records.clone();
+        let mut now = now;
         if signing_now.as_deref() == Some(kid) {
             let pending = new_records
                 .iter_mut()
                 .filter(|r| r.revoked_at.is_none() && r.activates_at > now)
-                .min_by_key(|r| r.activates_at);
+                .min_by_key(|r| (r.activates_at, r.seq));
             match pending {
                 Some(p) => p.activates_at = now,
                 None => {
@@ -288,10 +314,12 @@ impl KeyStore {
                     let der = generate::generate_pkcs8_async(self.bits).await?;
                     let key = SigningKey::from_pkcs8(&der)?;
                     let file = self.dir.write_key(key.kid(), &der)?;
+                    now = self.clock.now();
                     new_records.push(KeyRecord {
                         kid: key.kid().to_owned(),
                         file,
                         bits: self.bits,
+                        seq: self.next_seq(),
                         created_at: now,
                         activates_at: now,
                         revoked_at: None,

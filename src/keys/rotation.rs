@@ -12,10 +12,13 @@ use crate::clock::SharedClock;
 /// One change the planner asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Make a new key that signs from `activates_at`.
+    /// Make a new key that signs from `at`, and not before it has been
+    /// published for `lead` seconds.
     Generate {
-        /// When it starts signing.
-        activates_at: i64,
+        /// The planned activation time.
+        at: i64,
+        /// The least publication time before it signs (0: sign at once).
+        lead: i64,
     },
     /// Forget a key whose last token has expired.
     Forget {
@@ -28,7 +31,7 @@ fn newest_active(now: i64, records: &[KeyRecord]) -> Option<&KeyRecord> {
     records
         .iter()
         .filter(|r| r.activates_at <= now)
-        .max_by_key(|r| (r.activates_at, r.created_at))
+        .max_by_key(|r| (r.activates_at, r.seq))
         .filter(|r| r.revoked_at.is_none())
 }
 
@@ -38,14 +41,21 @@ fn has_pending(now: i64, records: &[KeyRecord]) -> bool {
         .any(|r| r.revoked_at.is_none() && r.activates_at > now)
 }
 
+/// When the successor of `active` is generated: `publish_ahead` (plus one
+/// second for whole-second rounding) before `interval` after its activation.
+pub fn rotation_due(active: &KeyRecord, lc: &Lifecycle) -> i64 {
+    (active.activates_at + lc.interval - lc.publish_ahead - 1).max(active.activates_at)
+}
+
 /// What should change at `now`. Pure.
 pub fn plan(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
     let mut steps = Vec::new();
     match newest_active(now, records) {
-        None if !has_pending(now, records) => steps.push(Step::Generate { activates_at: now }),
-        Some(a) if !has_pending(now, records) && now >= a.activates_at + lc.interval => {
+        None if !has_pending(now, records) => steps.push(Step::Generate { at: now, lead: 0 }),
+        Some(a) if !has_pending(now, records) && now >= rotation_due(a, lc) => {
             steps.push(Step::Generate {
-                activates_at: now + lc.publish_ahead,
+                at: a.activates_at + lc.interval,
+                lead: lc.publish_ahead,
             })
         }
         _ => {}
@@ -58,11 +68,12 @@ pub fn plan(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
     steps
 }
 
-/// When the plan next changes (a rotation due, a key to delete), if ever.
+/// When the plan next changes (a rotation due, an activation, a key to
+/// delete), if ever.
 pub fn next_event(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Option<i64> {
     let rotate = newest_active(now, records)
         .filter(|_| !has_pending(now, records))
-        .map(|a| a.activates_at + lc.interval);
+        .map(|a| rotation_due(a, lc));
     let activate = records
         .iter()
         .filter(|r| r.activates_at > now)
@@ -80,8 +91,8 @@ pub fn next_event(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Option<i64
 pub async fn apply(store: &mut KeyStore, now: i64) -> Result<(), KeyError> {
     for step in plan(now, store.records(), &store.lifecycle()) {
         match step {
-            Step::Generate { activates_at } => {
-                store.generate(activates_at, now).await?;
+            Step::Generate { at, lead } => {
+                store.generate(at, lead).await?;
             }
             Step::Forget { kid } => store.forget(&kid)?,
         }
@@ -140,16 +151,16 @@ pub async fn run(
                         .records()
                         .iter()
                         .filter(|r| r.revoked_at.is_none() && r.activates_at > now)
-                        .min_by_key(|r| r.activates_at)
+                        .min_by_key(|r| (r.activates_at, r.seq))
                         .cloned();
                     let result = match pending {
                         Some(p) => Ok(p),
-                        None => store.generate(now + lc.publish_ahead, now).await.map_err(|e| e.to_string()),
+                        None => store.generate(now, lc.publish_ahead).await.map_err(|e| e.to_string()),
                     };
                     let _ = reply.send(result);
                 }
                 Some(Command::Revoke(kid, reply)) => {
-                    let _ = reply.send(store.revoke(&kid, clock.now()).await);
+                    let _ = reply.send(store.revoke(&kid).await);
                 }
             },
         }
@@ -159,6 +170,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::{KeyState, state_at};
 
     const LC: Lifecycle = Lifecycle {
         interval: 100,
@@ -166,11 +178,12 @@ mod tests {
         grace: 30,
     };
 
-    fn rec(kid: &str, activates_at: i64) -> KeyRecord {
+    fn rec(kid: &str, seq: u64, activates_at: i64) -> KeyRecord {
         KeyRecord {
             kid: kid.into(),
             file: format!("{kid}.pk8.pem"),
             bits: 2048,
+            seq,
             created_at: activates_at - LC.publish_ahead,
             activates_at,
             revoked_at: None,
@@ -180,59 +193,62 @@ mod tests {
     /// An empty store gets a key active at once.
     #[test]
     fn bootstrap_generates_active_key() {
-        assert_eq!(plan(5, &[], &LC), vec![Step::Generate { activates_at: 5 }]);
+        assert_eq!(plan(5, &[], &LC), vec![Step::Generate { at: 5, lead: 0 }]);
     }
 
-    /// The next key is published `publish_ahead` before it signs, once the interval is up, and only once.
+    /// The successor is generated publish_ahead (+1 s rounding) before the
+    /// interval is up, planned to activate exactly one interval after the
+    /// current key, and only once.
     #[test]
     fn rotation_publishes_ahead() {
-        let a = rec("a", 0);
-        assert!(plan(99, std::slice::from_ref(&a), &LC).is_empty());
+        let a = rec("a", 1, 0);
+        assert!(plan(88, std::slice::from_ref(&a), &LC).is_empty());
+        assert_eq!(next_event(0, std::slice::from_ref(&a), &LC), Some(89));
         assert_eq!(
-            plan(100, std::slice::from_ref(&a), &LC),
-            vec![Step::Generate { activates_at: 110 }]
+            plan(89, std::slice::from_ref(&a), &LC),
+            vec![Step::Generate { at: 100, lead: 10 }]
         );
-        let b = rec("b", 110);
+        let b = rec("b", 2, 100);
         assert!(
-            plan(105, &[a.clone(), b.clone()], &LC).is_empty(),
+            plan(95, &[a.clone(), b.clone()], &LC).is_empty(),
             "no second pending key"
         );
-        assert_eq!(next_event(105, &[a, b], &LC), Some(110));
+        assert_eq!(next_event(95, &[a, b], &LC), Some(100));
     }
 
     /// A retired key is kept exactly until its last token expired (grace), then forgotten.
     #[test]
     fn retired_key_forgotten_after_grace() {
-        let recs = [rec("a", 0), rec("b", 110)];
+        let recs = [rec("a", 1, 0), rec("b", 2, 100)];
         assert!(
-            plan(139, &recs, &LC)
+            plan(129, &recs, &LC)
                 .iter()
                 .all(|s| !matches!(s, Step::Forget { .. }))
         );
         assert_eq!(
-            plan(140, &recs, &LC),
+            plan(130, &recs, &LC),
             vec![Step::Forget { kid: "a".into() }]
         );
-        assert_eq!(
-            super::super::key::state_at(&recs[0], &recs, 139),
-            super::super::KeyState::Retired
-        );
-        assert_eq!(
-            super::super::key::state_at(&recs[1], &recs, 109),
-            super::super::KeyState::Next
-        );
+        assert_eq!(state_at(&recs[0], &recs, 129), KeyState::Retired);
+        assert_eq!(state_at(&recs[1], &recs, 99), KeyState::Next);
+        assert_eq!(state_at(&recs[1], &recs, 100), KeyState::Active);
     }
 
-    /// A revoked newest key does not bring the previous key back: a new one is generated.
+    /// A revoked newest key does not bring the previous key back: a new one is
+    /// generated; keys activated in the same second are ordered by seq.
     #[test]
     fn revoked_active_key_is_replaced_not_resurrected() {
-        let mut b = rec("b", 110);
+        let mut b = rec("b", 2, 110);
         b.revoked_at = Some(120);
-        let recs = [rec("a", 0), b];
+        let recs = [rec("a", 1, 0), b.clone()];
         assert!(newest_active(121, &recs).is_none());
         assert_eq!(
             plan(121, &recs, &LC)[0],
-            Step::Generate { activates_at: 121 }
+            Step::Generate { at: 121, lead: 0 }
         );
+        let c = rec("c", 3, 110);
+        let recs = [rec("a", 1, 0), b, c];
+        assert_eq!(newest_active(121, &recs).map(|r| r.kid.as_str()), Some("c"));
+        assert_eq!(state_at(&recs[2], &recs, 121), KeyState::Active);
     }
 }

@@ -11,6 +11,16 @@ use std::sync::{Arc, RwLock};
 
 use crate::jwk::PublicKey;
 
+/// How soon a failed refresh may be retried.
+const FAILED_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Single-flight guard: when the last refresh ran (monotonic) and whether it failed.
+#[derive(Debug, Default)]
+struct Gate {
+    last: Option<tokio::time::Instant>,
+    failed: bool,
+}
+
 /// The most keys one issuer may publish.
 pub const MAX_KEYS_PER_ISSUER: usize = 64;
 
@@ -62,14 +72,16 @@ struct IssuerKeys {
     last_error: Option<String>,
     refresher: Option<Arc<dyn Refresh>>,
     /// Single-flight guard and the time of the last refresh attempt.
-    refresh_gate: Arc<tokio::sync::Mutex<i64>>,
+    refresh_gate: Arc<tokio::sync::Mutex<Gate>>,
+    /// Completed refreshes: the single-flight ticket.
+    refreshes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Every issuer this sidecar trusts, with its keys.
 #[derive(Default)]
 pub struct TrustStore {
     issuers: RwLock<HashMap<String, IssuerKeys>>,
-    min_refresh_interval: i64,
+    min_refresh_interval: std::time::Duration,
 }
 
 impl std::fmt::Debug for TrustStore {
@@ -92,8 +104,8 @@ pub enum SetError {
 // === impl TrustStore ===
 
 impl TrustStore {
-    /// A store that refreshes an issuer at most once per `min_refresh_interval` seconds.
-    pub fn new(min_refresh_interval: i64) -> Self {
+    /// A store that refreshes an issuer at most once per `min_refresh_interval`.
+    pub fn new(min_refresh_interval: std::time::Duration) -> Self {
         Self {
             issuers: RwLock::default(),
             min_refresh_interval,
@@ -114,7 +126,8 @@ impl TrustStore {
                 updated_at: 0,
                 last_error: None,
                 refresher,
-                refresh_gate: Arc::new(tokio::sync::Mutex::new(i64::MIN)),
+                refresh_gate: Arc::default(),
+                refreshes: Arc::default(),
             },
         );
     }
@@ -204,31 +217,56 @@ impl TrustStore {
             .contains_key(issuer)
     }
 
-    /// Refreshes `issuer` once if no refresh ran since `asked_at` and the rate
-    /// limit allows. Concurrent callers wait for the one refresh in flight.
-    pub async fn refresh(&self, issuer: &str, asked_at: i64, now: impl Fn() -> i64) {
-        let (gate, refresher) = {
+    /// A ticket to pass to `refresh` after a miss: the number of refreshes of
+    /// `issuer` so far. Taken before waiting, it tells whether another caller
+    /// refreshed in the meantime.
+    pub fn refresh_ticket(&self, issuer: &str) -> u64 {
+        let map = self.issuers.read().unwrap_or_else(|p| p.into_inner());
+        map.get(issuer).map_or(0, |e| {
+            e.refreshes.load(std::sync::atomic::Ordering::Acquire)
+        })
+    }
+
+    /// Refreshes `issuer` once, unless a refresh completed since `ticket` was
+    /// taken (single flight: concurrent callers wait for the one in progress)
+    /// or the rate limit forbids it.
+    pub async fn refresh(&self, issuer: &str, ticket: u64) {
+        let (gate, refreshes, refresher) = {
             let map = self.issuers.read().unwrap_or_else(|p| p.into_inner());
             match map.get(issuer) {
-                Some(e) => (e.refresh_gate.clone(), e.refresher.clone()),
+                Some(e) => (
+                    e.refresh_gate.clone(),
+                    e.refreshes.clone(),
+                    e.refresher.clone(),
+                ),
                 None => return,
             }
         };
         let Some(refresher) = refresher else { return };
-        let mut last = gate.lock().await;
-        if *last >= asked_at {
+        let mut gate = gate.lock().await;
+        if refreshes.load(std::sync::atomic::Ordering::Acquire) != ticket {
             return; // someone refreshed while we waited
         }
-        let t = now();
-        if *last != i64::MIN && t - *last < self.min_refresh_interval {
+        // After a failure (peer down) retry sooner: it is cheap and the peer may be back.
+        let window = if gate.failed {
+            FAILED_REFRESH_INTERVAL
+        } else {
+            self.min_refresh_interval
+        };
+        if gate.last.is_some_and(|l| l.elapsed() < window) {
             return; // rate limited
         }
-        *last = t;
+        gate.last = Some(tokio::time::Instant::now());
         metrics::counter!("tokend_key_refresh_total").increment(1);
-        if let Err(e) = refresher.refresh().await {
-            tracing::warn!(issuer, error = %e, "refresh of issuer keys failed");
-            self.note_error(issuer, e);
-        }
+        gate.failed = match refresher.refresh().await {
+            Ok(()) => false,
+            Err(e) => {
+                tracing::warn!(issuer, error = %e, "refresh of issuer keys failed");
+                self.note_error(issuer, e);
+                true
+            }
+        };
+        refreshes.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Every issuer, sorted by name.
@@ -275,41 +313,52 @@ mod tests {
 
     /// Concurrent misses for one issuer cause one refresh; a miss inside the
     /// rate-limit window causes none; after the window, one more.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn refresh_is_single_flight_and_rate_limited() {
-        let trust = Arc::new(TrustStore::new(5));
+        let trust = Arc::new(TrustStore::new(std::time::Duration::from_secs(5)));
         let counter = Arc::new(Counting(AtomicUsize::new(0)));
         trust.register("spiffe://td/a", "test".into(), Some(counter.clone()));
+        let ticket = trust.refresh_ticket("spiffe://td/a");
         let calls: Vec<_> = (0..16)
             .map(|_| {
                 let t = trust.clone();
-                tokio::spawn(async move { t.refresh("spiffe://td/a", 100, || 100).await })
+                tokio::spawn(async move { t.refresh("spiffe://td/a", ticket).await })
             })
             .collect();
         for c in calls {
             c.await.expect("join");
         }
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "single flight");
-        trust.refresh("spiffe://td/a", 102, || 102).await;
+        let ticket = trust.refresh_ticket("spiffe://td/a");
+        assert_eq!(ticket, 1);
+        tokio::time::advance(std::time::Duration::from_secs(2)).await;
+        trust.refresh("spiffe://td/a", ticket).await;
         assert_eq!(
             counter.0.load(Ordering::SeqCst),
             1,
             "rate limited within 5s"
         );
-        trust.refresh("spiffe://td/a", 106, || 106).await;
+        tokio::time::advance(std::time::Duration::from_secs(4)).await;
+        trust.refresh("spiffe://td/a", ticket).await;
         assert_eq!(
             counter.0.load(Ordering::SeqCst),
             2,
             "allowed after the window"
         );
-        trust.refresh("spiffe://td/unknown", 200, || 200).await;
+        trust.refresh("spiffe://td/a", ticket).await;
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            2,
+            "stale ticket: already refreshed"
+        );
+        trust.refresh("spiffe://td/unknown", 0).await;
     }
 
     /// A set over the key limit is refused and the previous set stays; while
     /// stale, keys past their publisher's hint stop being found.
     #[test]
     fn limits_and_staleness() {
-        let trust = TrustStore::new(5);
+        let trust = TrustStore::new(std::time::Duration::from_secs(5));
         trust.register("i", "test".into(), None);
         let key =
             crate::jwk::PublicKey::from_components(&[0xff; 256], &[1, 0, 1], Some("k1".into()))

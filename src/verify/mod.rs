@@ -17,7 +17,6 @@ pub use self::keysets::{
     IssuerSnapshot, Lookup, MAX_KEYS_PER_ISSUER, Refresh, SetError, TrustStore,
 };
 pub use self::replay::{ReplayCache, Seen};
-use crate::clock::SharedClock;
 use crate::identity::SpiffeId;
 use crate::jwk::PublicKey;
 use crate::reason::Reason;
@@ -185,7 +184,6 @@ pub struct Verifier {
     trust: Arc<TrustStore>,
     policy: Policy,
     replay: ReplayCache,
-    clock: SharedClock,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -222,13 +220,12 @@ fn str_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Result<&'a str, 
 
 impl Verifier {
     /// A verifier for the sidecar `own`, trusting `trust`.
-    pub fn new(own: SpiffeId, trust: Arc<TrustStore>, policy: Policy, clock: SharedClock) -> Self {
+    pub fn new(own: SpiffeId, trust: Arc<TrustStore>, policy: Policy) -> Self {
         Self {
             own,
             trust,
             policy,
             replay: ReplayCache::new(100_000),
-            clock,
         }
     }
 
@@ -300,8 +297,8 @@ impl Verifier {
                 );
             }
             Lookup::UnknownKid => {
-                let clock = self.clock.clone();
-                self.trust.refresh(issuer, now, move || clock.now()).await;
+                let ticket = self.trust.refresh_ticket(issuer);
+                self.trust.refresh(issuer, ticket).await;
                 match self.trust.lookup(issuer, kid, now) {
                     Lookup::Found(k) => k,
                     Lookup::Revoked => {

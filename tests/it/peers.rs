@@ -294,6 +294,10 @@ async fn peer_restart_and_brand_new_key() {
     ca_init(root.path());
     let mut a = Sidecar::start_peer(root.path(), "payments", &[], "");
     let b = Sidecar::start_peer(root.path(), "ledger", &[("payments", a.peer_addr())], "");
+    assert!(
+        eventually(10, || async { !b.kids_of("payments").is_empty() }).await,
+        "initial set over the watch"
+    );
     let first = a.mint("ledger").await;
     assert!(b.verify(&first.token).await.is_ok());
 
@@ -317,7 +321,7 @@ async fn peer_restart_and_brand_new_key() {
     let v = b
         .verify(&fresh.token)
         .await
-        .expect("new kid learnt on demand");
+        .unwrap_or_else(|e| panic!("new kid learnt on demand: {e}\n{}", b.stderr()));
     assert_eq!(v.kid, fresh.kid);
 }
 

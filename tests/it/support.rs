@@ -100,7 +100,11 @@ impl Sidecar {
                     stderr,
                 });
             }
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            // Ready: the socket answers and the startup line (with the peer address) is logged.
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok()
+                && std::fs::read_to_string(&self.stderr_path)
+                    .is_ok_and(|l| l.contains("tokend serving"))
+            {
                 self.child = Some(child);
                 return Ok(());
             }

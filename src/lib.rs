@@ -17,6 +17,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod daemon;
+pub mod exchange;
 pub mod identity;
 pub mod jwk;
 pub mod keys;

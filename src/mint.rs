@@ -72,6 +72,19 @@ pub struct MintRequest {
     pub one_time: bool,
 }
 
+/// What a delegated token carries besides the registered claims.
+#[derive(Debug, Clone)]
+pub struct Delegation {
+    /// The original subject.
+    pub subject: String,
+    /// The `act` claim: this sidecar as actor, with the exchanged token.
+    pub act: Value,
+    /// The exchanged token's own claims; registered ones are dropped.
+    pub carried: Map<String, Value>,
+    /// The exchanged token's expiry: the delegated token never outlives it.
+    pub not_after: i64,
+}
+
 /// A minted token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Minted {
@@ -160,16 +173,8 @@ impl Minter {
         &self.issuer
     }
 
-    /// Mints (or reuses) a token at `now`.
-    pub fn mint(&self, req: &MintRequest, now: i64) -> Result<Minted, MintError> {
-        if let Some(k) = req
-            .claims
-            .keys()
-            .find(|k| REGISTERED_CLAIMS.contains(&k.as_str()))
-        {
-            return Err(MintError::ReservedClaim(k.clone()));
-        }
-        let ttl = req.ttl.unwrap_or(self.policy.default_ttl);
+    fn check_ttl(&self, ttl: Option<u64>) -> Result<u64, MintError> {
+        let ttl = ttl.unwrap_or(self.policy.default_ttl);
         if ttl > self.policy.max_ttl {
             return Err(MintError::TtlTooLong {
                 requested: ttl,
@@ -181,6 +186,19 @@ impl Minter {
                 "ttl must be at least one second".into(),
             ));
         }
+        Ok(ttl)
+    }
+
+    /// Mints (or reuses) a token at `now`.
+    pub fn mint(&self, req: &MintRequest, now: i64) -> Result<Minted, MintError> {
+        if let Some(k) = req
+            .claims
+            .keys()
+            .find(|k| REGISTERED_CLAIMS.contains(&k.as_str()))
+        {
+            return Err(MintError::ReservedClaim(k.clone()));
+        }
+        let ttl = self.check_ttl(req.ttl)?;
         let set = self.keys.current();
         let key = set.signing_key(now).ok_or(MintError::NoKey)?;
         let cache_key = (
@@ -199,27 +217,12 @@ impl Minter {
                 return Ok(m.clone());
             }
         }
-        let jti = new_jti()?;
-        let exp = now.saturating_add(ttl as i64);
         let mut claims = req.claims.clone();
-        claims.insert("iss".into(), self.issuer.as_str().into());
-        claims.insert("sub".into(), self.issuer.as_str().into());
-        claims.insert("aud".into(), req.audience.as_str().into());
-        claims.insert("iat".into(), now.into());
-        claims.insert("nbf".into(), now.into());
-        claims.insert("exp".into(), exp.into());
-        claims.insert("jti".into(), jti.clone().into());
         if req.one_time {
             claims.insert("one_time".into(), true.into());
         }
-        let token = self.sign(&claims, key.kid(), key.encoding_key())?;
-        let minted = Minted {
-            token,
-            kid: key.kid().to_owned(),
-            issued_at: now,
-            expires_at: exp,
-            jti,
-        };
+        let subject = self.issuer.as_str().to_owned();
+        let minted = self.issue(claims, &req.audience, &subject, ttl, now, key)?;
         metrics::counter!("tokend_mint_total", "cached" => "false").increment(1);
         if !req.one_time {
             let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -234,8 +237,72 @@ impl Minter {
         Ok(minted)
     }
 
-    /// Signs arbitrary claims as-is with the given key (used by exchange too).
-    pub fn sign(
+    /// Mints a delegated token (RFC 8693) to `audience`. The lifetime is
+    /// `ttl` (default if `None`) but never past `delegation.not_after`. Never cached.
+    pub fn mint_delegated(
+        &self,
+        audience: &SpiffeId,
+        delegation: Delegation,
+        ttl: Option<u64>,
+        now: i64,
+    ) -> Result<Minted, MintError> {
+        let Delegation {
+            subject,
+            act,
+            carried,
+            not_after,
+        } = delegation;
+        let ttl = self
+            .check_ttl(ttl)?
+            .min(u64::try_from(not_after - now).unwrap_or(0));
+        if ttl == 0 {
+            return Err(MintError::BadClaims(
+                "the exchanged token expires now".into(),
+            ));
+        }
+        let set = self.keys.current();
+        let key = set.signing_key(now).ok_or(MintError::NoKey)?;
+        let mut claims: Map<String, Value> = carried
+            .into_iter()
+            .filter(|(k, _)| !REGISTERED_CLAIMS.contains(&k.as_str()))
+            .collect();
+        claims.insert("act".into(), act);
+        let minted = self.issue(claims, audience, &subject, ttl, now, key)?;
+        metrics::counter!("tokend_exchange_total").increment(1);
+        Ok(minted)
+    }
+
+    /// Adds the registered claims (ours alone) and signs.
+    fn issue(
+        &self,
+        mut claims: Map<String, Value>,
+        audience: &SpiffeId,
+        subject: &str,
+        ttl: u64,
+        now: i64,
+        key: &crate::keys::SigningKey,
+    ) -> Result<Minted, MintError> {
+        let jti = new_jti()?;
+        let exp = now.saturating_add(ttl as i64);
+        claims.insert("iss".into(), self.issuer.as_str().into());
+        claims.insert("sub".into(), subject.into());
+        claims.insert("aud".into(), audience.as_str().into());
+        claims.insert("iat".into(), now.into());
+        claims.insert("nbf".into(), now.into());
+        claims.insert("exp".into(), exp.into());
+        claims.insert("jti".into(), jti.clone().into());
+        let token = self.sign(&claims, key.kid(), key.encoding_key())?;
+        Ok(Minted {
+            token,
+            kid: key.kid().to_owned(),
+            issued_at: now,
+            expires_at: exp,
+            jti,
+        })
+    }
+
+    /// Signs claims as-is with the given key.
+    fn sign(
         &self,
         claims: &Map<String, Value>,
         kid: &str,

@@ -9,6 +9,8 @@ mod support;
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/exchange.rs"]
+mod exchange;
 #[path = "it/interop.rs"]
 mod interop;
 #[path = "it/keyfiles.rs"]

@@ -91,9 +91,24 @@ impl pb::token_service_server::TokenService for TokenApi {
         req: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
         check_uid(&req, self.0.config.allowed_uids.as_deref())?;
-        Err(Status::unimplemented(
-            "token exchange is not implemented yet",
-        ))
+        let r = req.into_inner();
+        let core = &self.0;
+        let aud = audience(core, &r.audience, "audience")?;
+        if r.token.is_empty() {
+            return Err(reject(Reason::Malformed, "token is empty"));
+        }
+        let ttl = (r.ttl_seconds > 0).then_some(r.ttl_seconds);
+        let now = core.clock.now();
+        let m =
+            crate::exchange::exchange(&core.minter, &core.verifier, r.token.trim(), &aud, ttl, now)
+                .await
+                .map_err(|e| reject(e.reason(), &e))?;
+        Ok(Response::new(pb::ExchangeResponse {
+            token: m.token,
+            kid: m.kid,
+            expires_at: m.expires_at,
+            jti: m.jti,
+        }))
     }
 }
 

@@ -4,6 +4,7 @@
 //! skew → audience → lifetime ≤ max_ttl → required claims → one-time replay.
 //! Every refusal is an `Error` naming its `Reason`.
 
+mod delegation;
 mod keysets;
 mod replay;
 
@@ -13,6 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Map, Value};
 
+pub use self::delegation::{MAX_DELEGATION_DEPTH, PREV_TOKEN, chain_depth};
 pub use self::keysets::{
     IssuerSnapshot, Lookup, MAX_KEYS_PER_ISSUER, Refresh, SetError, TrustStore,
 };
@@ -216,6 +218,32 @@ fn str_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Result<&'a str, 
     }
 }
 
+/// Whether `aud` (a string or an array) names `audience`; `Err` if it is neither.
+fn names_audience(claims: &Map<String, Value>, audience: &str) -> Result<bool, Error> {
+    match claims.get("aud") {
+        None => fail(Reason::MissingClaim, "claim aud is missing"),
+        Some(Value::String(a)) => Ok(a == audience),
+        Some(Value::Array(list)) => Ok(list.iter().any(|a| a.as_str() == Some(audience))),
+        Some(_) => fail(
+            Reason::Malformed,
+            "claim aud is neither a string nor an array",
+        ),
+    }
+}
+
+/// A token whose structure, algorithm, issuer, kid and signature all passed.
+struct Signed {
+    issuer: String,
+    kid: String,
+    claims: Map<String, Value>,
+}
+
+/// Validity times of a token.
+struct Times {
+    exp: i64,
+    iat: i64,
+}
+
 // === impl Verifier ===
 
 impl Verifier {
@@ -239,6 +267,11 @@ impl Verifier {
         &self.trust
     }
 
+    /// The limits in force.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
     /// Verifies `token` for `audience` at `now`.
     pub async fn verify(
         &self,
@@ -257,32 +290,31 @@ impl Verifier {
         result
     }
 
-    async fn verify_inner(
-        &self,
-        token: &str,
-        audience: &SpiffeId,
-        now: i64,
-    ) -> Result<Verified, Error> {
-        // 1-2. structure, algorithm
+    /// Steps 1-5: structure, algorithm, issuer known, kid in that issuer's
+    /// set only (one refresh on a miss), signature.
+    async fn check_signed(&self, token: &str, now: i64) -> Result<Signed, Error> {
         let parts = parse(token)?;
         check_alg(&parts)?;
-        let claims = match &parts.claims {
-            Ok(c) => c,
-            Err(_) => return fail(Reason::Malformed, "payload is not a JSON object"),
+        let Ok(claims) = parts.claims else {
+            return fail(Reason::Malformed, "payload is not a JSON object");
         };
-        // 3. issuer known
-        let issuer = str_claim(claims, "iss")?;
-        if !self.trust.knows(issuer) {
+        let issuer = str_claim(&claims, "iss")?.to_owned();
+        if !self.trust.knows(&issuer) {
             return fail(
                 Reason::UnknownIssuer,
                 format!("issuer {issuer:?} is not this sidecar nor a configured peer"),
             );
         }
-        // 4. kid, in that issuer's set only
-        let Some(kid) = parts.kid.as_deref() else {
+        let Some(kid) = parts.kid else {
             return fail(Reason::MissingClaim, "header kid is missing");
         };
-        let key = match self.trust.lookup(issuer, kid, now) {
+        let mut lookup = self.trust.lookup(&issuer, &kid, now);
+        if matches!(lookup, Lookup::UnknownKid) {
+            let ticket = self.trust.refresh_ticket(&issuer);
+            self.trust.refresh(&issuer, ticket).await;
+            lookup = self.trust.lookup(&issuer, &kid, now);
+        }
+        let key = match lookup {
             Lookup::Found(k) => k,
             Lookup::Revoked => {
                 return fail(
@@ -297,100 +329,98 @@ impl Verifier {
                 );
             }
             Lookup::UnknownKid => {
-                let ticket = self.trust.refresh_ticket(issuer);
-                self.trust.refresh(issuer, ticket).await;
-                match self.trust.lookup(issuer, kid, now) {
-                    Lookup::Found(k) => k,
-                    Lookup::Revoked => {
-                        return fail(
-                            Reason::RevokedKey,
-                            format!("key {kid} was revoked by {issuer}"),
-                        );
-                    }
-                    _ => {
-                        return fail(
-                            Reason::UnknownKid,
-                            format!("key {kid} is not in the key set of {issuer}"),
-                        );
-                    }
-                }
+                return fail(
+                    Reason::UnknownKid,
+                    format!("key {kid} is not in the key set of {issuer}"),
+                );
             }
         };
-        // 5. signature
         if !key.verify(parts.signing_input.as_bytes(), parts.signature) {
             return fail(
                 Reason::BadSignature,
                 format!("signature does not verify under {issuer} key {kid}"),
             );
         }
-        // 6. time
+        Ok(Signed {
+            issuer,
+            kid,
+            claims,
+        })
+    }
+
+    /// Steps 6 and 8 at instant `at`: exp, nbf, iat with skew, then the lifetime.
+    fn check_times(&self, claims: &Map<String, Value>, at: i64) -> Result<Times, Error> {
         let skew = self.policy.clock_skew;
         let Some(exp) = int_claim(claims, "exp")? else {
             return fail(Reason::MissingClaim, "claim exp is missing");
         };
-        if now > exp.saturating_add(skew) {
+        if at > exp.saturating_add(skew) {
             return fail(
                 Reason::Expired,
-                format!("expired at {exp}, now {now} (skew {skew}s)"),
+                format!("expired at {exp}, now {at} (skew {skew}s)"),
             );
         }
         let nbf = int_claim(claims, "nbf")?;
         if let Some(nbf) = nbf
-            && now.saturating_add(skew) < nbf
+            && at.saturating_add(skew) < nbf
         {
             return fail(
                 Reason::NotYetValid,
-                format!("not before {nbf}, now {now} (skew {skew}s)"),
+                format!("not before {nbf}, now {at} (skew {skew}s)"),
             );
         }
-        let iat = int_claim(claims, "iat")?;
-        if let Some(iat) = iat
-            && now.saturating_add(skew) < iat
-        {
-            return fail(
-                Reason::NotYetValid,
-                format!("issued in the future at {iat}, now {now} (skew {skew}s)"),
-            );
-        }
-        // 7. audience
-        match claims.get("aud") {
-            None => return fail(Reason::MissingClaim, "claim aud is missing"),
-            Some(Value::String(a)) if a == audience.as_str() => {}
-            Some(Value::Array(list))
-                if list.iter().any(|a| a.as_str() == Some(audience.as_str())) => {}
-            Some(Value::String(_)) | Some(Value::Array(_)) => {
-                return fail(
-                    Reason::WrongAudience,
-                    format!("token is not for {audience}"),
-                );
-            }
-            Some(_) => {
-                return fail(
-                    Reason::Malformed,
-                    "claim aud is neither a string nor an array",
-                );
-            }
-        }
-        // 8. lifetime
-        let Some(start) = iat.or(nbf) else {
+        let Some(iat) = int_claim(claims, "iat")? else {
             return fail(Reason::MissingClaim, "claim iat is missing");
         };
-        if exp.saturating_sub(start) > self.policy.max_ttl {
+        if at.saturating_add(skew) < iat {
+            return fail(
+                Reason::NotYetValid,
+                format!("issued in the future at {iat}, now {at} (skew {skew}s)"),
+            );
+        }
+        Ok(Times { exp, iat })
+    }
+
+    fn check_lifetime(&self, t: &Times) -> Result<(), Error> {
+        let lifetime = t.exp.saturating_sub(t.iat);
+        if lifetime > self.policy.max_ttl {
             return fail(
                 Reason::LifetimeTooLong,
                 format!(
-                    "lifetime {}s exceeds max_ttl {}s",
-                    exp.saturating_sub(start),
+                    "lifetime {lifetime}s exceeds max_ttl {}s",
                     self.policy.max_ttl
                 ),
             );
         }
-        // 9. required claims, and the subject rule
-        if iat.is_none() {
-            return fail(Reason::MissingClaim, "claim iat is missing");
+        Ok(())
+    }
+
+    async fn verify_inner(
+        &self,
+        token: &str,
+        audience: &SpiffeId,
+        now: i64,
+    ) -> Result<Verified, Error> {
+        // 1-5. structure, algorithm, issuer, kid in that issuer's set, signature
+        let Signed {
+            issuer,
+            kid,
+            claims,
+        } = self.check_signed(token, now).await?;
+        // 6. time
+        let times = self.check_times(&claims, now)?;
+        // 7. audience
+        if !names_audience(&claims, audience.as_str())? {
+            return fail(
+                Reason::WrongAudience,
+                format!("token is not for {audience}"),
+            );
         }
-        let subject = str_claim(claims, "sub")?;
-        let jti = str_claim(claims, "jti")?;
+        // 8. lifetime
+        self.check_lifetime(&times)?;
+        // 9. required claims, and the subject rule (sub = iss unless delegated)
+        let subject = str_claim(&claims, "sub")?;
+        let jti = str_claim(&claims, "jti")?;
         match claims.get("act") {
             None if subject != issuer => {
                 return fail(
@@ -398,24 +428,14 @@ impl Verifier {
                     format!("sub {subject:?} differs from iss without an act (delegation) claim"),
                 );
             }
-            Some(Value::Object(act)) if act.get("sub").and_then(Value::as_str) != Some(issuer) => {
-                return fail(
-                    Reason::Malformed,
-                    "act.sub must name the issuer (the current actor)",
-                );
-            }
-            Some(v) if !v.is_object() => {
-                return fail(Reason::Malformed, "claim act is not an object");
-            }
-            _ => {}
+            None => {}
+            Some(act) => self.check_chain(&issuer, subject, &times, act, now).await?,
         }
         // 10. one-time tokens
         if claims.get("one_time") == Some(&Value::Bool(true)) {
-            match self.replay.check(
-                &format!("{issuer}\u{0}{jti}"),
-                exp.saturating_add(skew),
-                now,
-            ) {
+            let skew = self.policy.clock_skew;
+            let key = format!("{issuer}\u{0}{jti}");
+            match self.replay.check(&key, times.exp.saturating_add(skew), now) {
                 Seen::First => {}
                 Seen::Again => {
                     return fail(
@@ -432,11 +452,11 @@ impl Verifier {
             }
         }
         Ok(Verified {
-            issuer: issuer.to_owned(),
             subject: subject.to_owned(),
-            kid: kid.to_owned(),
-            expires_at: exp,
-            claims: claims.clone(),
+            issuer,
+            kid,
+            expires_at: times.exp,
+            claims,
         })
     }
 }

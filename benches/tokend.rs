@@ -106,14 +106,14 @@ fn main() {
 
     let aud = SpiffeId::parse("spiffe://bench/ledger").expect("aud");
     let fresh = MintRequest {
-        audience: aud.clone(),
+        audience: vec![aud.to_string()],
         ttl: None,
         claims: Default::default(),
         one_time: true,
     };
     let cached = MintRequest {
         one_time: false,
-        audience: id.clone(),
+        audience: vec![id.to_string()],
         ..fresh.clone()
     };
     let mint_fresh = time_per_op(
@@ -128,7 +128,7 @@ fn main() {
     let verify = time_per_op(
         || {
             drop(
-                rt.block_on(verifier.verify(&token, &id, now))
+                rt.block_on(verifier.verify(&token, id.as_str(), now))
                     .expect("verify"),
             )
         },

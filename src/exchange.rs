@@ -46,7 +46,7 @@ pub async fn exchange(
     now: i64,
 ) -> Result<Minted, ExchangeError> {
     let inbound = verifier
-        .verify(token, verifier.own(), now)
+        .verify(token, verifier.own().as_str(), now)
         .await
         .map_err(ExchangeError::Inbound)?;
     if chain_depth(&inbound.claims) + 1 > MAX_DELEGATION_DEPTH {

@@ -63,7 +63,7 @@ impl MintError {
 #[derive(Debug, Clone)]
 pub struct MintRequest {
     /// Who the token is for.
-    pub audience: SpiffeId,
+    pub audience: Vec<String>,
     /// Lifetime in seconds; `None` for the default.
     pub ttl: Option<u64>,
     /// Caller claims.
@@ -202,7 +202,7 @@ impl Minter {
         let set = self.keys.current();
         let key = set.signing_key(now).ok_or(MintError::NoKey)?;
         let cache_key = (
-            req.audience.as_str().to_owned(),
+            req.audience.join("\u{0}"),
             ttl,
             Value::Object(req.claims.clone()).to_string(),
         );
@@ -267,7 +267,7 @@ impl Minter {
             .filter(|(k, _)| !REGISTERED_CLAIMS.contains(&k.as_str()))
             .collect();
         claims.insert("act".into(), act);
-        let minted = self.issue(claims, audience, &subject, ttl, now, key)?;
+        let minted = self.issue(claims, &[audience.to_string()], &subject, ttl, now, key)?;
         metrics::counter!("tokend_exchange_total").increment(1);
         Ok(minted)
     }
@@ -276,7 +276,7 @@ impl Minter {
     fn issue(
         &self,
         mut claims: Map<String, Value>,
-        audience: &SpiffeId,
+        audience: &[String],
         subject: &str,
         ttl: u64,
         now: i64,
@@ -286,7 +286,16 @@ impl Minter {
         let exp = now.saturating_add(ttl as i64);
         claims.insert("iss".into(), self.issuer.as_str().into());
         claims.insert("sub".into(), subject.into());
-        claims.insert("aud".into(), audience.as_str().into());
+        if audience.is_empty() {
+            return Err(MintError::BadClaims(
+                "at least one audience is required".into(),
+            ));
+        }
+        let aud = match audience {
+            [one] => Value::String(one.clone()),
+            many => Value::Array(many.iter().cloned().map(Value::String).collect()),
+        };
+        claims.insert("aud".into(), aud);
         claims.insert("iat".into(), now.into());
         claims.insert("nbf".into(), now.into());
         claims.insert("exp".into(), exp.into());

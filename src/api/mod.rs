@@ -1,6 +1,8 @@
 //! The local API: one tonic server on the Unix socket carrying tokend.v1
-//! (token, admin) and grpc.health.v1. No business logic here.
+//! (token, admin), the SPIFFE Workload API (JWT part) and grpc.health.v1.
+//! No business logic here.
 
+mod spiffe;
 mod status;
 mod tokend;
 mod uds;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+pub use self::spiffe::{SECURITY_HEADER, SpiffeApi, bundles};
 pub use self::status::{REASON_KEY, detail_of, reason_of, reject};
 pub use self::tokend::{AdminApi, TokenApi, key_info};
 pub use self::uds::{bind, caller_uid, check_uid, own_uid};
@@ -48,14 +51,22 @@ pub async fn serve(
     reporter
         .set_serving::<pb::admin_service_server::AdminServiceServer<AdminApi>>()
         .await;
+    reporter
+        .set_serving::<crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer<SpiffeApi>>()
+        .await;
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(pb::token_service_server::TokenServiceServer::new(TokenApi(
             core.clone(),
         )))
         .add_service(pb::admin_service_server::AdminServiceServer::new(AdminApi(
-            core,
+            core.clone(),
         )))
+        .add_service(
+            crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                SpiffeApi(core),
+            ),
+        )
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

@@ -43,7 +43,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         let r = req.into_inner();
         let core = &self.0;
         let request = MintRequest {
-            audience: audience(core, &r.audience, "audience")?,
+            audience: vec![audience(core, &r.audience, "audience")?.to_string()],
             ttl: (r.ttl_seconds > 0).then_some(r.ttl_seconds),
             claims: parse_claims(&r.claims_json)?,
             one_time: r.one_time,
@@ -74,7 +74,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         }
         let v = core
             .verifier
-            .verify(r.token.trim(), &aud, core.clock.now())
+            .verify(r.token.trim(), aud.as_str(), core.clock.now())
             .await?;
         let claims_json = serde_json::Value::Object(v.claims).to_string();
         Ok(Response::new(pb::VerifyResponse {

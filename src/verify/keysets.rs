@@ -78,10 +78,11 @@ struct IssuerKeys {
 }
 
 /// Every issuer this sidecar trusts, with its keys.
-#[derive(Default)]
 pub struct TrustStore {
     issuers: RwLock<HashMap<String, IssuerKeys>>,
     min_refresh_interval: std::time::Duration,
+    /// Bumped on every change of any set, for watchers (SPIFFE bundles).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for TrustStore {
@@ -109,7 +110,17 @@ impl TrustStore {
         Self {
             issuers: RwLock::default(),
             min_refresh_interval,
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// A receiver that wakes whenever any issuer's set changes.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// Registers an issuer with its source and optional refresher (empty set).
@@ -161,6 +172,8 @@ impl TrustStore {
         entry.stale = false;
         entry.updated_at = now;
         entry.last_error = None;
+        drop(map);
+        self.changed();
         Ok(())
     }
 
@@ -182,6 +195,8 @@ impl TrustStore {
                 e.revoked.insert(k.clone());
             }
         }
+        drop(map);
+        self.changed();
     }
 
     /// Records a source error (the previous set stays in use).

@@ -273,12 +273,7 @@ impl Verifier {
     }
 
     /// Verifies `token` for `audience` at `now`.
-    pub async fn verify(
-        &self,
-        token: &str,
-        audience: &SpiffeId,
-        now: i64,
-    ) -> Result<Verified, Error> {
+    pub async fn verify(&self, token: &str, audience: &str, now: i64) -> Result<Verified, Error> {
         let started = std::time::Instant::now();
         let result = self.verify_inner(token, audience, now).await;
         let outcome = match &result {
@@ -395,12 +390,7 @@ impl Verifier {
         Ok(())
     }
 
-    async fn verify_inner(
-        &self,
-        token: &str,
-        audience: &SpiffeId,
-        now: i64,
-    ) -> Result<Verified, Error> {
+    async fn verify_inner(&self, token: &str, audience: &str, now: i64) -> Result<Verified, Error> {
         // 1-5. structure, algorithm, issuer, kid in that issuer's set, signature
         let Signed {
             issuer,
@@ -410,7 +400,7 @@ impl Verifier {
         // 6. time
         let times = self.check_times(&claims, now)?;
         // 7. audience
-        if !names_audience(&claims, audience.as_str())? {
+        if !names_audience(&claims, audience)? {
             return fail(
                 Reason::WrongAudience,
                 format!("token is not for {audience}"),

@@ -1,4 +1,4 @@
-//! Interoperability with PyJWT: a PyJWT verifier accepts tokend's tokens with
+//! Interoperability with PyJWT and the PyPI `spiffe` client: a PyJWT verifier accepts tokend's tokens with
 //! the JWKS tokend publishes, and tokend accepts PyJWT-signed tokens from a
 //! JWKS file. Python comes from TOKEND_PYTHON (set by .ci/run) or a venv this
 //! test makes under target/ from tests/interop/requirements.txt.
@@ -105,5 +105,112 @@ async fn tokend_verifies_pyjwt_tokens() {
     assert_eq!(
         b.verify(&with_payload(&token, &c)).await.err().as_deref(),
         Some("bad_signature")
+    );
+}
+
+fn run_json(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json")
+}
+
+/// The stock PyPI `spiffe` client, unchanged, fetches a JWT-SVID, validates it
+/// through tokend, validates it offline with the bundle tokend serves, and
+/// sees tampered and wrong-audience tokens refused.
+#[tokio::test]
+async fn pyspiffe_client_works_unchanged() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let out = run_json(
+        "spiffe_interop.py",
+        &[a.socket.to_str().expect("utf8"), "ledger-api", TD],
+    );
+    assert_eq!(out["spiffe_id"], id("payments"));
+    assert_eq!(
+        out["audience"],
+        serde_json::json!(["ledger-api"]),
+        "audiences are kept verbatim"
+    );
+    assert_eq!(out["validated_spiffe_id"], id("payments"));
+    assert_eq!(out["offline_spiffe_id"], id("payments"));
+    let kid = a.signing_key().kid().to_owned();
+    assert_eq!(out["bundle_kids"], serde_json::json!([kid]));
+    assert!(
+        out["tampered"]
+            .as_str()
+            .is_some_and(|s| s.contains("bad_signature")),
+        "{}",
+        out["tampered"]
+    );
+    assert!(
+        out["wrong_audience"]
+            .as_str()
+            .is_some_and(|s| s.contains("wrong_audience")),
+        "{}",
+        out["wrong_audience"]
+    );
+    // The token is an ordinary tokend token: tokend's own API verifies it for that audience.
+    let token = out["token"].as_str().expect("token");
+    let req = tokend::proto::tokend::v1::VerifyRequest {
+        token: token.into(),
+        audience: "spiffe://bank.internal/x".into(),
+    };
+    assert!(
+        a.tokens().await.verify(req).await.is_err(),
+        "not for another audience"
+    );
+}
+
+/// Workload API calls without the `workload.spiffe.io` header are refused, as the spec requires.
+#[tokio::test]
+async fn spiffe_security_header_required() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let channel = tokend::api::connect(&a.socket).await.expect("connect");
+    let mut client =
+        tokend::proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let req = tokend::proto::spiffe::JwtsvidRequest {
+        audience: vec!["x".into()],
+        spiffe_id: String::new(),
+    };
+    let st = client
+        .fetch_jwtsvid(req.clone())
+        .await
+        .expect_err("no header");
+    assert_eq!(st.code(), tonic::Code::InvalidArgument);
+    assert!(st.message().contains("security header"));
+    let mut with_header = tonic::Request::new(req);
+    with_header
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    let ok = client
+        .fetch_jwtsvid(with_header)
+        .await
+        .expect("with header")
+        .into_inner();
+    assert_eq!(ok.svids[0].spiffe_id, id("payments"));
+    let mut other = tonic::Request::new(tokend::proto::spiffe::JwtsvidRequest {
+        audience: vec!["x".into()],
+        spiffe_id: id("ledger"),
+    });
+    other
+        .metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    let st = client
+        .fetch_jwtsvid(other)
+        .await
+        .expect_err("another identity");
+    assert_eq!(
+        tokend::api::reason_of(&st),
+        Some(tokend::reason::Reason::PermissionDenied)
     );
 }

@@ -177,7 +177,7 @@ async fn rfc_tokens_through_full_verifier() {
     // "joe" trusted with the A.2 key: the header has no kid, which tokend requires.
     let v = verifier_trusting("joe", key.clone(), before_exp);
     assert_eq!(
-        v.verify(&token, &aud, before_exp)
+        v.verify(&token, aud.as_str(), before_exp)
             .await
             .expect_err("no kid")
             .reason,
@@ -188,7 +188,7 @@ async fn rfc_tokens_through_full_verifier() {
     assert_eq!(
         v.verify(
             &token,
-            &aud,
+            aud.as_str(),
             tokend::clock::Clock::now(&tokend::clock::SystemClock)
         )
         .await
@@ -200,7 +200,7 @@ async fn rfc_tokens_through_full_verifier() {
     let (_, key, token) = rfc("rfc7520_4_1.json");
     let v = verifier_trusting("spiffe://bank.internal/payments", key, before_exp);
     assert_eq!(
-        v.verify(&token, &aud, before_exp)
+        v.verify(&token, aud.as_str(), before_exp)
             .await
             .expect_err("prose")
             .reason,

@@ -322,6 +322,12 @@ impl Config {
                 ),
             ));
         }
+        if tokens.max_ttl > Duration::from_secs(86_400) {
+            return Err(invalid(
+                "tokens.max_ttl",
+                "must be at most 24h: tokens are short-lived",
+            ));
+        }
         if tokens.clock_skew > Duration::from_secs(600) {
             return Err(invalid("tokens.clock_skew", "must be at most 10m"));
         }
@@ -336,8 +342,9 @@ impl Config {
                 format!("{} must be 2048, 3072 or 4096", rotation.key_bits),
             ));
         }
-        if rotation.interval.as_secs() == 0 {
-            return Err(invalid("rotation.interval", "must be at least 1s"));
+        if rotation.interval.as_secs() == 0 || rotation.interval > Duration::from_secs(366 * 86_400)
+        {
+            return Err(invalid("rotation.interval", "must be between 1s and 366d"));
         }
         if rotation.publish_ahead >= rotation.interval {
             return Err(invalid(

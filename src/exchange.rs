@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use crate::identity::SpiffeId;
 use crate::mint::{Delegation, MintError, Minted, Minter};
 use crate::reason::Reason;
-use crate::verify::{self, MAX_DELEGATION_DEPTH, PREV_TOKEN, Verifier, chain_depth};
+use crate::verify::{self, MAX_DELEGATION_DEPTH, MAX_TOKEN_LEN, PREV_TOKEN, Verifier, chain_depth};
 
 /// Why an exchange was refused.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,11 @@ pub enum ExchangeError {
     /// The chain would grow past the limit.
     #[error("delegation chain would exceed {MAX_DELEGATION_DEPTH} links")]
     TooDeep,
+    /// The delegated token would be refused by verifiers for its size.
+    #[error(
+        "delegated token would be {0} bytes, over the {MAX_TOKEN_LEN}-byte limit verifiers accept"
+    )]
+    TooLarge(usize),
     /// Minting the delegated token failed.
     #[error(transparent)]
     Mint(#[from] MintError),
@@ -30,7 +35,7 @@ impl ExchangeError {
     pub fn reason(&self) -> Reason {
         match self {
             ExchangeError::Inbound(e) => e.reason,
-            ExchangeError::TooDeep => Reason::PermissionDenied,
+            ExchangeError::TooDeep | ExchangeError::TooLarge(_) => Reason::PermissionDenied,
             ExchangeError::Mint(e) => e.reason(),
         }
     }
@@ -61,5 +66,9 @@ pub async fn exchange(
         carried: inbound.claims,
         not_after: inbound.expires_at,
     };
-    Ok(minter.mint_delegated(audience, delegation, ttl, now)?)
+    let minted = minter.mint_delegated(audience, delegation, ttl, now)?;
+    if minted.token.len() > MAX_TOKEN_LEN {
+        return Err(ExchangeError::TooLarge(minted.token.len()));
+    }
+    Ok(minted)
 }

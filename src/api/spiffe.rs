@@ -16,7 +16,7 @@ use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::status::reject;
+use super::status::{reject, reject_with};
 use super::uds::check_uid;
 use crate::daemon::Core;
 use crate::mint::MintRequest;
@@ -161,12 +161,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             .verifier
             .verify(r.svid.trim(), &r.audience, core.clock.now())
             .await
-            .map_err(|e| {
-                // The Workload API reports every invalid token as InvalidArgument.
-                let mut st = Status::invalid_argument(format!("{}: {}", e.reason, e.detail));
-                *st.metadata_mut() = reject(e.reason, &e.detail).metadata().clone();
-                st
-            })?;
+            // The Workload API reports every invalid token as InvalidArgument.
+            .map_err(|e| reject_with(tonic::Code::InvalidArgument, e.reason, &e.detail))?;
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: v.subject,
             claims: Some(to_struct(v.claims)),

@@ -17,6 +17,11 @@ pub fn reject(reason: Reason, detail: impl std::fmt::Display) -> Status {
         Reason::LifetimeTooLong => Code::InvalidArgument,
         _ => Code::Unauthenticated,
     };
+    reject_with(code, reason, detail)
+}
+
+/// A refusal with an explicit gRPC code (for requests, not tokens, that are wrong).
+pub fn reject_with(code: Code, reason: Reason, detail: impl std::fmt::Display) -> Status {
     let mut st = Status::new(code, format!("{reason}: {detail}"));
     if let Ok(v) = reason.as_str().parse() {
         st.metadata_mut().insert(REASON_KEY, v);

@@ -134,9 +134,10 @@ pub fn key_info(
 impl AdminApi {
     fn allowed<T>(&self, req: &Request<T>) -> Result<(), Status> {
         check_uid(req, self.0.config.allowed_uids.as_deref())?;
-        let own = super::uds::own_uid().map(|u| vec![u]);
-        let admins = self.0.config.admin_uids.clone().or(own);
-        check_uid(req, admins.as_deref())
+        // Default: the daemon's own uid; if that cannot be read, nobody (fail closed).
+        let own = super::uds::own_uid().map(|u| vec![u]).unwrap_or_default();
+        let admins = self.0.config.admin_uids.clone().unwrap_or(own);
+        check_uid(req, Some(&admins))
     }
 }
 
@@ -194,14 +195,15 @@ impl pb::admin_service_server::AdminService for AdminApi {
             .send(Command::Revoke(kid, tx))
             .await
             .map_err(|_| reject(Reason::Unavailable, "rotation task is not running"))?;
-        let (rec, active) =
-            rx.await
-                .map_err(|_| reject(Reason::Unavailable, "rotation task dropped the request"))?
-                .map_err(|e| match e {
-                    crate::keys::KeyError::NotFound(_)
-                    | crate::keys::KeyError::AlreadyRevoked(_) => Status::not_found(e.to_string()),
-                    other => reject(Reason::Unavailable, other),
-                })?;
+        let (rec, active) = rx
+            .await
+            .map_err(|_| reject(Reason::Unavailable, "rotation task dropped the request"))?
+            .map_err(|e| match e {
+                crate::keys::KeyError::NotFound(_) | crate::keys::KeyError::AlreadyRevoked(_) => {
+                    super::status::reject_with(tonic::Code::NotFound, Reason::Malformed, &e)
+                }
+                other => reject(Reason::Unavailable, other),
+            })?;
         let set = self.0.keys.current();
         let all = set.records();
         Ok(Response::new(pb::RevokeKeyResponse {

@@ -34,10 +34,28 @@ pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create socket directory {}: {e}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path)
+    // Bind under a temporary name, chmod, then rename into place, so the
+    // socket is never reachable at `path` with umask permissions.
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tokend.sock"),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
         .map_err(|e| format!("cannot bind socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| format!("cannot chmod socket {}: {e}", path.display()))?;
+    let placed = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot chmod socket {}: {e}", path.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .map_err(|e| format!("cannot move socket into place at {}: {e}", path.display()))
+        });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     Ok(listener)
 }
 

@@ -96,6 +96,15 @@ pub enum DiskError {
         /// The files found.
         files: String,
     },
+    /// The file was renamed into place but the directory fsync failed: the
+    /// change is visible and may or may not survive a power loss.
+    #[error("{path} was written but the directory fsync failed: {source}")]
+    Unsynced {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A manifest entry names a file that is not there.
     #[error("key file {path} named in {MANIFEST} is missing")]
     Missing {
@@ -340,9 +349,14 @@ pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DiskErro
         f.write_all(bytes).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("fsync", &tmp))?;
         fs::rename(&tmp, &target).map_err(io("rename into place", &target))?;
+        // From here the new content is in place: a failure is "committed but
+        // not yet durable", which callers must not roll back.
         fs::File::open(dir)
             .and_then(|d| d.sync_all())
-            .map_err(io("fsync directory", dir))
+            .map_err(|source| DiskError::Unsynced {
+                path: target.clone(),
+                source,
+            })
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -136,9 +136,15 @@ pub fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
     successor_activation(rec, all)
 }
 
+/// Whether `rec` ever signed or will: a key revoked before its activation
+/// never did, so it neither retires its predecessor nor counts as active.
+pub fn ever_signs(rec: &KeyRecord) -> bool {
+    rec.revoked_at.is_none_or(|r| r >= rec.activates_at)
+}
+
 fn successor_activation(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
     all.iter()
-        .filter(|o| o.kid != rec.kid)
+        .filter(|o| o.kid != rec.kid && ever_signs(o))
         .filter(|o| (o.activates_at, o.seq) > (rec.activates_at, rec.seq))
         .map(|o| o.activates_at)
         .min()

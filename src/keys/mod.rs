@@ -16,8 +16,8 @@ use tokio::sync::watch;
 pub use self::disk::{DiskError, KeyDir, MANIFEST, atomic_write, parse_pkcs8_pem};
 pub use self::generate::{GenerateError, generate_pkcs8};
 pub use self::key::{
-    KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, retires_at,
-    state_at,
+    KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, ever_signs,
+    retires_at, state_at,
 };
 use crate::clock::SharedClock;
 use crate::jwk::PublicKey;
@@ -90,7 +90,7 @@ impl KeySet {
             .entries
             .iter()
             .rev()
-            .find(|e| e.record.activates_at <= now)?;
+            .find(|e| e.record.activates_at <= now && ever_signs(&e.record))?;
         if newest.record.revoked_at.is_some() {
             return None;
         }
@@ -262,10 +262,10 @@ impl KeyStore {
             revoked_at: None,
         };
         self.records.push(record.clone());
-        if let Err(e) = self.dir.write_manifest(&self.records) {
+        if let Err(e) = self.commit(&self.records) {
             self.records.pop();
-            let _ = self.dir.remove_key_file(&file);
-            return Err(e.into());
+            self.discard_file(&file);
+            return Err(e);
         }
         tracing::info!(kid = %record.kid, activates_at, "generated signing key");
         metrics::counter!("tokend_keys_generated_total").increment(1);
@@ -330,11 +330,11 @@ impl KeyStore {
         }
         let old_file = std::mem::take(&mut new_records[idx].file);
         new_records[idx].revoked_at = Some(now);
-        self.dir.write_manifest(&new_records)?;
+        self.commit(&new_records)?;
         self.records = new_records;
         self.keys.remove(kid);
-        self.dir.remove_key_file(&old_file)?;
         self.publish();
+        self.discard_file(&old_file);
         let active = self
             .tx
             .borrow()
@@ -353,14 +353,81 @@ impl KeyStore {
         };
         let mut new_records = self.records.clone();
         let rec = new_records.remove(idx);
-        self.dir.write_manifest(&new_records)?;
+        self.commit(&new_records)?;
         self.records = new_records;
         self.keys.remove(kid);
+        self.publish();
         if !rec.file.is_empty() {
-            self.dir.remove_key_file(&rec.file)?;
+            self.discard_file(&rec.file);
         }
         tracing::info!(kid, "deleted expired key");
-        self.publish();
         Ok(())
+    }
+
+    /// Writes the manifest: the commit point. A failure after the rename (the
+    /// directory fsync) means the change is already visible, so it counts as
+    /// committed and is only logged; anything earlier is an error and nothing
+    /// changed.
+    fn commit(&self, records: &[KeyRecord]) -> Result<(), KeyError> {
+        match self.dir.write_manifest(records) {
+            Ok(()) => Ok(()),
+            Err(e @ DiskError::Unsynced { .. }) => {
+                tracing::error!(error = %e, "key manifest committed but not yet durable");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a key file the manifest no longer names. Failure is logged, not
+    /// returned: the change is committed, and the next start removes the file.
+    fn discard_file(&self, name: &str) {
+        if let Err(e) = self.dir.remove_key_file(name) {
+            tracing::warn!(file = name, error = %e, "could not remove key file; it is removed at next start");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// Revoking the next key shortly before it activates leaves the current key
+    /// signing (no gap), and a key file that cannot be removed does not stop
+    /// the revocation from being published.
+    #[tokio::test]
+    async fn revoking_next_key_keeps_the_active_key_signing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let clock = ManualClock::at(1_000);
+        let lc = Lifecycle {
+            interval: 1_000,
+            publish_ahead: 100,
+            grace: 60,
+        };
+        let (mut store, view) = KeyStore::open(dir.path(), lc, 2048, Arc::new(clock.clone()))
+            .await
+            .expect("open");
+        let a = view
+            .current()
+            .signing_key(1_000)
+            .expect("a")
+            .kid()
+            .to_owned();
+        let b = store.generate(1_000, 100).await.expect("next");
+        assert_eq!(b.activates_at, 1_101);
+        clock.set(1_096);
+        let (revoked, active) = store.revoke(&b.kid).await.expect("revoke");
+        assert_eq!(revoked.kid, b.kid);
+        assert_eq!(active, a);
+        for t in [1_096, 1_101, 1_500] {
+            assert_eq!(
+                view.current().signing_key(t).map(|k| k.kid().to_owned()),
+                Some(a.clone()),
+                "at {t}"
+            );
+        }
+        assert!(view.current().revoked_kids().any(|k| k == b.kid));
+        assert!(!view.current().published().any(|k| k.kid() == b.kid));
     }
 }

@@ -30,7 +30,7 @@ pub enum Step {
 fn newest_active(now: i64, records: &[KeyRecord]) -> Option<&KeyRecord> {
     records
         .iter()
-        .filter(|r| r.activates_at <= now)
+        .filter(|r| r.activates_at <= now && super::key::ever_signs(r))
         .max_by_key(|r| (r.activates_at, r.seq))
         .filter(|r| r.revoked_at.is_none())
 }
@@ -250,5 +250,21 @@ mod tests {
         let recs = [rec("a", 1, 0), b, c];
         assert_eq!(newest_active(121, &recs).map(|r| r.kid.as_str()), Some("c"));
         assert_eq!(state_at(&recs[2], &recs, 121), KeyState::Active);
+    }
+
+    /// A next key revoked before it activated never signed: the current key
+    /// keeps signing (no gap) and a replacement is planned on schedule.
+    #[test]
+    fn revoking_the_next_key_leaves_the_active_key_signing() {
+        let mut b = rec("b", 2, 100);
+        b.revoked_at = Some(95);
+        let recs = [rec("a", 1, 0), b];
+        assert_eq!(newest_active(101, &recs).map(|r| r.kid.as_str()), Some("a"));
+        assert_eq!(state_at(&recs[0], &recs, 101), KeyState::Active);
+        assert_eq!(crate::keys::retires_at(&recs[0], &recs), None);
+        assert_eq!(
+            plan(101, &recs, &LC)[0],
+            Step::Generate { at: 100, lead: 10 }
+        );
     }
 }

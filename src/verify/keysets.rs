@@ -11,6 +11,9 @@ use std::sync::{Arc, RwLock};
 
 use crate::jwk::PublicKey;
 
+/// The most revoked kids remembered per issuer.
+pub const MAX_REVOKED_PER_ISSUER: usize = 4 * MAX_KEYS_PER_ISSUER;
+
 /// How soon a failed refresh may be retried.
 const FAILED_REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -97,6 +100,9 @@ pub enum SetError {
     /// More keys than `MAX_KEYS_PER_ISSUER`.
     #[error("key set of {0} keys exceeds the limit of {MAX_KEYS_PER_ISSUER}")]
     TooManyKeys(usize),
+    /// More revoked kids than `MAX_REVOKED_PER_ISSUER`.
+    #[error("key set lists {0} revoked kids, over the limit of {MAX_REVOKED_PER_ISSUER}")]
+    TooManyRevoked(usize),
     /// Issuer not registered.
     #[error("issuer {0} is not configured")]
     UnknownIssuer(String),
@@ -157,16 +163,31 @@ impl TrustStore {
             self.note_error(issuer, format!("refused set of {} keys", keys.len()));
             return Err(SetError::TooManyKeys(keys.len()));
         }
+        if revoked.len() > MAX_REVOKED_PER_ISSUER {
+            self.note_error(
+                issuer,
+                format!("refused set with {} revoked kids", revoked.len()),
+            );
+            return Err(SetError::TooManyRevoked(revoked.len()));
+        }
+        // Built outside the lock: verifications of every issuer read it.
+        let mut new_keys: HashMap<String, Arc<PublicKey>> = keys
+            .into_iter()
+            .map(|k| (k.kid().to_owned(), Arc::new(k)))
+            .collect();
+        let new_revoked: HashSet<String> = revoked.into_iter().collect();
         let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
         let entry = map
             .get_mut(issuer)
             .ok_or_else(|| SetError::UnknownIssuer(issuer.to_owned()))?;
-        let revoked: HashSet<String> = entry.revoked.iter().cloned().chain(revoked).collect();
-        entry.keys = keys
-            .into_iter()
-            .filter(|k| !revoked.contains(k.kid()))
-            .map(|k| (k.kid().to_owned(), Arc::new(k)))
-            .collect();
+        // Remember earlier revocations too, within the bound; past it the
+        // publisher's current list is authoritative.
+        let mut revoked = new_revoked;
+        if entry.revoked.len() + revoked.len() <= MAX_REVOKED_PER_ISSUER {
+            revoked.extend(entry.revoked.iter().cloned());
+        }
+        new_keys.retain(|kid, _| !revoked.contains(kid));
+        entry.keys = new_keys;
         entry.revoked = revoked;
         entry.expires = expires;
         entry.stale = false;
@@ -190,9 +211,11 @@ impl TrustStore {
     pub fn revoke(&self, issuer: &str, kids: &[String]) {
         let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());
         if let Some(e) = map.get_mut(issuer) {
-            for k in kids {
+            for k in kids.iter().take(MAX_REVOKED_PER_ISSUER) {
                 e.keys.remove(k);
-                e.revoked.insert(k.clone());
+                if e.revoked.len() < MAX_REVOKED_PER_ISSUER {
+                    e.revoked.insert(k.clone());
+                }
             }
         }
         drop(map);

@@ -16,12 +16,18 @@ use serde_json::{Map, Value};
 
 pub use self::delegation::{MAX_DELEGATION_DEPTH, PREV_TOKEN, chain_depth};
 pub use self::keysets::{
-    IssuerSnapshot, Lookup, MAX_KEYS_PER_ISSUER, Refresh, SetError, TrustStore,
+    IssuerSnapshot, Lookup, MAX_KEYS_PER_ISSUER, MAX_REVOKED_PER_ISSUER, Refresh, SetError,
+    TrustStore,
 };
 pub use self::replay::{ReplayCache, Seen};
 use crate::identity::SpiffeId;
 use crate::jwk::PublicKey;
 use crate::reason::Reason;
+
+/// The longest `jti` accepted, in bytes.
+pub const MAX_JTI_LEN: usize = 256;
+/// One-time token ids remembered per issuer.
+const REPLAY_PER_ISSUER: usize = 50_000;
 
 /// The longest token accepted, in bytes.
 pub const MAX_TOKEN_LEN: usize = 8192;
@@ -253,7 +259,7 @@ impl Verifier {
             own,
             trust,
             policy,
-            replay: ReplayCache::new(100_000),
+            replay: ReplayCache::new(REPLAY_PER_ISSUER),
         }
     }
 
@@ -411,6 +417,12 @@ impl Verifier {
         // 9. required claims, and the subject rule (sub = iss unless delegated)
         let subject = str_claim(&claims, "sub")?;
         let jti = str_claim(&claims, "jti")?;
+        if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+            return fail(
+                Reason::Malformed,
+                format!("claim jti must be 1 to {MAX_JTI_LEN} bytes"),
+            );
+        }
         match claims.get("act") {
             None if subject != issuer => {
                 return fail(
@@ -424,8 +436,10 @@ impl Verifier {
         // 10. one-time tokens
         if claims.get("one_time") == Some(&Value::Bool(true)) {
             let skew = self.policy.clock_skew;
-            let key = format!("{issuer}\u{0}{jti}");
-            match self.replay.check(&key, times.exp.saturating_add(skew), now) {
+            match self
+                .replay
+                .check(&issuer, jti, times.exp.saturating_add(skew), now)
+            {
                 Seen::First => {}
                 Seen::Again => {
                     return fail(

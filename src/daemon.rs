@@ -108,6 +108,10 @@ fn secs(d: Duration) -> i64 {
 impl Daemon {
     /// Loads keys, peers and binds the sockets. Nothing is served yet.
     pub async fn build(config: Config, clock: SharedClock) -> Result<Self, DaemonError> {
+        // First, so everything from key loading on is counted.
+        if let Some(addr) = config.metrics_listen {
+            crate::telemetry::serve_metrics(addr).map_err(DaemonError::Metrics)?;
+        }
         let now = clock.now();
         let lifecycle = Lifecycle {
             interval: secs(config.rotation.interval),
@@ -180,9 +184,6 @@ impl Daemon {
                 clock_skew: secs(config.tokens.clock_skew),
             },
         );
-        if let Some(addr) = config.metrics_listen {
-            crate::telemetry::serve_metrics(addr).map_err(DaemonError::Metrics)?;
-        }
         let (peer_server, peer_addr) = match (&config.peer_api, &peer_tls) {
             (Some(p), Some(tls)) => {
                 let listener = tokio::net::TcpListener::bind(p.listen).await.map_err(|e| {

@@ -17,6 +17,8 @@ mod interop;
 mod keyfiles;
 #[path = "it/mint_verify.rs"]
 mod mint_verify;
+#[path = "it/observability.rs"]
+mod observability;
 #[path = "it/peers.rs"]
 mod peers;
 #[path = "it/rotation.rs"]

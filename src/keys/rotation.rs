@@ -5,7 +5,7 @@
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::key::{KeyRecord, Lifecycle, delete_after};
+use super::key::{KeyRecord, KeyState, Lifecycle, delete_after, state_at};
 use super::{KeyError, KeyStore};
 use crate::clock::SharedClock;
 
@@ -100,6 +100,25 @@ pub async fn apply(store: &mut KeyStore, now: i64) -> Result<(), KeyError> {
     Ok(())
 }
 
+/// Key gauges: the signing key's age and the number of keys in each state.
+fn record_metrics(now: i64, records: &[KeyRecord]) {
+    if let Some(a) = newest_active(now, records) {
+        metrics::gauge!("tokend_signing_key_age_seconds").set((now - a.activates_at) as f64);
+    }
+    for state in [
+        KeyState::Next,
+        KeyState::Active,
+        KeyState::Retired,
+        KeyState::Revoked,
+    ] {
+        let n = records
+            .iter()
+            .filter(|r| state_at(r, records, now) == state)
+            .count();
+        metrics::gauge!("tokend_keys", "state" => state.as_str()).set(n as f64);
+    }
+}
+
 /// A request to the rotation task from the admin API.
 #[derive(Debug)]
 pub enum Command {
@@ -126,10 +145,13 @@ pub async fn run(
     loop {
         let now = clock.now();
         let mut wait = match apply(&mut store, now).await {
-            Ok(()) => next_event(now, store.records(), &store.lifecycle())
-                .map(|t| t - now)
-                .unwrap_or(MAX_SLEEP_SECS)
-                .clamp(0, MAX_SLEEP_SECS),
+            Ok(()) => {
+                record_metrics(now, store.records());
+                next_event(now, store.records(), &store.lifecycle())
+                    .map(|t| t - now)
+                    .unwrap_or(MAX_SLEEP_SECS)
+                    .clamp(0, MAX_SLEEP_SECS)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "rotation step failed; retrying");
                 RETRY_SECS

@@ -196,6 +196,7 @@ impl PeerClient {
             )
             .map_err(|e| e.to_string())?;
         tracing::debug!(issuer = %identity, keys = n, version = msg.version, "installed peer keys");
+        metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string()).set(n as f64);
         metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
         Ok(())
     }
@@ -256,6 +257,10 @@ impl PeerClient {
             };
             match next {
                 Ok(Some(msg)) => {
+                    if !got_any {
+                        metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone())
+                            .set(1.0);
+                    }
                     got_any = true;
                     if let Err(e) = self.install_set(&identity, msg) {
                         self.refuse(Some(&identity), &e);
@@ -287,6 +292,7 @@ impl PeerClient {
                 return;
             }
             self.trust.set_stale(self.expected.as_str(), true);
+            metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone()).set(0.0);
             let delay = backoff(attempt, &mut rand::thread_rng());
             attempt = attempt.saturating_add(1);
             tokio::select! {

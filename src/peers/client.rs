@@ -59,6 +59,14 @@ impl std::fmt::Debug for PeerClient {
 
 type Slot = Arc<Mutex<Option<SpiffeId>>>;
 
+/// The identity the server's certificate proved on this channel's connection.
+fn proven_identity(slot: &Slot) -> Result<SpiffeId, String> {
+    slot.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+        .ok_or_else(|| "no peer identity".to_owned())
+}
+
 // === impl PeerClient ===
 
 impl PeerClient {
@@ -217,11 +225,7 @@ impl PeerClient {
             .map_err(|_| format!("no answer within {ANSWER_TIMEOUT:?}"))?
             .map_err(|s| format!("GetKeys: {}", s.message()))?
             .into_inner();
-        let identity = slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or("no peer identity")?;
+        let identity = proven_identity(&slot)?;
         self.install_set(&identity, msg)
             .inspect_err(|e| self.refuse(Some(&identity), e))
     }
@@ -235,11 +239,7 @@ impl PeerClient {
                 .map_err(|_| format!("WatchKeys: no answer within {ANSWER_TIMEOUT:?}"))?
                 .map_err(|s| format!("WatchKeys: {}", s.message()))?
                 .into_inner();
-        let identity = slot
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or("no peer identity")?;
+        let identity = proven_identity(&slot)?;
         let mut got_any = false;
         loop {
             let next = if got_any {

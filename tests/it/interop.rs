@@ -39,25 +39,27 @@ fn python() -> PathBuf {
     .clone()
 }
 
-fn py(args: &[&str]) -> String {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/interop/pyjwt_interop.py"
-    );
+/// Runs `tests/interop/SCRIPT ARGS` with the interop Python; its stdout, trimmed.
+fn run_script(script: &str, args: &[&str]) -> String {
+    let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
     let out = Command::new(python())
-        .arg(script)
+        .arg(path)
         .args(args)
         .output()
         .expect("run python");
     assert!(
         out.status.success(),
-        "python {args:?}: {}",
+        "{script} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)
         .expect("utf8")
         .trim()
         .to_owned()
+}
+
+fn py(args: &[&str]) -> String {
+    run_script("pyjwt_interop.py", args)
 }
 
 /// PyJWT verifies a tokend token (RS256, kid, registered claims) with the published JWKS.
@@ -109,18 +111,7 @@ async fn tokend_verifies_pyjwt_tokens() {
 }
 
 fn run_json(script: &str, args: &[&str]) -> serde_json::Value {
-    let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(python())
-        .arg(path)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json")
+    serde_json::from_str(&run_script(script, args)).expect("json")
 }
 
 /// The stock PyPI `spiffe` client, unchanged, fetches a JWT-SVID, validates it

@@ -93,3 +93,36 @@ fn dead_socket_is_named() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("nobody.sock"));
 }
+
+/// `tokend demo` runs a bank in one process: a token accepted, two forgeries
+/// refused with their reasons, a rotation with every call accepted; exit 0.
+#[test]
+fn demo_shows_acceptance_refusal_and_rotation() {
+    let out = run_to_exit(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .env("TOKEND_LOG", "warn"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("ledger ACCEPTS: iss spiffe://bank.internal/payments"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("with archive's kid: ledger REFUSES (unknown_kid"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("with payments' kid: ledger REFUSES (bad_signature"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("all accepted; now signing with"),
+        "{stdout}"
+    );
+}

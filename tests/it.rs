@@ -21,6 +21,8 @@ mod mint_verify;
 mod observability;
 #[path = "it/peers.rs"]
 mod peers;
+#[path = "it/robustness.rs"]
+mod robustness;
 #[path = "it/rotation.rs"]
 mod rotation;
 #[path = "it/vectors.rs"]

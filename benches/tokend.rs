@@ -89,6 +89,16 @@ fn main() {
         },
         Duration::from_secs(2),
     );
+    // What every signature would cost if the provider parsed the key each time
+    // (jsonwebtoken hands it DER on every call): the reason for its key cache.
+    let parse_and_sign = time_per_op(
+        || {
+            let p = ring::signature::RsaKeyPair::from_pkcs8(&der).expect("parse");
+            p.sign(&ring::signature::RSA_PKCS1_SHA256, &rng, &msg, &mut sig)
+                .expect("sign")
+        },
+        Duration::from_secs(2),
+    );
     pair.sign(&ring::signature::RSA_PKCS1_SHA256, &rng, &msg, &mut sig)
         .expect("sign");
     let comps = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(pair.public());
@@ -141,6 +151,11 @@ fn main() {
         println!("{name:<34} {:>12.1} {:>9.2}x", ns / 1000.0, ns / base)
     };
     row("baseline: ring sign", ring_sign, ring_sign);
+    row(
+        "ring parse PKCS#8 + sign (no cache)",
+        parse_and_sign,
+        ring_sign,
+    );
     row("mint (fresh signature)", mint_fresh, ring_sign);
     row("mint (cache hit)", mint_cached, ring_sign);
     row("baseline: ring verify", ring_verify, ring_verify);

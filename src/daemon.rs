@@ -84,6 +84,7 @@ pub struct Daemon {
     peer_server: Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
     peer_addr: Option<std::net::SocketAddr>,
     peer_clients: Vec<Arc<PeerClient>>,
+    file_peers: Vec<Arc<JwksFileSource>>,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -136,16 +137,18 @@ impl Daemon {
             None => None,
         };
         let mut peer_clients = Vec::new();
+        let mut file_peers = Vec::new();
         for peer in &config.peers {
             match (&peer.source, &peer_tls) {
                 (PeerSource::JwksFile(path), _) => {
-                    JwksFileSource::install(
+                    let source = JwksFileSource::install(
                         peer.id.as_str(),
                         path.clone(),
                         trust.clone(),
                         clock.clone(),
                     )
                     .map_err(DaemonError::Peers)?;
+                    file_peers.push(source);
                 }
                 (PeerSource::Address(addr), Some(tls)) => {
                     let client = PeerClient::install(
@@ -220,6 +223,7 @@ impl Daemon {
             peer_server,
             peer_addr,
             peer_clients,
+            file_peers,
         })
     }
 
@@ -245,6 +249,7 @@ impl Daemon {
             peer_server,
             peer_addr,
             peer_clients,
+            file_peers,
         } = self;
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -268,6 +273,9 @@ impl Daemon {
                     tracing::error!(error = %e, "peer API server failed");
                 }
             });
+        }
+        for source in file_peers {
+            tracker.spawn(source.watch(cancel.clone()));
         }
         for client in peer_clients {
             let span = tracing::info_span!("peer", peer = ?client);

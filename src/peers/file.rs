@@ -1,6 +1,8 @@
 //! A peer whose keys come from a JWKS file. Read at start (a missing or bad
-//! file stops the start, naming the file) and re-read when a token names a kid
-//! the set lacks, so an updated file is picked up without a restart.
+//! file stops the start, naming the file), re-read when it changes (so a key
+//! removed from the file stops being accepted) and when a token names a kid
+//! the set lacks. A bad rewrite is refused with a logged reason and the
+//! previous set stays.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -77,6 +79,39 @@ impl JwksFileSource {
                 self.clock.now(),
             )
             .map_err(|e| format!("JWKS file {}: {e}", p.display()))
+    }
+}
+
+fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
+    std::fs::metadata(path)
+        .ok()
+        .and_then(|m| Some((m.modified().ok()?, m.len())))
+}
+
+impl JwksFileSource {
+    /// Re-reads the file whenever its modification time or size changes, until cancelled.
+    pub async fn watch(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+        let mut seen = stamp(&self.path);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+            }
+            let now = stamp(&self.path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match self.load() {
+                Ok(()) => {
+                    tracing::info!(issuer = %self.issuer, file = %self.path.display(), "reloaded JWKS file")
+                }
+                Err(e) => {
+                    tracing::warn!(issuer = %self.issuer, error = %e, "refused JWKS file; previous set stays");
+                    self.trust.note_error(&self.issuer, e);
+                }
+            }
+        }
     }
 }
 

@@ -364,3 +364,36 @@ async fn uid_allow_list() {
         Some(tokend::reason::Reason::PermissionDenied)
     );
 }
+
+/// A JWKS-file peer follows its file: a key removed from the file stops being
+/// accepted, and a corrupt rewrite is refused while the previous set stays.
+#[tokio::test]
+async fn jwks_file_changes_are_followed() {
+    let root = tmp();
+    let (a, b) = pair(root.path(), "").await;
+    let file = root.path().join("payments.jwks.json");
+    let m = a.mint("ledger").await;
+    assert!(b.verify(&m.token).await.is_ok());
+
+    std::fs::write(&file, "{\"keys\": [").expect("corrupt");
+    assert!(
+        eventually(10, || async {
+            b.issuer_entry("payments")["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not a JWKS"))
+        })
+        .await,
+        "refusal recorded: {}",
+        b.issuer_entry("payments")
+    );
+    assert!(b.verify(&m.token).await.is_ok(), "previous set stays");
+
+    std::fs::write(&file, "{\"keys\": []}").expect("empty");
+    assert!(
+        eventually(10, || async {
+            b.verify(&m.token).await.err().as_deref() == Some("unknown_kid")
+        })
+        .await,
+        "key removed from the file is no longer accepted"
+    );
+}

@@ -160,6 +160,17 @@ fn check_alg(parts: &Parts<'_>) -> Result<(), Error> {
             format!("alg {:?} is not accepted; only RS256", parts.alg),
         );
     }
+    match parts.header.get("typ") {
+        None => {}
+        Some(Value::String(t))
+            if t.eq_ignore_ascii_case("JWT") || t.eq_ignore_ascii_case("JOSE") => {}
+        Some(other) => {
+            return fail(
+                Reason::Malformed,
+                format!("header typ {other} is not JWT: another kind of JWS"),
+            );
+        }
+    }
     if parts.header.contains_key("crit") {
         return fail(
             Reason::UnsupportedAlg,

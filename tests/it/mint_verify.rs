@@ -397,3 +397,24 @@ async fn jwks_file_changes_are_followed() {
         "key removed from the file is no longer accepted"
     );
 }
+
+/// A JWS of another type (say a DPoP proof) signed by a trusted key is not a token.
+#[tokio::test]
+async fn other_jws_types_are_refused() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let key = a.signing_key();
+    let claims = claims("payments", "payments", 60);
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(key.kid().into());
+    for (typ, expect) in [
+        (Some("dpop+jwt"), Some("malformed")),
+        (Some("jwt"), None),
+        (None, None),
+    ] {
+        header.typ = typ.map(str::to_owned);
+        tokend::crypto::install();
+        let t = jsonwebtoken::encode(&header, &claims, key.encoding_key()).expect("encode");
+        assert_eq!(a.verify(&t).await.err().as_deref(), expect, "typ {typ:?}");
+    }
+}

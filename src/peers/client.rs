@@ -46,6 +46,8 @@ pub struct PeerClient {
     tls: Arc<rustls::ClientConfig>,
     trust: Arc<TrustStore>,
     clock: SharedClock,
+    /// The identity the last watched connection proved (marked stale on loss).
+    watched: Mutex<Option<SpiffeId>>,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -95,6 +97,7 @@ impl PeerClient {
             tls: tls.client_config()?,
             trust: trust.clone(),
             clock,
+            watched: Mutex::default(),
         });
         trust.register(
             expected.as_str(),
@@ -240,6 +243,7 @@ impl PeerClient {
                 .map_err(|s| format!("WatchKeys: {}", s.message()))?
                 .into_inner();
         let identity = proven_identity(&slot)?;
+        *self.watched.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
         let mut got_any = false;
         loop {
             let next = if got_any {
@@ -292,6 +296,9 @@ impl PeerClient {
                 return;
             }
             self.trust.set_stale(self.expected.as_str(), true);
+            if let Some(seen) = self.watched.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                self.trust.set_stale(seen.as_str(), true);
+            }
             metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone()).set(0.0);
             let delay = backoff(attempt, &mut rand::thread_rng());
             attempt = attempt.saturating_add(1);

@@ -147,6 +147,8 @@ pub struct KeyStore {
     version: u64,
     tx: watch::Sender<Arc<KeySet>>,
     clock: SharedClock,
+    /// A standby key (PKCS#8 DER and parsed) for revocations; see `refill_spare`.
+    spare: Option<(Vec<u8>, SigningKey)>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -199,6 +201,7 @@ impl KeyStore {
             version: 0,
             tx,
             clock,
+            spare: None,
         };
         store.publish();
         let now = store.clock.now();
@@ -274,6 +277,27 @@ impl KeyStore {
         Ok(record)
     }
 
+    /// Keeps one unpublished key in memory for the next revocation, so
+    /// revoking the signing key costs a file write, not an RSA keygen. Never
+    /// on disk nor published until used; lost harmlessly on restart.
+    pub async fn refill_spare(&mut self) -> Result<(), KeyError> {
+        if self.spare.is_none() {
+            let der = generate::generate_pkcs8_async(self.bits).await?;
+            let key = SigningKey::from_pkcs8(&der)?;
+            self.spare = Some((der, key));
+        }
+        Ok(())
+    }
+
+    async fn take_spare_or_generate(&mut self) -> Result<(Vec<u8>, SigningKey), KeyError> {
+        if let Some(spare) = self.spare.take() {
+            return Ok(spare);
+        }
+        let der = generate::generate_pkcs8_async(self.bits).await?;
+        let key = SigningKey::from_pkcs8(&der)?;
+        Ok((der, key))
+    }
+
     fn next_seq(&self) -> u64 {
         self.records
             .iter()
@@ -310,9 +334,9 @@ impl KeyStore {
             match pending {
                 Some(p) => p.activates_at = now,
                 None => {
-                    // Generate first: the manifest below commits both changes together.
-                    let der = generate::generate_pkcs8_async(self.bits).await?;
-                    let key = SigningKey::from_pkcs8(&der)?;
+                    // The standby key if there is one (no keygen on the emergency
+                    // path); the manifest below commits both changes together.
+                    let (der, key) = self.take_spare_or_generate().await?;
                     let file = self.dir.write_key(key.kid(), &der)?;
                     now = self.clock.now();
                     new_records.push(KeyRecord {

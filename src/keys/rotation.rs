@@ -157,6 +157,9 @@ pub async fn run(
                 RETRY_SECS
             }
         };
+        if let Err(e) = store.refill_spare().await {
+            tracing::warn!(error = %e, "cannot prepare the standby key for revocations");
+        }
         if wait == 0 {
             wait = 1;
         }

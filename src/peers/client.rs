@@ -296,7 +296,12 @@ impl PeerClient {
                 return;
             }
             self.trust.set_stale(self.expected.as_str(), true);
-            if let Some(seen) = self.watched.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            if let Some(seen) = self
+                .watched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+            {
                 self.trust.set_stale(seen.as_str(), true);
             }
             metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone()).set(0.0);

@@ -194,7 +194,7 @@ async fn revocation_is_pushed_and_a_fresh_key_signs() {
         );
     };
     eprintln!(
-        "revocation: committed at A in {committed:?} (incl. successor keygen); refused at B {revoked_in:?} later"
+        "revocation: committed at A in {committed:?} (successor from the standby key); refused at B {revoked_in:?} later"
     );
     assert_eq!(
         a.verify(&a.mint("payments").await.token)

@@ -1,0 +1,333 @@
+//! `KeyStore`: the single writer of the keys directory and of the published
+//! snapshots. Every change is key file first, then the manifest (the commit
+//! point), then a new `KeySet` for the readers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::disk::{DiskError, KeyDir};
+use super::generate;
+use super::key::{KeyRecord, Lifecycle, SigningKey};
+use super::{KeyEntry, KeyError, KeySet, KeyView, rotation};
+use crate::clock::SharedClock;
+
+/// The single writer of the keys directory and of the published snapshots.
+pub struct KeyStore {
+    dir: KeyDir,
+    lifecycle: Lifecycle,
+    bits: u32,
+    records: Vec<KeyRecord>,
+    keys: HashMap<String, Arc<SigningKey>>,
+    version: u64,
+    tx: watch::Sender<Arc<KeySet>>,
+    clock: SharedClock,
+    /// A standby key (PKCS#8 DER and parsed) for revocations; see `refill_spare`.
+    spare: Option<(Vec<u8>, SigningKey)>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("dir", &self.dir)
+            .field("keys", &self.records.len())
+            .finish()
+    }
+}
+
+// === impl KeyStore ===
+
+impl KeyStore {
+    /// Opens the keys directory, loading and checking every key; a fresh
+    /// directory gets its first key, active at once. Runs the rotation plan
+    /// once so a signing key exists before the sidecar serves.
+    pub async fn open(
+        dir: &std::path::Path,
+        lifecycle: Lifecycle,
+        bits: u32,
+        clock: SharedClock,
+    ) -> Result<(Self, KeyView), KeyError> {
+        let dir = KeyDir::open(dir)?;
+        let loaded = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || dir.load())
+                .await
+                .map_err(|e| DiskError::Io {
+                    op: "load keys",
+                    path: std::path::PathBuf::new(),
+                    source: std::io::Error::other(e.to_string()),
+                })??
+        };
+        let mut records = Vec::new();
+        let mut keys = HashMap::new();
+        for l in loaded.unwrap_or_default() {
+            if let Some(k) = l.key {
+                keys.insert(l.record.kid.clone(), Arc::new(k));
+            }
+            records.push(l.record);
+        }
+        let (tx, rx) = watch::channel(Arc::new(KeySet::new(0, lifecycle, Vec::new())));
+        let mut store = Self {
+            dir,
+            lifecycle,
+            bits,
+            records,
+            keys,
+            version: 0,
+            tx,
+            clock,
+            spare: None,
+        };
+        store.publish();
+        let now = store.clock.now();
+        rotation::apply(&mut store, now).await?;
+        Ok((store, KeyView(rx)))
+    }
+
+    /// The records, for planning.
+    pub fn records(&self) -> &[KeyRecord] {
+        &self.records
+    }
+
+    /// The lifecycle timings.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    /// A reader of this store.
+    pub fn view(&self) -> KeyView {
+        KeyView(self.tx.subscribe())
+    }
+
+    fn publish(&mut self) {
+        self.version += 1;
+        let entries = self
+            .records
+            .iter()
+            .map(|r| KeyEntry {
+                record: r.clone(),
+                key: self.keys.get(&r.kid).cloned(),
+            })
+            .collect();
+        self.tx
+            .send_replace(Arc::new(KeySet::new(self.version, self.lifecycle, entries)));
+    }
+
+    /// The clock the store reads.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// Generates a key that starts signing at `at`, but never before it has
+    /// been published for `lead` seconds (0: it may sign at once). The
+    /// activation time is fixed after generation, from a whole-second clock,
+    /// and rounded up, so peers always get at least `lead` seconds of notice. Order: key file, then the manifest (the commit
+    /// point), then the snapshot, so peers see it at once.
+    pub async fn generate(&mut self, at: i64, lead: i64) -> Result<KeyRecord, KeyError> {
+        let der = generate::generate_pkcs8_async(self.bits).await?;
+        let key = SigningKey::from_pkcs8(&der)?;
+        let file = self.dir.write_key(key.kid(), &der)?;
+        let now = self.clock.now();
+        let earliest = if lead > 0 { now + lead + 1 } else { now };
+        let activates_at = at.max(earliest);
+        let record = KeyRecord {
+            kid: key.kid().to_owned(),
+            file: file.clone(),
+            bits: self.bits,
+            seq: self.next_seq(),
+            created_at: now,
+            activates_at,
+            revoked_at: None,
+        };
+        self.records.push(record.clone());
+        if let Err(e) = self.commit(&self.records) {
+            self.records.pop();
+            self.discard_file(&file);
+            return Err(e);
+        }
+        tracing::info!(kid = %record.kid, activates_at, "generated signing key");
+        metrics::counter!("tokend_keys_generated_total").increment(1);
+        self.keys.insert(record.kid.clone(), Arc::new(key));
+        self.publish();
+        Ok(record)
+    }
+
+    /// Keeps one unpublished key in memory for the next revocation, so
+    /// revoking the signing key costs a file write, not an RSA keygen. Never
+    /// on disk nor published until used; lost harmlessly on restart.
+    pub async fn refill_spare(&mut self) -> Result<(), KeyError> {
+        if self.spare.is_none() {
+            let der = generate::generate_pkcs8_async(self.bits).await?;
+            let key = SigningKey::from_pkcs8(&der)?;
+            self.spare = Some((der, key));
+        }
+        Ok(())
+    }
+
+    async fn take_spare_or_generate(&mut self) -> Result<(Vec<u8>, SigningKey), KeyError> {
+        if let Some(spare) = self.spare.take() {
+            return Ok(spare);
+        }
+        let der = generate::generate_pkcs8_async(self.bits).await?;
+        let key = SigningKey::from_pkcs8(&der)?;
+        Ok((der, key))
+    }
+
+    fn next_seq(&self) -> u64 {
+        self.records
+            .iter()
+            .map(|r| r.seq)
+            .max()
+            .map_or(1, |m| m + 1)
+    }
+
+    /// Revokes `kid` now. If it is the signing key, a successor signs at once:
+    /// the pending next key if there is one, else a freshly generated key. The
+    /// revocation and the successor are committed in one manifest write.
+    pub async fn revoke(&mut self, kid: &str) -> Result<(KeyRecord, String), KeyError> {
+        let idx = self
+            .records
+            .iter()
+            .position(|r| r.kid == kid)
+            .ok_or_else(|| KeyError::NotFound(kid.to_owned()))?;
+        if self.records[idx].revoked_at.is_some() {
+            return Err(KeyError::AlreadyRevoked(kid.to_owned()));
+        }
+        let now = self.clock.now();
+        let signing_now = self
+            .tx
+            .borrow()
+            .signing_key(now)
+            .map(|k| k.kid().to_owned());
+        let mut new_records = self.records.clone();
+        let mut now = now;
+        if signing_now.as_deref() == Some(kid) {
+            let pending = new_records
+                .iter_mut()
+                .filter(|r| r.revoked_at.is_none() && r.activates_at > now)
+                .min_by_key(|r| (r.activates_at, r.seq));
+            match pending {
+                Some(p) => p.activates_at = now,
+                None => {
+                    // The standby key if there is one (no keygen on the emergency
+                    // path); the manifest below commits both changes together.
+                    let (der, key) = self.take_spare_or_generate().await?;
+                    let file = self.dir.write_key(key.kid(), &der)?;
+                    now = self.clock.now();
+                    new_records.push(KeyRecord {
+                        kid: key.kid().to_owned(),
+                        file,
+                        bits: self.bits,
+                        seq: self.next_seq(),
+                        created_at: now,
+                        activates_at: now,
+                        revoked_at: None,
+                    });
+                    self.keys.insert(key.kid().to_owned(), Arc::new(key));
+                }
+            }
+        }
+        let old_file = std::mem::take(&mut new_records[idx].file);
+        new_records[idx].revoked_at = Some(now);
+        self.commit(&new_records)?;
+        self.records = new_records;
+        self.keys.remove(kid);
+        self.publish();
+        self.discard_file(&old_file);
+        let active = self
+            .tx
+            .borrow()
+            .signing_key(now)
+            .map(|k| k.kid().to_owned())
+            .unwrap_or_default();
+        tracing::warn!(kid, active = %active, "revoked signing key");
+        metrics::counter!("tokend_keys_revoked_total").increment(1);
+        Ok((self.records[idx].clone(), active))
+    }
+
+    /// Forgets a key whose last token has expired: manifest first, then the file.
+    pub fn forget(&mut self, kid: &str) -> Result<(), KeyError> {
+        let Some(idx) = self.records.iter().position(|r| r.kid == kid) else {
+            return Ok(());
+        };
+        let mut new_records = self.records.clone();
+        let rec = new_records.remove(idx);
+        self.commit(&new_records)?;
+        self.records = new_records;
+        self.keys.remove(kid);
+        self.publish();
+        if !rec.file.is_empty() {
+            self.discard_file(&rec.file);
+        }
+        tracing::info!(kid, "deleted expired key");
+        Ok(())
+    }
+
+    /// Writes the manifest: the commit point. A failure after the rename (the
+    /// directory fsync) means the change is already visible, so it counts as
+    /// committed and is only logged; anything earlier is an error and nothing
+    /// changed.
+    fn commit(&self, records: &[KeyRecord]) -> Result<(), KeyError> {
+        match self.dir.write_manifest(records) {
+            Ok(()) => Ok(()),
+            Err(e @ DiskError::Unsynced { .. }) => {
+                tracing::error!(error = %e, "key manifest committed but not yet durable");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a key file the manifest no longer names. Failure is logged, not
+    /// returned: the change is committed, and the next start removes the file.
+    fn discard_file(&self, name: &str) {
+        if let Err(e) = self.dir.remove_key_file(name) {
+            tracing::warn!(file = name, error = %e, "could not remove key file; it is removed at next start");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    /// Revoking the next key shortly before it activates leaves the current key
+    /// signing (no gap), and a key file that cannot be removed does not stop
+    /// the revocation from being published.
+    #[tokio::test]
+    async fn revoking_next_key_keeps_the_active_key_signing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let clock = ManualClock::at(1_000);
+        let lc = Lifecycle {
+            interval: 1_000,
+            publish_ahead: 100,
+            grace: 60,
+        };
+        let (mut store, view) = KeyStore::open(dir.path(), lc, 2048, Arc::new(clock.clone()))
+            .await
+            .expect("open");
+        let a = view
+            .current()
+            .signing_key(1_000)
+            .expect("a")
+            .kid()
+            .to_owned();
+        let b = store.generate(1_000, 100).await.expect("next");
+        assert_eq!(b.activates_at, 1_101);
+        clock.set(1_096);
+        let (revoked, active) = store.revoke(&b.kid).await.expect("revoke");
+        assert_eq!(revoked.kid, b.kid);
+        assert_eq!(active, a);
+        for t in [1_096, 1_101, 1_500] {
+            assert_eq!(
+                view.current().signing_key(t).map(|k| k.kid().to_owned()),
+                Some(a.clone()),
+                "at {t}"
+            );
+        }
+        assert!(view.current().revoked_kids().any(|k| k == b.kid));
+        assert!(!view.current().published().any(|k| k.kid() == b.kid));
+    }
+}

@@ -64,6 +64,8 @@ pub struct Core {
     pub clock: SharedClock,
     /// Requests to the rotation task.
     pub commands: mpsc::Sender<rotation::Command>,
+    /// Cancelled when the daemon shuts down: long-lived streams end on it.
+    pub shutdown: CancellationToken,
 }
 
 impl std::fmt::Debug for Core {
@@ -99,6 +101,9 @@ impl std::fmt::Debug for Daemon {
 /// with random kids costs each peer one fetch a second, and a peer that
 /// restarts with a new key is learnt on its first token.
 const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long in-flight calls may run after a shutdown signal.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 fn secs(d: Duration) -> i64 {
     i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
@@ -213,6 +218,7 @@ impl Daemon {
             keys,
             clock,
             commands: tx,
+            shutdown: CancellationToken::new(),
         });
         Ok(Self {
             core,
@@ -251,7 +257,7 @@ impl Daemon {
             peer_clients,
             file_peers,
         } = self;
-        let cancel = CancellationToken::new();
+        let cancel = core.shutdown.clone();
         let tracker = TaskTracker::new();
         let id = core.config.id.to_string();
 
@@ -266,6 +272,7 @@ impl Daemon {
                 core.config.trust_domain.clone(),
                 core.keys.clone(),
                 core.clock.clone(),
+                cancel.clone(),
             );
             let stop = cancel.clone();
             tracker.spawn(async move {
@@ -290,13 +297,26 @@ impl Daemon {
             "tokend serving"
         );
         let stop = cancel.clone();
-        let result = crate::api::serve(listener, core, async move {
+        let serve = crate::api::serve(listener, core, async move {
             tokio::select! {
                 _ = shutdown => {}
                 _ = stop.cancelled() => {}
             }
-        })
-        .await;
+            // Ends the long-lived streams (SPIFFE bundles, peer watches) so the
+            // graceful drain below only waits for ordinary calls.
+            stop.cancel();
+        });
+        let drained = cancel.clone();
+        let result = tokio::select! {
+            r = serve => r,
+            _ = async move {
+                drained.cancelled().await;
+                tokio::time::sleep(DRAIN_GRACE).await;
+            } => {
+                tracing::warn!("calls still in flight after {DRAIN_GRACE:?}; closing anyway");
+                Ok(())
+            }
+        };
         cancel.cancel();
         tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), tracker.wait())

@@ -301,6 +301,13 @@ impl Minter {
         claims.insert("exp".into(), exp.into());
         claims.insert("jti".into(), jti.clone().into());
         let token = self.sign(&claims, key.kid(), key.encoding_key())?;
+        if token.len() > crate::verify::MAX_TOKEN_LEN {
+            return Err(MintError::BadClaims(format!(
+                "token would be {} bytes, over the {}-byte limit verifiers accept",
+                token.len(),
+                crate::verify::MAX_TOKEN_LEN
+            )));
+        }
         Ok(Minted {
             token,
             kid: key.kid().to_owned(),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-pub use self::spiffe::{SECURITY_HEADER, SpiffeApi, bundles};
+pub use self::spiffe::{MAX_AUDIENCE_LEN, MAX_AUDIENCES, SECURITY_HEADER, SpiffeApi, bundles};
 pub use self::status::{REASON_KEY, detail_of, reason_of, reject, reject_with};
 pub use self::tokend::{AdminApi, TokenApi, key_info};
 pub use self::uds::{bind, caller_uid, check_uid, own_uid};

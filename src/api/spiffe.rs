@@ -23,6 +23,11 @@ use crate::mint::MintRequest;
 use crate::proto::spiffe as pb;
 use crate::reason::Reason;
 
+/// The most audiences one JWT-SVID may name.
+pub const MAX_AUDIENCES: usize = 16;
+/// The longest audience accepted, in bytes.
+pub const MAX_AUDIENCE_LEN: usize = 256;
+
 /// The header every Workload API call must carry.
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
@@ -101,10 +106,17 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         admit(&self.0, &req)?;
         let r = req.into_inner();
         let core = &self.0;
-        if r.audience.is_empty() || r.audience.iter().any(|a| a.is_empty()) {
+        if r.audience.is_empty()
+            || r.audience.len() > MAX_AUDIENCES
+            || r.audience
+                .iter()
+                .any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN)
+        {
             return Err(reject(
                 Reason::Malformed,
-                "audience must name at least one non-empty audience",
+                format!(
+                    "audience: 1 to {MAX_AUDIENCES} audiences of 1 to {MAX_AUDIENCE_LEN} bytes"
+                ),
             ));
         }
         if !r.spiffe_id.is_empty() && r.spiffe_id != core.config.id.as_str() {
@@ -139,11 +151,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
     ) -> Result<Response<BundleStream>, Status> {
         admit(&self.0, &req)?;
         let core = self.0.clone();
+        let stop = core.shutdown.clone();
         let stream = WatchStream::new(core.verifier.trust().subscribe()).map(move |_| {
             Ok(pb::JwtBundlesResponse {
                 bundles: bundles(&core),
             })
         });
+        let stream = crate::shutdown::until_cancelled(Box::pin(stream), stop);
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -161,8 +175,21 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             .verifier
             .verify(r.svid.trim(), &r.audience, core.clock.now())
             .await
-            // The Workload API reports every invalid token as InvalidArgument.
-            .map_err(|e| reject_with(tonic::Code::InvalidArgument, e.reason, &e.detail))?;
+            // The Workload API reports an invalid token as InvalidArgument;
+            // a transient condition stays Unavailable so clients retry.
+            .map_err(|e| match e.reason {
+                Reason::Unavailable => reject(e.reason, &e.detail),
+                _ => reject_with(tonic::Code::InvalidArgument, e.reason, &e.detail),
+            })?;
+        // SPIFFE clients know nothing of `act` and would take the original
+        // subject for the presenter: delegated tokens are refused here.
+        if v.claims.contains_key("act") {
+            return Err(reject_with(
+                tonic::Code::InvalidArgument,
+                Reason::Malformed,
+                "a delegated token (act) is not a JWT-SVID; verify it with tokend.v1 Verify",
+            ));
+        }
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: v.subject,
             claims: Some(to_struct(v.claims)),

@@ -44,9 +44,16 @@ pub(super) async fn serve(args: ServeArgs) -> u8 {
     let config = match crate::config::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("tokend: {e}");
             return EXIT_USAGE;
+        }
+    };
+    // Registered before anything is built: a signal during startup still shuts down cleanly.
+    let shutdown = match crate::shutdown::signals() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tokend: cannot install signal handlers: {e}");
+            return 1;
         }
     };
     let clock = std::sync::Arc::new(crate::clock::SystemClock);
@@ -57,7 +64,7 @@ pub(super) async fn serve(args: ServeArgs) -> u8 {
             return if e.is_config() { EXIT_USAGE } else { 1 };
         }
     };
-    match daemon.run(crate::shutdown::signal()).await {
+    match daemon.run(shutdown).await {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("tokend: {e}");

@@ -16,12 +16,13 @@ use crate::verify::{Refresh, TrustStore};
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 
 /// Reads one issuer's keys from a JWKS file.
-#[derive(Clone)]
 pub struct JwksFileSource {
     issuer: String,
     path: PathBuf,
     trust: Arc<TrustStore>,
     clock: SharedClock,
+    /// What the file looked like when last read (taken before reading).
+    loaded: std::sync::Mutex<Option<Stamp>>,
 }
 
 impl std::fmt::Debug for JwksFileSource {
@@ -46,6 +47,7 @@ impl JwksFileSource {
             path: path.clone(),
             trust: trust.clone(),
             clock,
+            loaded: std::sync::Mutex::default(),
         });
         trust.register(
             issuer,
@@ -58,6 +60,7 @@ impl JwksFileSource {
 
     fn load(&self) -> Result<(), String> {
         let p = &self.path;
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = stamp(p);
         let meta = std::fs::metadata(p)
             .map_err(|e| format!("JWKS file {} for peer {}: {e}", p.display(), self.issuer))?;
         if meta.len() > MAX_JWKS_BYTES as u64 {
@@ -82,26 +85,36 @@ impl JwksFileSource {
     }
 }
 
-fn stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
-    std::fs::metadata(path)
-        .ok()
-        .and_then(|m| Some((m.modified().ok()?, m.len())))
+/// Identity and version of a file: inode, size, modification and change
+/// times (an atomic rename to a same-size file still changes inode and ctime).
+type Stamp = (u64, u64, i64, i64, i64, i64);
+
+fn stamp(path: &std::path::Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| {
+        (
+            m.ino(),
+            m.len(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+        )
+    })
 }
 
 impl JwksFileSource {
-    /// Re-reads the file whenever its modification time or size changes, until cancelled.
+    /// Re-reads the file whenever it differs from what was last read, until cancelled.
     pub async fn watch(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        let mut seen = stamp(&self.path);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
             }
-            let now = stamp(&self.path);
-            if now == seen {
+            let last = *self.loaded.lock().unwrap_or_else(|e| e.into_inner());
+            if stamp(&self.path) == last {
                 continue;
             }
-            seen = now;
             match self.load() {
                 Ok(()) => {
                     tracing::info!(issuer = %self.issuer, file = %self.path.display(), "reloaded JWKS file")

@@ -23,6 +23,7 @@ pub struct PeerKeysApi {
     td: TrustDomain,
     keys: KeyView,
     clock: SharedClock,
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for PeerKeysApi {
@@ -58,13 +59,20 @@ pub fn key_set_message(id: &SpiffeId, set: &KeySet, _now: i64) -> pb::PeerKeySet
 }
 
 impl PeerKeysApi {
-    /// The service for sidecar `id`.
-    pub fn new(id: SpiffeId, td: TrustDomain, keys: KeyView, clock: SharedClock) -> Self {
+    /// The service for sidecar `id`; its watch streams end when `shutdown` is cancelled.
+    pub fn new(
+        id: SpiffeId,
+        td: TrustDomain,
+        keys: KeyView,
+        clock: SharedClock,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) -> Self {
         Self {
             id,
             td,
             keys,
             clock,
+            shutdown,
         }
     }
 
@@ -106,6 +114,7 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         let clock = self.clock.clone();
         let stream = WatchStream::new(self.keys.subscribe())
             .map(move |set| Ok(key_set_message(&id, &set, clock.now())));
+        let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -8,9 +8,11 @@
 //! For T (issuer X, subject S, act {sub, prev_token: P}) a verifier checks:
 //! `act.sub` = X; P is signed by its own issuer's key; P was for X (its
 //! `aud`); P's subject is S; P was valid when T was issued (T.iat within
-//! P's validity, with skew); T does not outlive P; P's lifetime is within
-//! max_ttl; and P's own chain, recursively, up to `MAX_DELEGATION_DEPTH`
-//! links. The chain ends at a token whose subject is its issuer.
+//! P's validity, with skew); T does not outlive P (exactly, so no allowance
+//! adds up along a chain); T carries P's caller claims unchanged (an actor
+//! cannot add roles); P's lifetime is within max_ttl; and P's own chain,
+//! recursively, up to `MAX_DELEGATION_DEPTH` links. The chain ends at a
+//! token whose subject is its issuer.
 
 use serde_json::{Map, Value};
 
@@ -21,6 +23,16 @@ use crate::reason::Reason;
 pub const PREV_TOKEN: &str = "prev_token";
 /// The most delegation links a token may carry.
 pub const MAX_DELEGATION_DEPTH: usize = 3;
+
+/// The claims a caller set: everything but the registered claims tokend owns.
+fn caller_claims(claims: &Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut v: Vec<_> = claims
+        .iter()
+        .filter(|(k, _)| !crate::mint::REGISTERED_CLAIMS.contains(&k.as_str()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(b.0));
+    v
+}
 
 fn link_err(depth: usize, e: Error) -> Error {
     Error {
@@ -55,10 +67,11 @@ impl Verifier {
         actor: &str,
         subject: &str,
         outer: &Times,
+        outer_claims: &Map<String, Value>,
         act: &Value,
         now: i64,
     ) -> Result<(), Error> {
-        let skew = self.policy.clock_skew;
+        let mut outer_claims = outer_claims.clone();
         let mut actor = actor.to_owned();
         let mut outer = Times {
             exp: outer.exp,
@@ -110,10 +123,21 @@ impl Verifier {
                 .map_err(|e| link_err(depth, e))?;
             self.check_lifetime(&p_times)
                 .map_err(|e| link_err(depth, e))?;
-            if outer.exp > p_times.exp.saturating_add(skew) {
+            // Exact, no skew: the exchange caps exp at the received token's,
+            // and a per-link allowance would add up along a chain.
+            if outer.exp > p_times.exp {
                 return fail(
                     Reason::LifetimeTooLong,
                     format!("delegation link {depth}: outlives the token it was exchanged for"),
+                );
+            }
+            // The subject's claims travel unchanged: an actor cannot add roles.
+            if caller_claims(&outer_claims) != caller_claims(&p.claims) {
+                return fail(
+                    Reason::Malformed,
+                    format!(
+                        "delegation link {depth}: claims differ from those of the exchanged token"
+                    ),
                 );
             }
             match p.claims.get("act") {
@@ -130,6 +154,7 @@ impl Verifier {
                     act = next.clone();
                     actor = p.issuer;
                     outer = p_times;
+                    outer_claims = p.claims;
                 }
             }
         }

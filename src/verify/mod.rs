@@ -315,7 +315,10 @@ impl Verifier {
                 );
             }
             None => {}
-            Some(act) => self.check_chain(&issuer, subject, &times, act, now).await?,
+            Some(act) => {
+                self.check_chain(&issuer, subject, &times, &claims, act, now)
+                    .await?
+            }
         }
         // 10. one-time tokens
         if claims.get("one_time") == Some(&Value::Bool(true)) {

@@ -208,6 +208,34 @@ async fn compromised_actor_cannot_fabricate_a_link() {
         );
     }
 
+    // Adding a claim the subject never had (privilege escalation).
+    let escalated = {
+        let mut claims = claims("ledger", "archive", 60);
+        claims["sub"] = id("payments").into();
+        claims["role"] = "admin".into();
+        claims["act"] = serde_json::json!({"sub": id("ledger"), "prev_token": t1});
+        forge(&key, key.kid(), &claims)
+    };
+    assert_eq!(
+        c.verify(&escalated).await.err().as_deref(),
+        Some("malformed")
+    );
+
+    // One second past the received token, within clock skew: still refused
+    // (an allowance per link would add up along a chain).
+    let t1_exp = payload(&t1)["exp"].as_i64().expect("exp");
+    let mut late = claims("ledger", "archive", 60);
+    late["sub"] = id("payments").into();
+    late["exp"] = (t1_exp + 1).into();
+    late["act"] = serde_json::json!({"sub": id("ledger"), "prev_token": t1});
+    assert_eq!(
+        c.verify(&forge(&key, key.kid(), &late))
+            .await
+            .err()
+            .as_deref(),
+        Some("lifetime_too_long")
+    );
+
     // Outliving the received token.
     let short = {
         let req = pb::MintRequest {

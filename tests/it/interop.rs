@@ -205,3 +205,94 @@ async fn spiffe_security_header_required() {
         Some(tokend::reason::Reason::PermissionDenied)
     );
 }
+
+fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    r
+}
+
+/// An open FetchJWTBundles stream (SPIFFE JWT sources hold one forever) does
+/// not stop SIGTERM from shutting the sidecar down cleanly: the stream ends.
+#[tokio::test]
+async fn open_bundle_stream_does_not_block_shutdown() {
+    use tokio_stream::StreamExt;
+    let root = tmp();
+    let mut a = Sidecar::start(root.path(), "payments", "");
+    let channel = tokend::api::connect(&a.socket).await.expect("connect");
+    let mut client =
+        tokend::proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let mut stream = client
+        .fetch_jwt_bundles(with_header(tokend::proto::spiffe::JwtBundlesRequest {}))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = stream.next().await.expect("a message").expect("ok");
+    assert!(first.bundles.contains_key(TD));
+    let status = tokio::task::spawn_blocking(move || {
+        let st = a.stop();
+        (st, a)
+    })
+    .await
+    .expect("join");
+    assert!(
+        status.0.expect("was running").success(),
+        "exited by itself, not killed after the 20 s wait"
+    );
+    assert!(
+        stream.next().await.is_none_or(|r| r.is_err()),
+        "stream ended"
+    );
+}
+
+/// FetchJWTSVID bounds audiences; ValidateJWTSVID refuses delegated tokens
+/// (SPIFFE clients would take the original subject for the presenter).
+#[tokio::test]
+async fn spiffe_bounds_and_delegated_tokens() {
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let channel = tokend::api::connect(&a.socket).await.expect("connect");
+    let mut client =
+        tokend::proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    for audience in [
+        vec!["x".to_string(); 17],
+        vec!["y".repeat(300)],
+        vec![String::new()],
+    ] {
+        let st = client
+            .fetch_jwtsvid(with_header(tokend::proto::spiffe::JwtsvidRequest {
+                audience,
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            tokend::api::reason_of(&st),
+            Some(tokend::reason::Reason::Malformed)
+        );
+    }
+    let inbound = a.mint("payments").await.token;
+    let req = tokend::proto::tokend::v1::ExchangeRequest {
+        token: inbound,
+        audience: "spiffe://bank.internal/payments".into(),
+        ttl_seconds: 0,
+    };
+    let delegated = a
+        .tokens()
+        .await
+        .exchange(req)
+        .await
+        .expect("exchange")
+        .into_inner()
+        .token;
+    let st = client
+        .validate_jwtsvid(with_header(tokend::proto::spiffe::ValidateJwtsvidRequest {
+            audience: id("payments"),
+            svid: delegated,
+        }))
+        .await
+        .expect_err("delegated refused");
+    assert_eq!(st.code(), tonic::Code::InvalidArgument);
+    assert!(st.message().contains("delegated"), "{}", st.message());
+}

@@ -418,3 +418,33 @@ async fn other_jws_types_are_refused() {
         assert_eq!(a.verify(&t).await.err().as_deref(), expect, "typ {typ:?}");
     }
 }
+
+/// SIGTERM the moment the socket answers (before the startup log line) still
+/// shuts down cleanly: signal handlers are installed before anything is built.
+#[test]
+fn sigterm_during_startup_cleans_up() {
+    let root = tmp();
+    let cfg = write_config(root.path(), "payments", "");
+    let sock = root.path().join("payments/tokend.sock");
+    for _ in 0..5 {
+        let child = std::process::Command::new(bin())
+            .args(["serve", "--config"])
+            .arg(&cfg)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(std::time::Instant::now() < deadline, "did not start");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("term");
+        let out = child.wait_with_output().expect("wait");
+        assert!(out.status.success(), "{:?}", out.status);
+        assert!(!sock.exists(), "socket removed");
+    }
+}

@@ -349,6 +349,36 @@ async fn live_socket_not_stolen() {
     );
 }
 
+/// The socket gets the configured mode, and a caller whose uid is allowed is served.
+#[tokio::test]
+async fn socket_mode_and_allowed_uid() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tmp();
+    let own = std::fs::metadata("/proc/self").expect("proc").uid();
+    let a = Sidecar::start(
+        root.path(),
+        "payments",
+        &format!("socket_mode = \"0660\"\nallowed_uids = [{own}]"),
+    );
+    let mode = std::fs::metadata(&a.socket)
+        .expect("socket")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    assert!(a.verify(&a.mint("payments").await.token).await.is_ok());
+    let b = Sidecar::start(root.path(), "ledger", "");
+    assert_eq!(
+        std::fs::metadata(&b.socket)
+            .expect("socket")
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600,
+        "default 0600"
+    );
+}
+
 /// Callers outside allowed_uids are refused with permission_denied.
 #[tokio::test]
 async fn uid_allow_list() {

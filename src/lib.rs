@@ -1,14 +1,18 @@
 //! tokend: a service-to-service token sidecar.
 //!
 //! Each service runs one tokend. It keeps the service's RS256 keys
-//! (`keys`), mints short-lived JWTs (`mint`), verifies incoming tokens against
-//! per-issuer key sets (`verify`) filled from its own keys and from peers
-//! (`peers`), and serves all of it over gRPC on a Unix socket (`api`).
+//! (`keys`: store, rotation, revocation), mints short-lived JWTs (`mint`),
+//! verifies incoming tokens against per-issuer key sets (`verify`) filled from
+//! its own keys and from peers over mTLS or JWKS files (`peers`), exchanges
+//! tokens for delegated ones (`exchange`), and serves all of it over gRPC on
+//! a Unix socket (`api`: tokend.v1, the SPIFFE Workload API, health).
 //!
 //! Layout: `config` → `daemon` builds everything; `cli` is the command line;
-//! `reason` holds the stable refusal codes; `identity` the SPIFFE names;
-//! `clock` the only wall-clock reader; `crypto` the ring provider for
-//! jsonwebtoken; `jwk` public keys and thumbprints.
+//! `ca` the trust domain's CA and peer certificates; `reason` the stable
+//! refusal codes; `identity` the SPIFFE names; `clock` the only wall-clock
+//! reader; `crypto` the ring provider for jsonwebtoken; `jwk` public keys and
+//! thumbprints; `telemetry` logs and metrics; `shutdown` signals and
+//! stream cancellation; `proto` the generated code.
 
 pub mod api;
 pub mod ca;

@@ -463,16 +463,8 @@ fn sigterm_during_startup_cleans_up() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("spawn");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            assert!(std::time::Instant::now() < deadline, "did not start");
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("term");
+        wait_for_socket(&sock);
+        sigterm(&child);
         let out = child.wait_with_output().expect("wait");
         assert!(out.status.success(), "{:?}", out.status);
         assert!(!sock.exists(), "socket removed");

@@ -104,16 +104,8 @@ fn json_logs() {
         .expect("spawn");
     let mut stderr = child.stderr.take().expect("stderr");
     let sock = root.path().join("payments/tokend.sock");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-        assert!(std::time::Instant::now() < deadline, "did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("term");
+    wait_for_socket(&sock);
+    sigterm(&child);
     assert!(child.wait().expect("wait").success());
     let mut text = String::new();
     stderr.read_to_string(&mut text).expect("read");

@@ -32,10 +32,6 @@ impl ManualClock {
     pub fn at(now: i64) -> Self {
         Self(Arc::new(AtomicI64::new(now)))
     }
-    /// Moves the clock by `secs` (may be negative).
-    pub fn advance(&self, secs: i64) {
-        self.0.fetch_add(secs, Ordering::SeqCst);
-    }
     /// Sets the clock.
     pub fn set(&self, now: i64) {
         self.0.store(now, Ordering::SeqCst);

@@ -133,7 +133,6 @@ impl Daemon {
         .await?;
 
         let trust = Arc::new(TrustStore::new(MIN_REFRESH_INTERVAL));
-        trust.register(config.id.as_str(), "self".into(), None);
         install_own_keys(&trust, &keys, config.id.as_str(), now);
         let peer_tls = match &config.peer_api {
             Some(p) => Some(
@@ -334,10 +333,7 @@ impl Daemon {
 }
 
 fn install_own_keys(trust: &TrustStore, keys: &KeyView, own: &str, now: i64) {
-    let set = keys.current();
-    let published = set.published().cloned().collect();
-    let revoked = set.revoked_kids().map(str::to_owned).collect();
-    if let Err(e) = trust.replace(own, published, revoked, Default::default(), now) {
+    if let Err(e) = trust.install_own(own, &keys.current(), now) {
         tracing::error!(error = %e, "cannot install own keys in the trust store");
     }
 }

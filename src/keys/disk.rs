@@ -165,11 +165,6 @@ impl KeyDir {
         })
     }
 
-    /// The directory.
-    pub fn path(&self) -> &Path {
-        &self.dir
-    }
-
     /// Loads the manifest and every key it names, checking each file. `None`
     /// means a fresh directory. Leftover temp files are removed, and key files
     /// no manifest entry names (a crash between the two writes) are removed:

@@ -48,15 +48,16 @@ impl KeyStore {
         bits: u32,
         clock: SharedClock,
     ) -> Result<(Self, KeyView), KeyError> {
+        let path = dir.to_owned();
         let dir = KeyDir::open(dir)?;
         let loaded = {
             let dir = dir.clone();
             tokio::task::spawn_blocking(move || dir.load())
                 .await
                 .map_err(|e| DiskError::Io {
-                    op: "load keys",
-                    path: std::path::PathBuf::new(),
-                    source: std::io::Error::other(e.to_string()),
+                    op: "load keys from",
+                    path,
+                    source: std::io::Error::other(format!("loader task failed: {e}")),
                 })??
         };
         let mut records = Vec::new();
@@ -95,11 +96,6 @@ impl KeyStore {
         self.lifecycle
     }
 
-    /// A reader of this store.
-    pub fn view(&self) -> KeyView {
-        KeyView(self.tx.subscribe())
-    }
-
     fn publish(&mut self) {
         self.version += 1;
         let entries = self
@@ -112,11 +108,6 @@ impl KeyStore {
             .collect();
         self.tx
             .send_replace(Arc::new(KeySet::new(self.version, self.lifecycle, entries)));
-    }
-
-    /// The clock the store reads.
-    pub fn clock(&self) -> &SharedClock {
-        &self.clock
     }
 
     /// Generates a key that starts signing at `at`, but never before it has

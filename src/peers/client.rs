@@ -66,7 +66,7 @@ fn proven_identity(slot: &Slot) -> Result<SpiffeId, String> {
     slot.lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .ok_or_else(|| "no peer identity".to_owned())
+        .ok_or_else(|| "the TLS connection proved no peer identity".to_owned())
 }
 
 // === impl PeerClient ===

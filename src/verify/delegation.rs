@@ -78,13 +78,7 @@ impl Verifier {
             iat: outer.iat,
         };
         let mut act = act.clone();
-        for depth in 1..=MAX_DELEGATION_DEPTH + 1 {
-            if depth > MAX_DELEGATION_DEPTH {
-                return fail(
-                    Reason::Malformed,
-                    format!("delegation chain longer than {MAX_DELEGATION_DEPTH} links"),
-                );
-            }
+        for depth in 1..=MAX_DELEGATION_DEPTH {
             let Value::Object(a) = &act else {
                 return fail(Reason::Malformed, "claim act is not an object");
             };
@@ -158,6 +152,9 @@ impl Verifier {
                 }
             }
         }
-        fail(Reason::Malformed, "delegation chain too long")
+        fail(
+            Reason::Malformed,
+            format!("delegation chain longer than {MAX_DELEGATION_DEPTH} links"),
+        )
     }
 }

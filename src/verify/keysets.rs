@@ -222,6 +222,22 @@ impl TrustStore {
         self.changed();
     }
 
+    /// Installs this sidecar's own published keys (and revocations) as
+    /// `issuer`'s set, registering it as `self` on first use.
+    pub fn install_own(
+        &self,
+        issuer: &str,
+        set: &crate::keys::KeySet,
+        now: i64,
+    ) -> Result<(), SetError> {
+        if !self.knows(issuer) {
+            self.register(issuer, "self".into(), None);
+        }
+        let published = set.published().cloned().collect();
+        let revoked = set.revoked_kids().map(str::to_owned).collect();
+        self.replace(issuer, published, revoked, HashMap::new(), now)
+    }
+
     /// Records a source error (the previous set stays in use).
     pub fn note_error(&self, issuer: &str, error: String) {
         let mut map = self.issuers.write().unwrap_or_else(|p| p.into_inner());

@@ -157,11 +157,6 @@ impl Verifier {
         &self.trust
     }
 
-    /// The limits in force.
-    pub fn policy(&self) -> Policy {
-        self.policy
-    }
-
     /// Verifies `token` for `audience` at `now`.
     pub async fn verify(&self, token: &str, audience: &str, now: i64) -> Result<Verified, Error> {
         let started = std::time::Instant::now();
@@ -184,16 +179,25 @@ impl Verifier {
             return fail(Reason::Malformed, "payload is not a JSON object");
         };
         let issuer = str_claim(&claims, "iss")?.to_owned();
-        if !self.trust.knows(&issuer) {
-            return fail(
+        let unknown_issuer = || {
+            fail(
                 Reason::UnknownIssuer,
                 format!("issuer {issuer:?} is not this sidecar nor a configured peer"),
-            );
-        }
-        let Some(kid) = parts.kid else {
-            return fail(Reason::MissingClaim, "header kid is missing");
+            )
         };
+        let Some(kid) = parts.kid else {
+            // Issuer before kid, as the check order says (cold path: two lookups).
+            return if self.trust.knows(&issuer) {
+                fail(Reason::MissingClaim, "header kid is missing")
+            } else {
+                unknown_issuer()
+            };
+        };
+        // One lookup answers both "issuer known?" and "kid in its set?".
         let mut lookup = self.trust.lookup(&issuer, &kid, now);
+        if matches!(lookup, Lookup::UnknownIssuer) {
+            return unknown_issuer();
+        }
         if matches!(lookup, Lookup::UnknownKid) {
             let ticket = self.trust.refresh_ticket(&issuer);
             self.trust.refresh(&issuer, ticket).await;
@@ -207,12 +211,7 @@ impl Verifier {
                     format!("key {kid} was revoked by {issuer}"),
                 );
             }
-            Lookup::UnknownIssuer => {
-                return fail(
-                    Reason::UnknownIssuer,
-                    format!("issuer {issuer:?} is not known"),
-                );
-            }
+            Lookup::UnknownIssuer => return unknown_issuer(),
             Lookup::UnknownKid => {
                 return fail(
                     Reason::UnknownKid,

@@ -111,17 +111,9 @@ async fn mutated_tokens_never_verify() {
         },
     );
     let trust = Arc::new(TrustStore::new(std::time::Duration::from_secs(1)));
-    trust.register(id.as_str(), "self".into(), None);
     let now = SystemClock.now();
-    let set = view.current();
     trust
-        .replace(
-            id.as_str(),
-            set.published().cloned().collect(),
-            vec![],
-            Default::default(),
-            now,
-        )
+        .install_own(id.as_str(), &view.current(), now)
         .expect("trust");
     let verifier = Verifier::new(
         id.clone(),

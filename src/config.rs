@@ -455,6 +455,38 @@ impl Config {
     }
 }
 
+// === the policies each section builds ===
+
+impl TokensConfig {
+    /// The minter's lifetime limits.
+    pub fn mint_policy(&self) -> crate::engine::MintPolicy {
+        crate::engine::MintPolicy {
+            default_ttl: self.default_ttl,
+            max_ttl: self.max_ttl,
+        }
+    }
+
+    /// The verifier's limits.
+    pub fn verify_policy(&self) -> crate::engine::VerifyPolicy {
+        crate::engine::VerifyPolicy {
+            max_ttl: self.max_ttl,
+            clock_skew: self.clock_skew,
+        }
+    }
+}
+
+impl Config {
+    /// The key lifecycle: rotation timings, and a grace that outlives every
+    /// token a retired key signed.
+    pub fn lifecycle(&self) -> crate::keys::Lifecycle {
+        crate::keys::Lifecycle {
+            interval: self.rotation.interval,
+            publish_ahead: self.rotation.publish_ahead,
+            grace: self.tokens.max_ttl + self.tokens.clock_skew,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = match tokend::cli::Cli::try_parse() {
+    let cli = match tokend::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
             let code = if e.use_stderr() {
-                tokend::cli::EXIT_USAGE
+                tokend::EXIT_USAGE
             } else {
                 0
             };
@@ -18,7 +18,7 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    tokend::telemetry::init(cli.log_format);
+    tokend::init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -29,5 +29,5 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    ExitCode::from(runtime.block_on(tokend::cli::run(cli)))
+    ExitCode::from(runtime.block_on(tokend::run_cli(cli)))
 }

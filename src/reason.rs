@@ -84,6 +84,41 @@ impl fmt::Display for Reason {
     }
 }
 
+/// A refusal: the stable reason code and a human detail naming what exactly
+/// was wrong. The one error every decision below the API is expressed in;
+/// `api::status` is the only place that turns it into a wire status.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Refusal {
+    /// The stable code.
+    pub reason: Reason,
+    /// What exactly was wrong.
+    pub detail: String,
+}
+
+impl Refusal {
+    /// A refusal for `reason`, saying `detail`.
+    pub fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        Self {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The same refusal with `context` put before its detail.
+    pub fn context(self, context: impl std::fmt::Display) -> Self {
+        Self {
+            reason: self.reason,
+            detail: format!("{context}: {}", self.detail),
+        }
+    }
+}
+
+/// `Err(Refusal)`, for the many early returns of the checks.
+pub fn refuse<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::new(reason, detail))
+}
+
 /// A string that is not one of the reason codes.
 #[derive(Debug, thiserror::Error)]
 #[error("unknown reason code {0:?}")]

@@ -1,47 +1,44 @@
 //! The local API: one tonic server on the Unix socket carrying tokend.v1
 //! (token, admin), the SPIFFE Workload API (JWT part) and grpc.health.v1.
-//! No business logic here.
+//! Each service holds only the handles it uses; `status` is the one place
+//! refusals become wire statuses. No business logic here.
 
+mod admin;
 mod spiffe;
 mod status;
-mod tokend;
+mod token;
 mod uds;
 
 use std::future::Future;
-use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-pub use self::spiffe::{MAX_AUDIENCE_LEN, MAX_AUDIENCES, SECURITY_HEADER, SpiffeApi, bundles};
-pub use self::status::{REASON_KEY, detail_of, reason_of, reject, reject_with};
-pub use self::tokend::{AdminApi, TokenApi, key_info};
-pub use self::uds::{bind, caller_uid, check_uid, own_uid};
-use crate::daemon::Core;
+pub use self::admin::AdminApi;
+pub use self::spiffe::SpiffeApi;
+pub use self::status::{REASON_KEY, detail_of, reason_of};
+pub use self::token::TokenApi;
+pub(crate) use self::uds::Callers;
+pub use self::uds::{SocketError, bind, connect};
+use crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::proto::tokend::v1 as pb;
 
-/// Opens a gRPC channel to the sidecar listening on `socket` (clients, CLI, tests).
-pub async fn connect(socket: &std::path::Path) -> Result<tonic::transport::Channel, String> {
-    let path = socket.to_owned();
-    // The URI is required by the API but unused: the connector dials the socket.
-    tonic::transport::Endpoint::try_from("http://tokend.local")
-        .map_err(|e| e.to_string())?
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let stream = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        }))
-        .await
-        .map_err(|e| format!("cannot connect to tokend at {}: {e}", socket.display()))
+/// The services the local socket carries.
+#[derive(Debug)]
+pub struct LocalApi {
+    /// tokend.v1 TokenService.
+    pub token: TokenApi,
+    /// tokend.v1 AdminService.
+    pub admin: AdminApi,
+    /// The SPIFFE Workload API.
+    pub spiffe: SpiffeApi,
 }
 
 /// Serves every local service on `listener` until `shutdown` completes, then
 /// finishes in-flight calls and returns.
 pub async fn serve(
     listener: UnixListener,
-    core: Arc<Core>,
+    api: LocalApi,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -52,21 +49,13 @@ pub async fn serve(
         .set_serving::<pb::admin_service_server::AdminServiceServer<AdminApi>>()
         .await;
     reporter
-        .set_serving::<crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer<SpiffeApi>>()
+        .set_serving::<SpiffeWorkloadApiServer<SpiffeApi>>()
         .await;
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(pb::token_service_server::TokenServiceServer::new(TokenApi(
-            core.clone(),
-        )))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(AdminApi(
-            core.clone(),
-        )))
-        .add_service(
-            crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
-                SpiffeApi(core),
-            ),
-        )
+        .add_service(pb::token_service_server::TokenServiceServer::new(api.token))
+        .add_service(pb::admin_service_server::AdminServiceServer::new(api.admin))
+        .add_service(SpiffeWorkloadApiServer::new(api.spiffe))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await
 }

@@ -11,65 +11,88 @@
 use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::status::{reject, reject_with};
-use super::uds::check_uid;
-use crate::daemon::Core;
-use crate::mint::MintRequest;
+use super::status::{spiffe_status, status};
+use super::uds::Callers;
+use crate::engine::{Engine, MintRequest};
+use crate::identity::SpiffeId;
+use crate::jose::PublicKey;
 use crate::proto::spiffe as pb;
-use crate::reason::Reason;
+use crate::reason::{Reason, Refusal};
 
 /// The most audiences one JWT-SVID may name.
-pub const MAX_AUDIENCES: usize = 16;
+const MAX_AUDIENCES: usize = 16;
 /// The longest audience accepted, in bytes.
-pub const MAX_AUDIENCE_LEN: usize = 256;
-
+const MAX_AUDIENCE_LEN: usize = 256;
 /// The header every Workload API call must carry.
-pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// Bundle streams send at most one update per this interval: a peer that
+/// floods valid key sets cannot make every watcher spin.
+const BUNDLE_UPDATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The Workload API service.
 #[derive(Clone, Debug)]
-pub struct SpiffeApi(pub Arc<Core>);
-
-fn admit<T>(core: &Core, req: &Request<T>) -> Result<(), Status> {
-    match req
-        .metadata()
-        .get(SECURITY_HEADER)
-        .and_then(|v| v.to_str().ok())
-    {
-        Some("true") => {}
-        _ => {
-            return Err(Status::invalid_argument(
-                "security header missing from request",
-            ));
-        }
-    }
-    check_uid(req, core.config.allowed_uids.as_deref())
+pub struct SpiffeApi {
+    engine: Arc<Engine>,
+    callers: Callers,
+    shutdown: CancellationToken,
 }
 
-/// Every trusted issuer's keys, grouped by trust domain, as JWKS documents.
-pub fn bundles(core: &Core) -> HashMap<String, Vec<u8>> {
-    let mut by_td: BTreeMap<String, Vec<Arc<crate::jwk::PublicKey>>> = BTreeMap::new();
-    for s in core.verifier.trust().snapshot() {
-        let td = crate::identity::SpiffeId::parse(&s.issuer)
-            .map(|id| id.trust_domain().to_owned())
-            .unwrap_or_default();
-        if !td.is_empty() {
-            by_td.entry(td).or_default().extend(s.keys);
+impl SpiffeApi {
+    /// The service over `engine`, open to `callers`; its bundle streams end
+    /// on `shutdown`.
+    pub(crate) fn new(engine: Arc<Engine>, callers: Callers, shutdown: CancellationToken) -> Self {
+        Self {
+            engine,
+            callers,
+            shutdown,
+        }
+    }
+
+    fn admit<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match req
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some("true") => {}
+            _ => {
+                return Err(Status::invalid_argument(
+                    "security header missing from request",
+                ));
+            }
+        }
+        self.callers.check(req).map_err(spiffe_status)
+    }
+}
+
+/// Every trusted issuer's keys (this sidecar's and its peers'), grouped by
+/// trust domain, as JWKS documents.
+fn bundles(engine: &Engine) -> HashMap<String, Vec<u8>> {
+    let own = engine.keys().current();
+    let trust = engine.trust().current();
+    let mut by_td: BTreeMap<String, Vec<PublicKey>> = BTreeMap::new();
+    by_td
+        .entry(engine.own().trust_domain().to_owned())
+        .or_default()
+        .extend(own.published().cloned());
+    for (issuer, keys) in trust.issuers() {
+        if let Ok(id) = SpiffeId::parse(issuer) {
+            by_td
+                .entry(id.trust_domain().to_owned())
+                .or_default()
+                .extend(keys.keys().iter().map(|k| k.as_ref().clone()));
         }
     }
     by_td
         .into_iter()
-        .map(|(td, keys)| {
-            (
-                td,
-                crate::jwk::to_jwks_json(keys.iter().map(|k| k.as_ref())).into_bytes(),
-            )
-        })
+        .map(|(td, keys)| (td, crate::jose::to_jwks_json(&keys).into_bytes()))
         .collect()
 }
 
@@ -103,30 +126,33 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
-        admit(&self.0, &req)?;
+        self.admit(&req)?;
         let r = req.into_inner();
-        let core = &self.0;
+        let own = self.engine.own();
         if r.audience.is_empty()
             || r.audience.len() > MAX_AUDIENCES
             || r.audience
                 .iter()
                 .any(|a| a.is_empty() || a.len() > MAX_AUDIENCE_LEN)
         {
-            return Err(reject(
+            return Err(status(Refusal::new(
                 Reason::Malformed,
                 format!(
                     "audience: 1 to {MAX_AUDIENCES} audiences of 1 to {MAX_AUDIENCE_LEN} bytes"
                 ),
-            ));
+            )));
         }
-        if !r.spiffe_id.is_empty() && r.spiffe_id != core.config.id.as_str() {
-            return Err(reject(
+        if r.audience.iter().any(|a| a.chars().any(char::is_control)) {
+            return Err(status(Refusal::new(
+                Reason::Malformed,
+                "audience: control characters are not allowed",
+            )));
+        }
+        if !r.spiffe_id.is_empty() && r.spiffe_id != own.as_str() {
+            return Err(status(Refusal::new(
                 Reason::PermissionDenied,
-                format!(
-                    "this workload may only have {}, not {}",
-                    core.config.id, r.spiffe_id
-                ),
-            ));
+                format!("this workload may only have {own}, not {}", r.spiffe_id),
+            )));
         }
         let request = MintRequest {
             audience: r.audience,
@@ -134,10 +160,10 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             claims: Default::default(),
             one_time: false,
         };
-        let m = core.minter.mint(&request, core.clock.now())?;
+        let m = self.engine.mint(&request).map_err(status)?;
         Ok(Response::new(pb::JwtsvidResponse {
             svids: vec![pb::Jwtsvid {
-                spiffe_id: core.config.id.to_string(),
+                spiffe_id: own.to_string(),
                 svid: m.token,
             }],
         }))
@@ -149,15 +175,21 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<BundleStream>, Status> {
-        admit(&self.0, &req)?;
-        let core = self.0.clone();
-        let stop = core.shutdown.clone();
-        let stream = WatchStream::new(core.verifier.trust().subscribe()).map(move |_| {
-            Ok(pb::JwtBundlesResponse {
-                bundles: bundles(&core),
-            })
-        });
-        let stream = crate::shutdown::until_cancelled(Box::pin(stream), stop);
+        self.admit(&req)?;
+        let engine = self.engine.clone();
+        let own = WatchStream::new(engine.keys().subscribe()).map(|_| ());
+        let peers = WatchStream::new(engine.trust().subscribe()).map(|_| ());
+        // WatchStream keeps only the latest change; the throttle bounds how
+        // often a watcher is woken, however fast sets arrive.
+        let stream = own
+            .merge(peers)
+            .throttle(BUNDLE_UPDATE_INTERVAL)
+            .map(move |()| {
+                Ok(pb::JwtBundlesResponse {
+                    bundles: bundles(&engine),
+                })
+            });
+        let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -165,30 +197,26 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        admit(&self.0, &req)?;
+        self.admit(&req)?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.svid.is_empty() {
-            return Err(reject(Reason::Malformed, "audience and svid are required"));
+            return Err(spiffe_status(Refusal::new(
+                Reason::Malformed,
+                "audience and svid are required",
+            )));
         }
-        let core = &self.0;
-        let v = core
-            .verifier
-            .verify(r.svid.trim(), &r.audience, core.clock.now())
+        let v = self
+            .engine
+            .verify(&r.svid, &r.audience)
             .await
-            // The Workload API reports an invalid token as InvalidArgument;
-            // a transient condition stays Unavailable so clients retry.
-            .map_err(|e| match e.reason {
-                Reason::Unavailable => reject(e.reason, &e.detail),
-                _ => reject_with(tonic::Code::InvalidArgument, e.reason, &e.detail),
-            })?;
+            .map_err(spiffe_status)?;
         // SPIFFE clients know nothing of `act` and would take the original
         // subject for the presenter: delegated tokens are refused here.
         if v.claims.contains_key("act") {
-            return Err(reject_with(
-                tonic::Code::InvalidArgument,
+            return Err(spiffe_status(Refusal::new(
                 Reason::Malformed,
                 "a delegated token (act) is not a JWT-SVID; verify it with tokend.v1 Verify",
-            ));
+            )));
         }
         Ok(Response::new(pb::ValidateJwtsvidResponse {
             spiffe_id: v.subject,
@@ -202,7 +230,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         &self,
         req: Request<pb::X509svidRequest>,
     ) -> Result<Response<X509Stream>, Status> {
-        admit(&self.0, &req)?;
+        self.admit(&req)?;
         Err(Status::unimplemented(
             "tokend serves JWT-SVIDs only; X.509-SVIDs are not available",
         ))

@@ -1,32 +1,69 @@
-//! The one mapping from domain errors to gRPC statuses: a code, the message
-//! `<reason>: <detail>`, and the reason in `tokend-reason` metadata.
+//! The one mapping from refusals to gRPC statuses: a code chosen by the
+//! reason (or by the service's convention, for the SPIFFE Workload API),
+//! the message `<reason>: <detail>`, and the reason in `tokend-reason`
+//! metadata on every refusal. Clients read both back with `reason_of` and
+//! `detail_of`.
 
 use tonic::{Code, Status};
 
-use crate::reason::Reason;
+use crate::keys::KeyError;
+use crate::reason::{Reason, Refusal};
 
 /// Metadata key carrying the reason code.
 pub const REASON_KEY: &str = "tokend-reason";
 
-/// The status for a refusal.
-pub fn reject(reason: Reason, detail: impl std::fmt::Display) -> Status {
-    let code = match reason {
-        Reason::Malformed | Reason::UnsupportedAlg => Code::InvalidArgument,
+/// The gRPC code a reason maps to on tokend's own services.
+fn code_for(reason: Reason) -> Code {
+    match reason {
+        Reason::Malformed | Reason::UnsupportedAlg | Reason::LifetimeTooLong => {
+            Code::InvalidArgument
+        }
         Reason::PermissionDenied => Code::PermissionDenied,
         Reason::Unavailable => Code::Unavailable,
-        Reason::LifetimeTooLong => Code::InvalidArgument,
         _ => Code::Unauthenticated,
-    };
-    reject_with(code, reason, detail)
+    }
 }
 
-/// A refusal with an explicit gRPC code (for requests, not tokens, that are wrong).
-pub fn reject_with(code: Code, reason: Reason, detail: impl std::fmt::Display) -> Status {
-    let mut st = Status::new(code, format!("{reason}: {detail}"));
-    if let Ok(v) = reason.as_str().parse() {
+fn with_code(code: Code, r: &Refusal) -> Status {
+    let mut st = Status::new(code, r.to_string());
+    if let Ok(v) = r.reason.as_str().parse() {
         st.metadata_mut().insert(REASON_KEY, v);
     }
     st
+}
+
+/// The status for a refusal on tokend's own services.
+pub(crate) fn status(r: Refusal) -> Status {
+    with_code(code_for(r.reason), &r)
+}
+
+/// A malformed request field (not a token): `malformed`, InvalidArgument.
+pub(crate) fn bad_request(detail: impl Into<String>) -> Status {
+    status(Refusal::new(Reason::Malformed, detail))
+}
+
+/// The status for a refusal on the SPIFFE Workload API, which reports an
+/// invalid token as InvalidArgument; a transient condition stays
+/// Unavailable so clients retry, and a denied caller PermissionDenied.
+pub(crate) fn spiffe_status(r: Refusal) -> Status {
+    let code = match r.reason {
+        Reason::Unavailable => Code::Unavailable,
+        Reason::PermissionDenied => Code::PermissionDenied,
+        _ => Code::InvalidArgument,
+    };
+    with_code(code, &r)
+}
+
+/// The status for a failed admin key operation: an unknown or already
+/// revoked kid is the caller's mistake (NotFound), anything else is the
+/// store's trouble (Unavailable).
+pub(crate) fn key_status(e: KeyError) -> Status {
+    match e {
+        KeyError::NotFound(_) | KeyError::AlreadyRevoked(_) => {
+            with_code(Code::NotFound, &Refusal::new(Reason::Malformed, e.to_string()))
+        }
+        other => status(Refusal::new(Reason::Unavailable, other.to_string())),
+    }
 }
 
 /// The reason a status carries, if it came from tokend.
@@ -52,14 +89,29 @@ pub fn detail_of(status: &Status) -> &str {
     }
 }
 
-impl From<crate::verify::Error> for Status {
-    fn from(e: crate::verify::Error) -> Self {
-        reject(e.reason, e.detail)
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl From<crate::mint::MintError> for Status {
-    fn from(e: crate::mint::MintError) -> Self {
-        reject(e.reason(), &e)
+    /// Every reason round-trips through a status: metadata, message and the
+    /// code each service convention gives it.
+    #[test]
+    fn every_reason_round_trips() {
+        for reason in Reason::ALL {
+            let st = status(Refusal::new(reason, "why"));
+            assert_eq!(reason_of(&st), Some(reason));
+            assert_eq!(detail_of(&st), "why");
+            assert_eq!(st.code(), code_for(reason));
+            let sp = spiffe_status(Refusal::new(reason, "why"));
+            assert_eq!(reason_of(&sp), Some(reason));
+        }
+        assert_eq!(status(Refusal::new(Reason::Expired, "x")).code(), Code::Unauthenticated);
+        assert_eq!(
+            spiffe_status(Refusal::new(Reason::Expired, "x")).code(),
+            Code::InvalidArgument
+        );
+        let nf = key_status(KeyError::NotFound("k".into()));
+        assert_eq!((nf.code(), reason_of(&nf)), (Code::NotFound, Some(Reason::Malformed)));
+        assert_eq!(reason_of(&Status::internal("x")), None);
     }
 }

@@ -1,18 +1,14 @@
 //! `tokend demo`: a small bank in one process. Three sidecars (payments,
 //! ledger, and a compromised archive) with a fresh CA, temp dirs and peer
-//! ports on 127.0.0.1:0, built only through `daemon`'s public API and driven
+//! ports on 127.0.0.1:0, built only through `daemon::Sidecar` and driven
 //! over their real sockets: a token accepted, two impersonations refused, a
 //! rotation picked up without a failed call.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
-
 use crate::api::{connect, reason_of};
-use crate::config::{Config, Overrides};
-use crate::daemon::Daemon;
+use crate::daemon::{RunningSidecar, Sidecar};
 use crate::proto::tokend::v1 as pb;
 
 type Tokens = pb::token_service_client::TokenServiceClient<tonic::transport::Channel>;
@@ -29,30 +25,21 @@ async fn sidecar(
     root: &Path,
     name: &str,
     peers: &[(&str, std::net::SocketAddr)],
-) -> Result<Daemon, String> {
-    let dir = root.join(name);
-    crate::ca::issue(&root.join("ca"), name, &dir.join("peer"), &[], 1)
-        .map_err(|e| e.to_string())?;
-    let mut toml = format!(
-        "name = \"{name}\"\ntrust_domain = \"bank.internal\"\nsocket = \"tokend.sock\"\nkeys_dir = \"keys\"\n\
-         [rotation]\ninterval = \"1h\"\npublish_ahead = \"2s\"\n\
-         [peer_api]\nlisten = \"127.0.0.1:0\"\nca = \"../ca/ca.pem\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n"
-    );
+) -> Result<RunningSidecar, String> {
+    let mut s = Sidecar::new(root, name)
+        .peer_api(&root.join("ca"))
+        .config("[rotation]\ninterval = \"1h\"\npublish_ahead = \"2s\"");
     for (peer, addr) in peers {
-        toml.push_str(&format!(
-            "[[peers]]\nname = \"{peer}\"\naddress = \"https://{addr}\"\n"
-        ));
+        s = s.peer(peer, *addr);
     }
-    let config = Config::from_toml(&toml, &dir, &dir.join("tokend.toml"), &Overrides::default())
-        .map_err(|e| e.to_string())?;
-    Daemon::build(config, Arc::new(crate::clock::SystemClock))
-        .await
-        .map_err(|e| e.to_string())
+    s.start().await.map_err(|e| e.to_string())
 }
 
 async fn tokens(root: &Path, name: &str) -> Result<Tokens, String> {
     Ok(pb::token_service_client::TokenServiceClient::new(
-        connect(&root.join(name).join("tokend.sock")).await?,
+        connect(&root.join(name).join("tokend.sock"))
+            .await
+            .map_err(|e| e.to_string())?,
     ))
 }
 
@@ -99,7 +86,7 @@ async fn script(root: &Path) -> Result<(), String> {
     // archive is compromised: the attacker holds its private key and tries to pass as payments.
     let archive_keys = root.join("archive").join("keys");
     let key = latest_key(&archive_keys)?;
-    let now = crate::clock::Clock::now(&crate::clock::SystemClock);
+    let now = crate::time::Clock::now(&crate::time::SystemClock).as_secs();
     let claims = serde_json::json!({
         "iss": "spiffe://bank.internal/payments", "sub": "spiffe://bank.internal/payments",
         "aud": "spiffe://bank.internal/ledger", "iat": now, "nbf": now, "exp": now + 60, "jti": "forged-1",
@@ -123,7 +110,9 @@ async fn script(root: &Path) -> Result<(), String> {
     }
 
     let mut admin = pb::admin_service_client::AdminServiceClient::new(
-        connect(&root.join("payments").join("tokend.sock")).await?,
+        connect(&root.join("payments").join("tokend.sock"))
+            .await
+            .map_err(|e| e.to_string())?,
     );
     let next = admin
         .rotate_key(pb::RotateKeyRequest {})
@@ -219,18 +208,9 @@ async fn demo(root: &Path) -> Result<(), String> {
         "setup",
         format!("sidecars: payments (peer API {p_addr}), archive ({a_addr}), ledger trusting both"),
     );
-    let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    for d in [payments, archive, ledger] {
-        let stop = stop.clone();
-        tasks.push(tokio::spawn(
-            async move { d.run(stop.cancelled_owned()).await },
-        ));
-    }
     let result = script(root).await;
-    stop.cancel();
-    for t in tasks {
-        let _ = t.await;
+    for s in [payments, archive, ledger] {
+        let _ = s.stop().await;
     }
     result
 }

@@ -206,11 +206,13 @@ fn parse_claim(s: &str) -> Result<(String, serde_json::Value), String> {
     Ok((k.to_owned(), value))
 }
 
-/// Reads TOKEN, or stdin (at most 64 KiB) when it is `-`.
+/// Reads TOKEN as given, or stdin (at most 64 KiB) when it is `-`, less the
+/// one line ending `echo` or a file adds. Nothing else is stripped: the
+/// sidecar verifies exactly the bytes it is sent.
 fn token_arg(t: &str) -> Result<String, String> {
     use std::io::Read;
     if t != "-" {
-        return Ok(t.trim().to_owned());
+        return Ok(t.to_owned());
     }
     let mut s = String::new();
     std::io::stdin()
@@ -218,7 +220,8 @@ fn token_arg(t: &str) -> Result<String, String> {
         .take(64 * 1024)
         .read_to_string(&mut s)
         .map_err(|e| format!("cannot read token from stdin: {e}"))?;
-    Ok(s.trim().to_owned())
+    let line = s.strip_suffix('\n').unwrap_or(&s);
+    Ok(line.strip_suffix('\r').unwrap_or(line).to_owned())
 }
 
 /// Runs the command; returns the process exit code.

@@ -56,7 +56,7 @@ pub(super) async fn serve(args: ServeArgs) -> u8 {
             return 1;
         }
     };
-    let clock = std::sync::Arc::new(crate::clock::SystemClock);
+    let clock = std::sync::Arc::new(crate::time::SystemClock);
     let daemon = match crate::daemon::Daemon::build(config, clock).await {
         Ok(d) => d,
         Err(e) => {

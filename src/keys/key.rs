@@ -1,10 +1,13 @@
 //! One RSA signing key: ring-validated PKCS#8, its kid (RFC 7638 thumbprint),
 //! its lifecycle record, and its public half. No file I/O, no clock reads.
 
+use std::time::Duration;
+
 use jsonwebtoken::EncodingKey;
 use serde::{Deserialize, Serialize};
 
-use crate::jwk::PublicKey;
+use crate::jose::{JwkError, PublicKey};
+use crate::time::UnixTime;
 
 /// What the manifest (`keys.json`) remembers of a key. States are derived from
 /// these times and `now`, never stored, so no state can go stale on disk.
@@ -21,12 +24,12 @@ pub struct KeyRecord {
     #[serde(default)]
     pub seq: u64,
     /// When the key was generated.
-    pub created_at: i64,
+    pub created_at: UnixTime,
     /// When it starts signing (publish-ahead: later than `created_at`).
-    pub activates_at: i64,
+    pub activates_at: UnixTime,
     /// When it was revoked, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revoked_at: Option<i64>,
+    pub revoked_at: Option<UnixTime>,
 }
 
 /// A key's place in its lifecycle at a given instant.
@@ -85,12 +88,12 @@ impl std::fmt::Debug for SigningKey {
 impl SigningKey {
     /// Validates PKCS#8 DER with ring and derives the kid.
     pub fn from_pkcs8(der: &[u8]) -> Result<Self, KeyMaterialError> {
-        crate::crypto::install();
+        crate::jose::install_provider();
         let pair = ring::signature::RsaKeyPair::from_pkcs8(der)
             .map_err(|e| KeyMaterialError::Rejected(e.to_string()))?;
         let c = ring::rsa::PublicKeyComponents::<Vec<u8>>::from(pair.public());
         let public = PublicKey::from_components(&c.n, &c.e, None).map_err(|e| match e {
-            crate::jwk::JwkError::BadSize(bits) => KeyMaterialError::Size(bits),
+            JwkError::BadSize(bits) => KeyMaterialError::Size(bits),
             other => KeyMaterialError::Rejected(other.to_string()),
         })?;
         Ok(Self {
@@ -118,18 +121,18 @@ impl SigningKey {
 /// Lifecycle timing shared by the planner and the state derivation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifecycle {
-    /// Seconds between rotations.
-    pub interval: i64,
-    /// Seconds a new key is published before it signs.
-    pub publish_ahead: i64,
-    /// Seconds a key stays published after it stops signing: max_ttl + clock_skew.
-    pub grace: i64,
+    /// Time between rotations.
+    pub interval: Duration,
+    /// Time a new key is published before it signs.
+    pub publish_ahead: Duration,
+    /// Time a key stays published after it stops signing: max_ttl + clock_skew.
+    pub grace: Duration,
 }
 
 /// When `rec` stops (or stopped) signing: the activation of the next key in
 /// activation order, revoked or not (a revoked successor must not bring an
 /// older key back to life).
-pub fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
+pub fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<UnixTime> {
     if let Some(r) = rec.revoked_at {
         return Some(r.min(successor_activation(rec, all).unwrap_or(r)));
     }
@@ -142,7 +145,7 @@ pub fn ever_signs(rec: &KeyRecord) -> bool {
     rec.revoked_at.is_none_or(|r| r >= rec.activates_at)
 }
 
-fn successor_activation(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
+fn successor_activation(rec: &KeyRecord, all: &[KeyRecord]) -> Option<UnixTime> {
     all.iter()
         .filter(|o| o.kid != rec.kid && ever_signs(o))
         .filter(|o| (o.activates_at, o.seq) > (rec.activates_at, rec.seq))
@@ -151,7 +154,7 @@ fn successor_activation(rec: &KeyRecord, all: &[KeyRecord]) -> Option<i64> {
 }
 
 /// The state of `rec` at `now`.
-pub fn state_at(rec: &KeyRecord, all: &[KeyRecord], now: i64) -> KeyState {
+pub fn state_at(rec: &KeyRecord, all: &[KeyRecord], now: UnixTime) -> KeyState {
     if rec.revoked_at.is_some() {
         return KeyState::Revoked;
     }
@@ -165,7 +168,7 @@ pub fn state_at(rec: &KeyRecord, all: &[KeyRecord], now: i64) -> KeyState {
 }
 
 /// When the record may be forgotten: its last token has expired (plus skew).
-pub fn delete_after(rec: &KeyRecord, all: &[KeyRecord], lc: &Lifecycle) -> Option<i64> {
+pub fn delete_after(rec: &KeyRecord, all: &[KeyRecord], lc: &Lifecycle) -> Option<UnixTime> {
     if let Some(r) = rec.revoked_at {
         return Some(r + lc.grace);
     }

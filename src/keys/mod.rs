@@ -6,21 +6,23 @@
 mod disk;
 mod generate;
 mod key;
-pub mod rotation;
+mod rotation;
 mod store;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-pub use self::disk::{DiskError, KeyDir, MANIFEST, atomic_write, parse_pkcs8_pem};
+pub use self::disk::{DiskError, atomic_write, parse_pkcs8_pem};
 pub use self::generate::{GenerateError, generate_pkcs8};
 pub use self::key::{
     KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, ever_signs,
     retires_at, state_at,
 };
+pub use self::rotation::{Command, apply as apply_plan, plan, run as run_rotation};
 pub use self::store::KeyStore;
-use crate::jwk::PublicKey;
+use crate::jose::PublicKey;
+use crate::time::UnixTime;
 
 /// Why a key-store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,11 +75,6 @@ impl KeySet {
         }
     }
 
-    /// Every entry, oldest activation first.
-    pub fn entries(&self) -> &[KeyEntry] {
-        &self.entries
-    }
-
     /// Every record, for state derivation.
     pub fn records(&self) -> Vec<KeyRecord> {
         self.entries.iter().map(|e| e.record.clone()).collect()
@@ -85,7 +82,7 @@ impl KeySet {
 
     /// The key that signs at `now`: the most recently activated key, unless
     /// that one is revoked (an older key never resumes signing).
-    pub fn signing_key(&self, now: i64) -> Option<&Arc<SigningKey>> {
+    pub fn signing_key(&self, now: UnixTime) -> Option<&Arc<SigningKey>> {
         let newest = self
             .entries
             .iter()
@@ -115,7 +112,7 @@ impl KeySet {
 
     /// The published set as a JWKS document.
     pub fn jwks_json(&self) -> String {
-        crate::jwk::to_jwks_json(self.published())
+        crate::jose::to_jwks_json(self.published())
     }
 }
 

@@ -2,12 +2,14 @@
 //! loop that applies its steps through the `KeyStore` on a timer and on admin
 //! commands. The loop never mints or verifies.
 
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::key::{KeyRecord, KeyState, Lifecycle, delete_after, state_at};
 use super::{KeyError, KeyStore};
-use crate::clock::SharedClock;
+use crate::time::{SharedClock, UnixTime, sleep_until};
 
 /// One change the planner asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,9 +18,9 @@ pub enum Step {
     /// published for `lead` seconds.
     Generate {
         /// The planned activation time.
-        at: i64,
-        /// The least publication time before it signs (0: sign at once).
-        lead: i64,
+        at: UnixTime,
+        /// The least publication time before it signs (zero: sign at once).
+        lead: Duration,
     },
     /// Forget a key whose last token has expired.
     Forget {
@@ -27,7 +29,7 @@ pub enum Step {
     },
 }
 
-fn newest_active(now: i64, records: &[KeyRecord]) -> Option<&KeyRecord> {
+fn newest_active(now: UnixTime, records: &[KeyRecord]) -> Option<&KeyRecord> {
     records
         .iter()
         .filter(|r| r.activates_at <= now && super::key::ever_signs(r))
@@ -35,7 +37,7 @@ fn newest_active(now: i64, records: &[KeyRecord]) -> Option<&KeyRecord> {
         .filter(|r| r.revoked_at.is_none())
 }
 
-fn has_pending(now: i64, records: &[KeyRecord]) -> bool {
+fn has_pending(now: UnixTime, records: &[KeyRecord]) -> bool {
     records
         .iter()
         .any(|r| r.revoked_at.is_none() && r.activates_at > now)
@@ -43,15 +45,19 @@ fn has_pending(now: i64, records: &[KeyRecord]) -> bool {
 
 /// When the successor of `active` is generated: `publish_ahead` (plus one
 /// second for whole-second rounding) before `interval` after its activation.
-pub fn rotation_due(active: &KeyRecord, lc: &Lifecycle) -> i64 {
-    (active.activates_at + lc.interval - lc.publish_ahead - 1).max(active.activates_at)
+pub fn rotation_due(active: &KeyRecord, lc: &Lifecycle) -> UnixTime {
+    (active.activates_at + lc.interval - lc.publish_ahead - Duration::from_secs(1))
+        .max(active.activates_at)
 }
 
 /// What should change at `now`. Pure.
-pub fn plan(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
+pub fn plan(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
     let mut steps = Vec::new();
     match newest_active(now, records) {
-        None if !has_pending(now, records) => steps.push(Step::Generate { at: now, lead: 0 }),
+        None if !has_pending(now, records) => steps.push(Step::Generate {
+            at: now,
+            lead: Duration::ZERO,
+        }),
         Some(a) if !has_pending(now, records) && now >= rotation_due(a, lc) => {
             steps.push(Step::Generate {
                 at: a.activates_at + lc.interval,
@@ -70,7 +76,7 @@ pub fn plan(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
 
 /// When the plan next changes (a rotation due, an activation, a key to
 /// delete), if ever.
-pub fn next_event(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Option<i64> {
+pub fn next_event(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Option<UnixTime> {
     let rotate = newest_active(now, records)
         .filter(|_| !has_pending(now, records))
         .map(|a| rotation_due(a, lc));
@@ -88,7 +94,7 @@ pub fn next_event(now: i64, records: &[KeyRecord], lc: &Lifecycle) -> Option<i64
 }
 
 /// Applies the plan at `now` to the store.
-pub async fn apply(store: &mut KeyStore, now: i64) -> Result<(), KeyError> {
+pub async fn apply(store: &mut KeyStore, now: UnixTime) -> Result<(), KeyError> {
     for step in plan(now, store.records(), &store.lifecycle()) {
         match step {
             Step::Generate { at, lead } => {
@@ -101,9 +107,10 @@ pub async fn apply(store: &mut KeyStore, now: i64) -> Result<(), KeyError> {
 }
 
 /// Key gauges: the signing key's age and the number of keys in each state.
-fn record_metrics(now: i64, records: &[KeyRecord]) {
+fn record_metrics(now: UnixTime, records: &[KeyRecord]) {
     if let Some(a) = newest_active(now, records) {
-        metrics::gauge!("tokend_signing_key_age_seconds").set((now - a.activates_at) as f64);
+        metrics::gauge!("tokend_signing_key_age_seconds")
+            .set(now.since(a.activates_at).as_secs_f64());
     }
     for state in [
         KeyState::Next,
@@ -123,7 +130,7 @@ fn record_metrics(now: i64, records: &[KeyRecord]) {
 #[derive(Debug)]
 pub enum Command {
     /// Start a rotation now; answers with the pending key.
-    Rotate(oneshot::Sender<Result<KeyRecord, String>>),
+    Rotate(oneshot::Sender<Result<KeyRecord, KeyError>>),
     /// Revoke a key; answers with the revoked record and the new signing kid.
     Revoke(
         String,
@@ -132,57 +139,41 @@ pub enum Command {
 }
 
 /// Runs rotation until cancelled: applies the plan at every due event (and at
-/// least every `max_sleep`), and serves admin commands. Errors are logged and
-/// retried; the loop never exits on its own.
+/// least every `MAX_SLEEP`), and serves admin commands. It plans and waits on
+/// the same clock. Errors are logged and retried; the loop never exits on
+/// its own.
 pub async fn run(
     mut store: KeyStore,
     mut commands: mpsc::Receiver<Command>,
     clock: SharedClock,
     cancel: CancellationToken,
 ) {
-    const MAX_SLEEP_SECS: i64 = 60;
-    const RETRY_SECS: i64 = 5;
+    const MAX_SLEEP: Duration = Duration::from_secs(60);
+    const RETRY: Duration = Duration::from_secs(5);
     loop {
         let now = clock.now();
-        let mut wait = match apply(&mut store, now).await {
+        let wake = match apply(&mut store, now).await {
             Ok(()) => {
                 record_metrics(now, store.records());
                 next_event(now, store.records(), &store.lifecycle())
-                    .map(|t| t - now)
-                    .unwrap_or(MAX_SLEEP_SECS)
-                    .clamp(0, MAX_SLEEP_SECS)
+                    .unwrap_or(now + MAX_SLEEP)
+                    .clamp(now + Duration::from_secs(1), now + MAX_SLEEP)
             }
             Err(e) => {
                 tracing::error!(error = %e, "rotation step failed; retrying");
-                RETRY_SECS
+                now + RETRY
             }
         };
         if let Err(e) = store.refill_spare().await {
             tracing::warn!(error = %e, "cannot prepare the standby key for revocations");
         }
-        if wait == 0 {
-            wait = 1;
-        }
-        let sleep = tokio::time::sleep(std::time::Duration::from_millis(wait as u64 * 1000));
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = sleep => {}
+            _ = sleep_until(clock.as_ref(), wake) => {}
             cmd = commands.recv() => match cmd {
                 None => return,
                 Some(Command::Rotate(reply)) => {
-                    let now = clock.now();
-                    let lc = store.lifecycle();
-                    let pending = store
-                        .records()
-                        .iter()
-                        .filter(|r| r.revoked_at.is_none() && r.activates_at > now)
-                        .min_by_key(|r| (r.activates_at, r.seq))
-                        .cloned();
-                    let result = match pending {
-                        Some(p) => Ok(p),
-                        None => store.generate(now, lc.publish_ahead).await.map_err(|e| e.to_string()),
-                    };
-                    let _ = reply.send(result);
+                    let _ = reply.send(rotate_now(&mut store, clock.now()).await);
                 }
                 Some(Command::Revoke(kid, reply)) => {
                     let _ = reply.send(store.revoke(&kid).await);
@@ -192,16 +183,39 @@ pub async fn run(
     }
 }
 
+/// An on-demand rotation: the pending key if there is one, else a new key
+/// published `publish_ahead` before it signs.
+async fn rotate_now(store: &mut KeyStore, now: UnixTime) -> Result<KeyRecord, KeyError> {
+    let pending = store
+        .records()
+        .iter()
+        .filter(|r| r.revoked_at.is_none() && r.activates_at > now)
+        .min_by_key(|r| (r.activates_at, r.seq))
+        .cloned();
+    match pending {
+        Some(p) => Ok(p),
+        None => store.generate(now, store.lifecycle().publish_ahead).await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::{KeyState, state_at};
 
     const LC: Lifecycle = Lifecycle {
-        interval: 100,
-        publish_ahead: 10,
-        grace: 30,
+        interval: Duration::from_secs(100),
+        publish_ahead: Duration::from_secs(10),
+        grace: Duration::from_secs(30),
     };
+
+    fn t(s: i64) -> UnixTime {
+        UnixTime::from_secs(s)
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
 
     fn rec(kid: &str, seq: u64, activates_at: i64) -> KeyRecord {
         KeyRecord {
@@ -209,8 +223,8 @@ mod tests {
             file: format!("{kid}.pk8.pem"),
             bits: 2048,
             seq,
-            created_at: activates_at - LC.publish_ahead,
-            activates_at,
+            created_at: t(activates_at) - LC.publish_ahead,
+            activates_at: t(activates_at),
             revoked_at: None,
         }
     }
@@ -218,7 +232,7 @@ mod tests {
     /// An empty store gets a key active at once.
     #[test]
     fn bootstrap_generates_active_key() {
-        assert_eq!(plan(5, &[], &LC), vec![Step::Generate { at: 5, lead: 0 }]);
+        assert_eq!(plan(t(5), &[], &LC), vec![Step::Generate { at: t(5), lead: secs(0) }]);
     }
 
     /// The successor is generated publish_ahead (+1 s rounding) before the
@@ -227,18 +241,18 @@ mod tests {
     #[test]
     fn rotation_publishes_ahead() {
         let a = rec("a", 1, 0);
-        assert!(plan(88, std::slice::from_ref(&a), &LC).is_empty());
-        assert_eq!(next_event(0, std::slice::from_ref(&a), &LC), Some(89));
+        assert!(plan(t(88), std::slice::from_ref(&a), &LC).is_empty());
+        assert_eq!(next_event(t(0), std::slice::from_ref(&a), &LC), Some(t(89)));
         assert_eq!(
-            plan(89, std::slice::from_ref(&a), &LC),
-            vec![Step::Generate { at: 100, lead: 10 }]
+            plan(t(89), std::slice::from_ref(&a), &LC),
+            vec![Step::Generate { at: t(100), lead: secs(10) }]
         );
         let b = rec("b", 2, 100);
         assert!(
-            plan(95, &[a.clone(), b.clone()], &LC).is_empty(),
+            plan(t(95), &[a.clone(), b.clone()], &LC).is_empty(),
             "no second pending key"
         );
-        assert_eq!(next_event(95, &[a, b], &LC), Some(100));
+        assert_eq!(next_event(t(95), &[a, b], &LC), Some(t(100)));
     }
 
     /// A retired key is kept exactly until its last token expired (grace), then forgotten.
@@ -246,17 +260,17 @@ mod tests {
     fn retired_key_forgotten_after_grace() {
         let recs = [rec("a", 1, 0), rec("b", 2, 100)];
         assert!(
-            plan(129, &recs, &LC)
+            plan(t(129), &recs, &LC)
                 .iter()
                 .all(|s| !matches!(s, Step::Forget { .. }))
         );
         assert_eq!(
-            plan(130, &recs, &LC),
+            plan(t(130), &recs, &LC),
             vec![Step::Forget { kid: "a".into() }]
         );
-        assert_eq!(state_at(&recs[0], &recs, 129), KeyState::Retired);
-        assert_eq!(state_at(&recs[1], &recs, 99), KeyState::Next);
-        assert_eq!(state_at(&recs[1], &recs, 100), KeyState::Active);
+        assert_eq!(state_at(&recs[0], &recs, t(129)), KeyState::Retired);
+        assert_eq!(state_at(&recs[1], &recs, t(99)), KeyState::Next);
+        assert_eq!(state_at(&recs[1], &recs, t(100)), KeyState::Active);
     }
 
     /// A revoked newest key does not bring the previous key back: a new one is
@@ -264,17 +278,17 @@ mod tests {
     #[test]
     fn revoked_active_key_is_replaced_not_resurrected() {
         let mut b = rec("b", 2, 110);
-        b.revoked_at = Some(120);
+        b.revoked_at = Some(t(120));
         let recs = [rec("a", 1, 0), b.clone()];
-        assert!(newest_active(121, &recs).is_none());
+        assert!(newest_active(t(121), &recs).is_none());
         assert_eq!(
-            plan(121, &recs, &LC)[0],
-            Step::Generate { at: 121, lead: 0 }
+            plan(t(121), &recs, &LC)[0],
+            Step::Generate { at: t(121), lead: secs(0) }
         );
         let c = rec("c", 3, 110);
         let recs = [rec("a", 1, 0), b, c];
-        assert_eq!(newest_active(121, &recs).map(|r| r.kid.as_str()), Some("c"));
-        assert_eq!(state_at(&recs[2], &recs, 121), KeyState::Active);
+        assert_eq!(newest_active(t(121), &recs).map(|r| r.kid.as_str()), Some("c"));
+        assert_eq!(state_at(&recs[2], &recs, t(121)), KeyState::Active);
     }
 
     /// A next key revoked before it activated never signed: the current key
@@ -282,14 +296,14 @@ mod tests {
     #[test]
     fn revoking_the_next_key_leaves_the_active_key_signing() {
         let mut b = rec("b", 2, 100);
-        b.revoked_at = Some(95);
+        b.revoked_at = Some(t(95));
         let recs = [rec("a", 1, 0), b];
-        assert_eq!(newest_active(101, &recs).map(|r| r.kid.as_str()), Some("a"));
-        assert_eq!(state_at(&recs[0], &recs, 101), KeyState::Active);
+        assert_eq!(newest_active(t(101), &recs).map(|r| r.kid.as_str()), Some("a"));
+        assert_eq!(state_at(&recs[0], &recs, t(101)), KeyState::Active);
         assert_eq!(crate::keys::retires_at(&recs[0], &recs), None);
         assert_eq!(
-            plan(101, &recs, &LC)[0],
-            Step::Generate { at: 100, lead: 10 }
+            plan(t(101), &recs, &LC)[0],
+            Step::Generate { at: t(100), lead: secs(10) }
         );
     }
 }

@@ -4,14 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::disk::{DiskError, KeyDir};
 use super::generate;
 use super::key::{KeyRecord, Lifecycle, SigningKey};
-use super::{KeyEntry, KeyError, KeySet, KeyView, rotation};
-use crate::clock::SharedClock;
+use super::{KeyEntry, KeyError, KeySet, KeyView};
+use crate::time::{SharedClock, UnixTime};
 
 /// The single writer of the keys directory and of the published snapshots.
 pub struct KeyStore {
@@ -39,9 +40,9 @@ impl std::fmt::Debug for KeyStore {
 // === impl KeyStore ===
 
 impl KeyStore {
-    /// Opens the keys directory, loading and checking every key; a fresh
-    /// directory gets its first key, active at once. Runs the rotation plan
-    /// once so a signing key exists before the sidecar serves.
+    /// Opens the keys directory, loading and checking every key. Changes
+    /// nothing but leftovers of interrupted writes: the daemon applies the
+    /// first rotation plan (which gives a fresh directory its first key).
     pub async fn open(
         dir: &std::path::Path,
         lifecycle: Lifecycle,
@@ -81,8 +82,6 @@ impl KeyStore {
             spare: None,
         };
         store.publish();
-        let now = store.clock.now();
-        rotation::apply(&mut store, now).await?;
         Ok((store, KeyView(rx)))
     }
 
@@ -111,16 +110,21 @@ impl KeyStore {
     }
 
     /// Generates a key that starts signing at `at`, but never before it has
-    /// been published for `lead` seconds (0: it may sign at once). The
-    /// activation time is fixed after generation, from a whole-second clock,
-    /// and rounded up, so peers always get at least `lead` seconds of notice. Order: key file, then the manifest (the commit
-    /// point), then the snapshot, so peers see it at once.
-    pub async fn generate(&mut self, at: i64, lead: i64) -> Result<KeyRecord, KeyError> {
+    /// been published for `lead` (zero: it may sign at once). The activation
+    /// time is fixed after generation, from a whole-second clock, and rounded
+    /// up, so peers always get at least `lead` of notice. Order: key file,
+    /// then the manifest (the commit point), then the snapshot, so peers see
+    /// it at once.
+    pub async fn generate(&mut self, at: UnixTime, lead: Duration) -> Result<KeyRecord, KeyError> {
         let der = generate::generate_pkcs8_async(self.bits).await?;
         let key = SigningKey::from_pkcs8(&der)?;
         let file = self.dir.write_key(key.kid(), &der)?;
         let now = self.clock.now();
-        let earliest = if lead > 0 { now + lead + 1 } else { now };
+        let earliest = if lead.is_zero() {
+            now
+        } else {
+            now + lead + Duration::from_secs(1)
+        };
         let activates_at = at.max(earliest);
         let record = KeyRecord {
             kid: key.kid().to_owned(),
@@ -137,7 +141,7 @@ impl KeyStore {
             self.discard_file(&file);
             return Err(e);
         }
-        tracing::info!(kid = %record.kid, activates_at, "generated signing key");
+        tracing::info!(kid = %record.kid, activates_at = %activates_at, "generated signing key");
         metrics::counter!("tokend_keys_generated_total").increment(1);
         self.keys.insert(record.kid.clone(), Arc::new(key));
         self.publish();
@@ -282,7 +286,11 @@ impl KeyStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
+    use crate::time::ManualClock;
+
+    fn t(s: i64) -> UnixTime {
+        UnixTime::from_secs(s)
+    }
 
     /// Revoking the next key shortly before it activates leaves the current key
     /// signing (no gap), and a key file that cannot be removed does not stop
@@ -290,32 +298,35 @@ mod tests {
     #[tokio::test]
     async fn revoking_next_key_keeps_the_active_key_signing() {
         let dir = tempfile::tempdir().expect("tmp");
-        let clock = ManualClock::at(1_000);
+        let clock = ManualClock::at(t(1_000));
         let lc = Lifecycle {
-            interval: 1_000,
-            publish_ahead: 100,
-            grace: 60,
+            interval: Duration::from_secs(1_000),
+            publish_ahead: Duration::from_secs(100),
+            grace: Duration::from_secs(60),
         };
         let (mut store, view) = KeyStore::open(dir.path(), lc, 2048, Arc::new(clock.clone()))
             .await
             .expect("open");
+        super::super::rotation::apply(&mut store, t(1_000))
+            .await
+            .expect("first key");
         let a = view
             .current()
-            .signing_key(1_000)
+            .signing_key(t(1_000))
             .expect("a")
             .kid()
             .to_owned();
-        let b = store.generate(1_000, 100).await.expect("next");
-        assert_eq!(b.activates_at, 1_101);
-        clock.set(1_096);
+        let b = store.generate(t(1_000), Duration::from_secs(100)).await.expect("next");
+        assert_eq!(b.activates_at, t(1_101));
+        clock.set(t(1_096));
         let (revoked, active) = store.revoke(&b.kid).await.expect("revoke");
         assert_eq!(revoked.kid, b.kid);
         assert_eq!(active, a);
-        for t in [1_096, 1_101, 1_500] {
+        for at in [1_096, 1_101, 1_500] {
             assert_eq!(
-                view.current().signing_key(t).map(|k| k.kid().to_owned()),
+                view.current().signing_key(t(at)).map(|k| k.kid().to_owned()),
                 Some(a.clone()),
-                "at {t}"
+                "at {at}"
             );
         }
         assert!(view.current().revoked_kids().any(|k| k == b.kid));

@@ -16,21 +16,23 @@ use rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use super::refresh::KeySource;
 use super::tls::spiffe_id_of;
-use crate::clock::SharedClock;
+use super::{LogLimit, PeerError, TrustFeed};
+use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate, TrustView};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
-use crate::verify::{MAX_KEYS_PER_ISSUER, Refresh, TrustStore};
+use crate::time::{SharedClock, UnixTime};
 
 /// The largest peer message accepted.
-pub const MAX_PEER_MESSAGE: usize = super::MAX_JWKS_BYTES + 16 * 1024;
+const MAX_PEER_MESSAGE: usize = super::MAX_JWKS_BYTES + 16 * 1024;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Exponential backoff with full jitter: a random delay in [0, min(max, base·2^attempt)].
-pub fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
+fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
     let cap = BACKOFF_MIN
         .saturating_mul(1u32 << attempt.min(16))
         .min(BACKOFF_MAX);
@@ -44,10 +46,13 @@ pub struct PeerClient {
     authority: String,
     td: TrustDomain,
     tls: Arc<rustls::ClientConfig>,
-    trust: Arc<TrustStore>,
+    feed: TrustFeed,
+    view: TrustView,
     clock: SharedClock,
     /// The identity the last watched connection proved (marked stale on loss).
     watched: Mutex<Option<SpiffeId>>,
+    /// Refusals of this peer's sets are logged at most once a second.
+    log_limit: LogLimit,
 }
 
 impl std::fmt::Debug for PeerClient {
@@ -62,56 +67,65 @@ impl std::fmt::Debug for PeerClient {
 type Slot = Arc<Mutex<Option<SpiffeId>>>;
 
 /// The identity the server's certificate proved on this channel's connection.
-fn proven_identity(slot: &Slot) -> Result<SpiffeId, String> {
+fn proven_identity(slot: &Slot) -> Result<SpiffeId, PeerError> {
     slot.lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
-        .ok_or_else(|| "the TLS connection proved no peer identity".to_owned())
+        .ok_or(PeerError::NoIdentity)
+}
+
+fn status(rpc: &'static str) -> impl FnOnce(tonic::Status) -> PeerError {
+    move |s| PeerError::Status {
+        rpc,
+        code: s.code(),
+        message: s.message().to_owned(),
+    }
 }
 
 // === impl PeerClient ===
 
 impl PeerClient {
-    /// A client for peer `name` at `address` (`https://host:port`), registered in `trust`.
-    pub fn install(
+    /// A client for peer `name` at `address` (`https://host:port`); the
+    /// daemon registers `expected` with the writer before it runs.
+    pub fn new(
         name: &str,
         expected: SpiffeId,
         address: &str,
         tls: &super::PeerTls,
-        trust: Arc<TrustStore>,
+        feed: TrustFeed,
+        view: TrustView,
         clock: SharedClock,
-    ) -> Result<Arc<Self>, String> {
-        let uri: Uri = address
-            .parse()
-            .map_err(|e| format!("peer {name} address {address:?}: {e}"))?;
+    ) -> Result<Arc<Self>, PeerError> {
+        let bad = |detail: String| PeerError::Address {
+            name: name.to_owned(),
+            address: address.to_owned(),
+            detail,
+        };
+        let uri: Uri = address.parse().map_err(|e| bad(format!("{e}")))?;
         let authority = uri
             .authority()
             .filter(|a| a.port_u16().is_some())
-            .ok_or_else(|| format!("peer {name} address {address:?} needs host:port"))?
+            .ok_or_else(|| bad("needs host:port".into()))?
             .to_string();
-        let client = Arc::new(Self {
+        Ok(Arc::new(Self {
             name: name.to_owned(),
-            expected: expected.clone(),
+            expected,
             authority,
             td: tls.trust_domain().clone(),
-            tls: tls.client_config()?,
-            trust: trust.clone(),
+            tls: tls.client_config().map_err(|e| bad(e.to_string()))?,
+            feed,
+            view,
             clock,
             watched: Mutex::default(),
-        });
-        trust.register(
-            expected.as_str(),
-            format!("peer:{address}"),
-            Some(client.clone()),
-        );
-        Ok(client)
+            log_limit: LogLimit::default(),
+        }))
     }
 
     /// A fresh channel over one mTLS connection, and the slot its connector
     /// fills with the identity the server's certificate proves.
     async fn connect(
         &self,
-    ) -> Result<(pb::peer_service_client::PeerServiceClient<Channel>, Slot), String> {
+    ) -> Result<(pb::peer_service_client::PeerServiceClient<Channel>, Slot), PeerError> {
         let slot: Slot = Arc::default();
         let (tls, authority, td, seen) = (
             self.tls.clone(),
@@ -119,7 +133,8 @@ impl PeerClient {
             self.td.clone(),
             slot.clone(),
         );
-        let server_name = ServerName::try_from(self.name.clone()).map_err(|e| e.to_string())?;
+        let server_name = ServerName::try_from(self.name.clone())
+            .map_err(|e| PeerError::Connect(format!("server name {}: {e}", self.name)))?;
         let connector = tower::service_fn(move |_: Uri| {
             let (tls, authority, td, seen, server_name) = (
                 tls.clone(),
@@ -160,87 +175,103 @@ impl PeerClient {
             }
         });
         let channel = Endpoint::try_from(format!("http://{}", self.authority))
-            .map_err(|e| e.to_string())?
+            .map_err(|e| PeerError::Connect(e.to_string()))?
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true)
             .connect_with_connector(connector)
             .await
-            .map_err(|e| format!("cannot connect: {}", error_chain(&e)))?;
+            .map_err(|e| PeerError::Connect(error_chain(&e)))?;
         let client = pb::peer_service_client::PeerServiceClient::new(channel)
             .max_decoding_message_size(MAX_PEER_MESSAGE);
         Ok((client, slot))
     }
 
     /// Validates a key set and installs it under `identity`. Refusals keep the previous set.
-    fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), String> {
+    async fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), PeerError> {
         if identity != &self.expected {
             tracing::warn!(
                 configured = %self.expected,
                 presented = %identity,
-                claims = %msg.issuer,
+                claims = ?msg.issuer,
                 "peer address serves another identity; filing its keys under the certificate's identity"
             );
         }
-        if !self.trust.knows(identity.as_str()) {
-            return Err(format!(
-                "{identity} (from its certificate) is not a configured peer; keys ignored"
-            ));
+        if !self.view.current().knows(identity.as_str()) {
+            return Err(PeerError::NotConfigured(identity.clone()));
         }
         if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
-            return Err(format!(
-                "key set of {} bytes exceeds {} bytes",
-                msg.jwks_json.len(),
-                super::MAX_JWKS_BYTES
-            ));
+            return Err(PeerError::TooLarge(msg.jwks_json.len()));
         }
-        let keys = crate::jwk::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)
-            .map_err(|e| e.to_string())?;
+        let keys = crate::jose::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)?;
         let n = keys.len();
-        self.trust
-            .replace(
-                identity.as_str(),
+        let expires = msg
+            .key_expires_at
+            .into_iter()
+            .map(|(kid, t)| (kid, UnixTime::from_secs(t)))
+            .collect();
+        self.feed
+            .apply(TrustUpdate::Replace {
+                issuer: identity.to_string(),
                 keys,
-                msg.revoked_kids,
-                msg.key_expires_at,
-                self.clock.now(),
-            )
-            .map_err(|e| e.to_string())?;
+                revoked: msg.revoked_kids,
+                expires,
+                at: self.clock.now(),
+            })
+            .await?;
         tracing::debug!(issuer = %identity, keys = n, version = msg.version, "installed peer keys");
         metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string()).set(n as f64);
         metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
         Ok(())
     }
 
-    fn refuse(&self, identity: Option<&SpiffeId>, error: &str) {
+    fn refuse(&self, identity: Option<&SpiffeId>, error: &PeerError) {
         let issuer = identity.unwrap_or(&self.expected);
-        tracing::warn!(peer = %self.name, issuer = %issuer, error, "refused peer key set; previous set stays");
-        self.trust.note_error(issuer.as_str(), error.to_owned());
+        if let Some(suppressed) = self.log_limit.allow() {
+            tracing::warn!(peer = %self.name, issuer = %issuer, error = %error, suppressed, "refused peer key set; previous set stays");
+        }
+        metrics::counter!("tokend_peer_refusals_total", "peer" => self.name.clone()).increment(1);
+        self.feed.note(TrustUpdate::Error {
+            issuer: issuer.to_string(),
+            error: error.to_string(),
+        });
     }
 
     /// One unary fetch (used for the unknown-kid refresh).
-    pub async fn fetch_once(&self) -> Result<(), String> {
+    async fn fetch_once(&self) -> Result<(), PeerError> {
         let (mut client, slot) = tokio::time::timeout(ANSWER_TIMEOUT, self.connect())
             .await
-            .map_err(|_| "connect timed out".to_owned())??;
+            .map_err(|_| PeerError::Timeout {
+                what: "connect",
+                after: ANSWER_TIMEOUT,
+            })??;
         let msg = tokio::time::timeout(ANSWER_TIMEOUT, client.get_keys(pb::GetKeysRequest {}))
             .await
-            .map_err(|_| format!("no answer within {ANSWER_TIMEOUT:?}"))?
-            .map_err(|s| format!("GetKeys: {}", s.message()))?
+            .map_err(|_| PeerError::Timeout {
+                what: "GetKeys",
+                after: ANSWER_TIMEOUT,
+            })?
+            .map_err(status("GetKeys"))?
             .into_inner();
         let identity = proven_identity(&slot)?;
-        self.install_set(&identity, msg)
-            .inspect_err(|e| self.refuse(Some(&identity), e))
+        let result = self.install_set(&identity, msg).await;
+        if let Err(e) = &result {
+            self.refuse(Some(&identity), e);
+        }
+        result
     }
 
     /// Watches until the stream ends or fails; returns whether any set arrived.
-    async fn watch(&self, cancel: &CancellationToken) -> Result<bool, String> {
+    async fn watch(&self, cancel: &CancellationToken) -> Result<bool, PeerError> {
         let (mut client, slot) = self.connect().await?;
         let mut stream =
             tokio::time::timeout(ANSWER_TIMEOUT, client.watch_keys(pb::GetKeysRequest {}))
                 .await
-                .map_err(|_| format!("WatchKeys: no answer within {ANSWER_TIMEOUT:?}"))?
-                .map_err(|s| format!("WatchKeys: {}", s.message()))?
+                .map_err(|_| PeerError::Timeout {
+                    what: "WatchKeys",
+                    after: ANSWER_TIMEOUT,
+                })?
+                .map_err(status("WatchKeys"))?
                 .into_inner();
         let identity = proven_identity(&slot)?;
         *self.watched.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
@@ -255,7 +286,7 @@ impl PeerClient {
                 tokio::select! {
                     _ = cancel.cancelled() => return Ok(got_any),
                     m = tokio::time::timeout(ANSWER_TIMEOUT, stream.message()) => {
-                        m.map_err(|_| format!("WatchKeys: no key set within {ANSWER_TIMEOUT:?}"))?
+                        m.map_err(|_| PeerError::Timeout { what: "WatchKeys first key set", after: ANSWER_TIMEOUT })?
                     }
                 }
             };
@@ -266,13 +297,16 @@ impl PeerClient {
                             .set(1.0);
                     }
                     got_any = true;
-                    if let Err(e) = self.install_set(&identity, msg) {
+                    if let Err(e) = self.install_set(&identity, msg).await {
+                        if matches!(e, PeerError::WriterGone) {
+                            return Ok(got_any);
+                        }
                         self.refuse(Some(&identity), &e);
                     }
                 }
                 Ok(None) => return Ok(got_any),
                 Err(s) => {
-                    let e = format!("WatchKeys: {}", s.message());
+                    let e = status("WatchKeys")(s);
                     self.refuse(Some(&identity), &e);
                     return Err(e);
                 }
@@ -288,21 +322,28 @@ impl PeerClient {
                 Ok(true) => attempt = 0,
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!(peer = %self.name, error = %e, "peer unreachable; keeping its last keys");
-                    self.trust.note_error(self.expected.as_str(), e);
+                    if let Some(suppressed) = self.log_limit.allow() {
+                        tracing::warn!(peer = %self.name, error = %e, suppressed, "peer unreachable; keeping its last keys");
+                    }
+                    self.feed.note(TrustUpdate::Error {
+                        issuer: self.expected.to_string(),
+                        error: e.to_string(),
+                    });
                 }
             }
             if cancel.is_cancelled() {
                 return;
             }
-            self.trust.set_stale(self.expected.as_str(), true);
-            if let Some(seen) = self
+            let seen = self
                 .watched
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                self.trust.set_stale(seen.as_str(), true);
+                .clone();
+            for issuer in std::iter::once(self.expected.clone()).chain(seen) {
+                self.feed.note(TrustUpdate::Stale {
+                    issuer: issuer.to_string(),
+                    stale: true,
+                });
             }
             metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone()).set(0.0);
             let delay = backoff(attempt, &mut rand::thread_rng());
@@ -315,8 +356,8 @@ impl PeerClient {
     }
 }
 
-impl Refresh for PeerClient {
-    fn refresh(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+impl KeySource for PeerClient {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<(), PeerError>> + Send + '_>> {
         Box::pin(self.fetch_once())
     }
 }

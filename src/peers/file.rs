@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::clock::SharedClock;
-use crate::verify::{Refresh, TrustStore};
+use super::refresh::KeySource;
+use super::{PeerError, TrustFeed};
+use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate};
+use crate::time::SharedClock;
 
 /// The largest JWKS document accepted from a file or a peer.
 pub const MAX_JWKS_BYTES: usize = 256 * 1024;
@@ -19,7 +21,7 @@ pub const MAX_JWKS_BYTES: usize = 256 * 1024;
 pub struct JwksFileSource {
     issuer: String,
     path: PathBuf,
-    trust: Arc<TrustStore>,
+    feed: TrustFeed,
     clock: SharedClock,
     /// What the file looked like when last read (taken before reading).
     loaded: std::sync::Mutex<Option<Stamp>>,
@@ -35,53 +37,58 @@ impl std::fmt::Debug for JwksFileSource {
 }
 
 impl JwksFileSource {
-    /// Registers `issuer` in `trust` with this file as its source and loads it.
-    pub fn install(
-        issuer: &str,
-        path: PathBuf,
-        trust: Arc<TrustStore>,
-        clock: SharedClock,
-    ) -> Result<Arc<Self>, String> {
-        let src = Arc::new(Self {
+    /// A source of `issuer`'s keys read from `path`, feeding `feed`.
+    pub fn new(issuer: &str, path: PathBuf, feed: TrustFeed, clock: SharedClock) -> Arc<Self> {
+        Arc::new(Self {
             issuer: issuer.to_owned(),
-            path: path.clone(),
-            trust: trust.clone(),
+            path,
+            feed,
             clock,
             loaded: std::sync::Mutex::default(),
-        });
-        trust.register(
-            issuer,
-            format!("file:{}", path.display()),
-            Some(src.clone()),
-        );
-        src.load()?;
-        Ok(src)
+        })
     }
 
-    fn load(&self) -> Result<(), String> {
+    /// How the issuer is registered: its source is this file.
+    pub fn registration(&self) -> TrustUpdate {
+        TrustUpdate::Register {
+            issuer: self.issuer.clone(),
+            source: format!("file:{}", self.path.display()),
+        }
+    }
+
+    fn file_error(&self, detail: impl std::fmt::Display) -> PeerError {
+        PeerError::File {
+            path: self.path.clone(),
+            detail: format!("(peer {}) {detail}", self.issuer),
+        }
+    }
+
+    /// Reads and checks the file: the update that installs its keys.
+    pub fn read(&self) -> Result<TrustUpdate, PeerError> {
         let p = &self.path;
         *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = stamp(p);
-        let meta = std::fs::metadata(p)
-            .map_err(|e| format!("JWKS file {} for peer {}: {e}", p.display(), self.issuer))?;
+        let meta = std::fs::metadata(p).map_err(|e| self.file_error(e))?;
         if meta.len() > MAX_JWKS_BYTES as u64 {
-            return Err(format!(
-                "JWKS file {} is {} bytes, over the {MAX_JWKS_BYTES}-byte limit",
-                p.display(),
+            return Err(self.file_error(format!(
+                "{} bytes, over the {MAX_JWKS_BYTES}-byte limit",
                 meta.len()
-            ));
+            )));
         }
-        let text = std::fs::read(p).map_err(|e| format!("JWKS file {}: {e}", p.display()))?;
-        let keys = crate::jwk::parse_jwks(&text, crate::verify::MAX_KEYS_PER_ISSUER)
-            .map_err(|e| format!("JWKS file {}: {e}", p.display()))?;
-        self.trust
-            .replace(
-                &self.issuer,
-                keys,
-                Vec::new(),
-                Default::default(),
-                self.clock.now(),
-            )
-            .map_err(|e| format!("JWKS file {}: {e}", p.display()))
+        let text = std::fs::read(p).map_err(|e| self.file_error(e))?;
+        let keys = crate::jose::parse_jwks(&text, MAX_KEYS_PER_ISSUER)
+            .map_err(|e| self.file_error(e))?;
+        Ok(TrustUpdate::Replace {
+            issuer: self.issuer.clone(),
+            keys,
+            revoked: Vec::new(),
+            expires: Default::default(),
+            at: self.clock.now(),
+        })
+    }
+
+    async fn load(&self) -> Result<(), PeerError> {
+        let update = self.read()?;
+        self.feed.apply(update).await
     }
 }
 
@@ -115,21 +122,25 @@ impl JwksFileSource {
             if stamp(&self.path) == last {
                 continue;
             }
-            match self.load() {
+            match self.load().await {
                 Ok(()) => {
                     tracing::info!(issuer = %self.issuer, file = %self.path.display(), "reloaded JWKS file")
                 }
+                Err(PeerError::WriterGone) => return,
                 Err(e) => {
                     tracing::warn!(issuer = %self.issuer, error = %e, "refused JWKS file; previous set stays");
-                    self.trust.note_error(&self.issuer, e);
+                    self.feed.note(TrustUpdate::Error {
+                        issuer: self.issuer.clone(),
+                        error: e.to_string(),
+                    });
                 }
             }
         }
     }
 }
 
-impl Refresh for JwksFileSource {
-    fn refresh(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
-        Box::pin(async move { self.load() })
+impl KeySource for JwksFileSource {
+    fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<(), PeerError>> + Send + '_>> {
+        Box::pin(self.load())
     }
 }

@@ -1,14 +1,116 @@
-//! Peers: where other issuers' public keys come from, and how this sidecar
-//! serves its own. Live peers speak `PeerService` over mTLS (`server`,
-//! `client`, `tls`); offline peers are JWKS files (`file`). Every source fills
-//! its issuer's set in the verifier's `TrustStore` and can be asked to refresh.
+//! Peers: trust *sources* and the peer-facing server. Live peers speak
+//! `PeerService` over mTLS (`client`, `server`, `tls`); offline peers are
+//! JWKS files (`file`). Every source feeds the one `TrustWriter` (`writer`)
+//! that publishes immutable trust snapshots, and can be asked to fetch again
+//! through the `Refresher` (`refresh`) the engine calls on an unknown kid.
 
 mod client;
 mod file;
+mod refresh;
 mod server;
 mod tls;
+mod writer;
 
-pub use self::client::{MAX_PEER_MESSAGE, PeerClient, backoff};
+use std::time::Duration;
+
+pub use self::client::PeerClient;
 pub use self::file::{JwksFileSource, MAX_JWKS_BYTES};
-pub use self::server::{PeerKeysApi, key_set_message, serve};
-pub use self::tls::{PeerTls, spiffe_id_of, uri_sans};
+pub use self::refresh::{KeySource, Refresher};
+pub use self::server::{PeerKeysApi, serve};
+pub use self::tls::{PeerTls, TlsError, spiffe_id_of, uri_sans};
+pub use self::writer::{TrustFeed, TrustWriter};
+use crate::engine::SetError;
+use crate::identity::SpiffeId;
+use crate::jose::JwkError;
+
+/// Why a source could not deliver a key set. Peer-provided text is kept in
+/// fields printed with `{:?}`, so a newline in it cannot forge a log line.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The address in the config is not usable.
+    #[error("peer {name} address {address:?}: {detail}")]
+    Address {
+        /// The configured peer.
+        name: String,
+        /// The address.
+        address: String,
+        /// Why.
+        detail: String,
+    },
+    /// TCP, TLS or HTTP/2 connection failure.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The peer did not answer in time.
+    #[error("{what}: no answer within {after:?}")]
+    Timeout {
+        /// Which step.
+        what: &'static str,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The peer answered with an error status.
+    #[error("{rpc}: peer answered {code:?}: {message:?}")]
+    Status {
+        /// Which call.
+        rpc: &'static str,
+        /// The gRPC code.
+        code: tonic::Code,
+        /// The peer's message, escaped when shown.
+        message: String,
+    },
+    /// The connection proved no SPIFFE ID.
+    #[error("the TLS connection proved no peer identity")]
+    NoIdentity,
+    /// The certificate proves an identity this sidecar does not trust.
+    #[error("{0} (from its certificate) is not a configured peer; keys ignored")]
+    NotConfigured(SpiffeId),
+    /// The set is larger than accepted.
+    #[error("key set of {0} bytes exceeds {MAX_JWKS_BYTES} bytes")]
+    TooLarge(usize),
+    /// A key of the set fails the import policy.
+    #[error(transparent)]
+    Jwk(#[from] JwkError),
+    /// The trust writer refused the set.
+    #[error(transparent)]
+    Set(#[from] SetError),
+    /// A JWKS file could not be used.
+    #[error("JWKS file {path}: {detail}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The stream of updates ended.
+    #[error("the peer ended its key stream")]
+    StreamEnded,
+    /// The trust writer has stopped (shutdown).
+    #[error("the trust writer has stopped")]
+    WriterGone,
+}
+
+/// At most one warning a second per source: a peer flooding bad sets must
+/// not flood the log. Suppressed warnings are counted into the next one.
+#[derive(Debug, Default)]
+pub(crate) struct LogLimit {
+    state: std::sync::Mutex<(Option<tokio::time::Instant>, u64)>,
+}
+
+impl LogLimit {
+    /// Whether to log now, and how many were suppressed since the last one.
+    pub(crate) fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = tokio::time::Instant::now();
+        match s.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}

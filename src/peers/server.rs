@@ -11,7 +11,6 @@ use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use crate::clock::SharedClock;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::keys::{KeySet, KeyView, retires_at};
 use crate::proto::tokend::v1 as pb;
@@ -22,7 +21,6 @@ pub struct PeerKeysApi {
     id: SpiffeId,
     td: TrustDomain,
     keys: KeyView,
-    clock: SharedClock,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -35,7 +33,7 @@ impl std::fmt::Debug for PeerKeysApi {
 /// The wire form of a key set, with each key's expiry hint: a retired key's
 /// last token expires at retirement + grace; a key with no successor yet is
 /// given two rotation intervals of slack beyond its activation, plus grace.
-pub fn key_set_message(id: &SpiffeId, set: &KeySet, _now: i64) -> pb::PeerKeySet {
+fn key_set_message(id: &SpiffeId, set: &KeySet) -> pb::PeerKeySet {
     let records = set.records();
     let lc = set.lifecycle;
     let key_expires_at: HashMap<String, i64> = records
@@ -46,7 +44,7 @@ pub fn key_set_message(id: &SpiffeId, set: &KeySet, _now: i64) -> pb::PeerKeySet
                 Some(t) => t + lc.grace,
                 None => r.activates_at + 2 * lc.interval + lc.grace,
             };
-            (r.kid.clone(), until)
+            (r.kid.clone(), until.as_secs())
         })
         .collect();
     pb::PeerKeySet {
@@ -64,14 +62,12 @@ impl PeerKeysApi {
         id: SpiffeId,
         td: TrustDomain,
         keys: KeyView,
-        clock: SharedClock,
         shutdown: tokio_util::sync::CancellationToken,
     ) -> Self {
         Self {
             id,
             td,
             keys,
-            clock,
             shutdown,
         }
     }
@@ -96,11 +92,7 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         req: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::PeerKeySet>, Status> {
         tracing::debug!(peer = %self.caller(&req), "GetKeys");
-        Ok(Response::new(key_set_message(
-            &self.id,
-            &self.keys.current(),
-            self.clock.now(),
-        )))
+        Ok(Response::new(key_set_message(&self.id, &self.keys.current())))
     }
 
     type WatchKeysStream = KeyStream;
@@ -111,9 +103,8 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
     ) -> Result<Response<KeyStream>, Status> {
         tracing::info!(peer = %self.caller(&req), "peer watching keys");
         let id = self.id.clone();
-        let clock = self.clock.clone();
-        let stream = WatchStream::new(self.keys.subscribe())
-            .map(move |set| Ok(key_set_message(&id, &set, clock.now())));
+        let stream =
+            WatchStream::new(self.keys.subscribe()).map(move |set| Ok(key_set_message(&id, &set)));
         let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
     }

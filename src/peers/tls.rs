@@ -9,12 +9,51 @@ use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime as TlsTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use x509_parser::prelude::{GeneralName, X509Certificate};
 
 use crate::config::PeerApiConfig;
 use crate::identity::{SpiffeId, TrustDomain};
+use crate::time::UnixTime;
+
+/// Why the peer TLS material cannot be used, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or parsed.
+    #[error("peer_api.{what} {path}: {detail}")]
+    File {
+        /// Which setting: `ca`, `cert` or `key`.
+        what: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The certificate proves another identity than this sidecar's.
+    #[error("peer_api.cert {path} proves {proven}, but this sidecar is {expected}")]
+    WrongIdentity {
+        /// The certificate file.
+        path: std::path::PathBuf,
+        /// What it proves.
+        proven: SpiffeId,
+        /// What this sidecar is.
+        expected: SpiffeId,
+    },
+    /// The certificate does not chain to the CA (or is not valid now).
+    #[error("peer_api.cert {cert} does not chain to peer_api.ca {ca}: {detail}")]
+    Chain {
+        /// The certificate file.
+        cert: std::path::PathBuf,
+        /// The CA file.
+        ca: std::path::PathBuf,
+        /// rustls' reason.
+        detail: String,
+    },
+    /// rustls refused to build a configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
 
 /// Every URI SAN of a certificate.
 pub fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
@@ -61,8 +100,7 @@ pub struct PeerTls {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     td: TrustDomain,
-    /// The identity our own certificate proves.
-    pub own: SpiffeId,
+    own: SpiffeId,
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -74,52 +112,65 @@ impl std::fmt::Debug for PeerTls {
     }
 }
 
-fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("peer_api.{what} {}: {e}", path.display()))
+fn file_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(String) -> TlsError + 'a {
+    move |detail| TlsError::File {
+        what,
+        path: path.to_owned(),
+        detail,
+    }
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|e| file_err(what, path)(e.to_string()))
+}
+
+fn tls_time(t: UnixTime) -> TlsTime {
+    TlsTime::since_unix_epoch(std::time::Duration::from_secs(
+        u64::try_from(t.as_secs()).unwrap_or(0),
+    ))
 }
 
 // === impl PeerTls ===
 
 impl PeerTls {
-    /// Loads and checks the files named in `[peer_api]`: the certificate must
-    /// chain to the CA and prove `expected` (this sidecar's identity).
+    /// Loads and checks the files named in `[peer_api]` at `now`: the
+    /// certificate must chain to the CA and prove `expected` (this
+    /// sidecar's identity).
     pub fn load(
         cfg: &PeerApiConfig,
         td: &TrustDomain,
         expected: &SpiffeId,
-    ) -> Result<Self, String> {
+        now: UnixTime,
+    ) -> Result<Self, TlsError> {
         let ca_pem = read(&cfg.ca, "ca")?;
         let cert_pem = read(&cfg.cert, "cert")?;
         let key_pem = read(&cfg.key, "key")?;
+        let ca_err = file_err("ca", &cfg.ca);
+        let cert_err = file_err("cert", &cfg.cert);
         let mut roots = RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(&ca_pem) {
-            let c = c.map_err(|e| format!("peer_api.ca {}: {e}", cfg.ca.display()))?;
-            roots
-                .add(c)
-                .map_err(|e| format!("peer_api.ca {}: {e}", cfg.ca.display()))?;
+            let c = c.map_err(|e| ca_err(e.to_string()))?;
+            roots.add(c).map_err(|e| ca_err(e.to_string()))?;
         }
         if roots.is_empty() {
-            return Err(format!(
-                "peer_api.ca {}: no certificate found",
-                cfg.ca.display()
-            ));
+            return Err(ca_err("no certificate found".into()));
         }
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
             .collect::<Result<_, _>>()
-            .map_err(|e| format!("peer_api.cert {}: {e}", cfg.cert.display()))?;
+            .map_err(|e| cert_err(e.to_string()))?;
         let leaf = chain
             .first()
             .cloned()
-            .ok_or_else(|| format!("peer_api.cert {}: no certificate found", cfg.cert.display()))?;
+            .ok_or_else(|| cert_err("no certificate found".into()))?;
         PrivateKeyDer::from_pem_slice(&key_pem)
-            .map_err(|e| format!("peer_api.key {}: {e}", cfg.key.display()))?;
-        let own = spiffe_id_of(&leaf, td)
-            .map_err(|e| format!("peer_api.cert {}: {e}", cfg.cert.display()))?;
+            .map_err(|e| file_err("key", &cfg.key)(e.to_string()))?;
+        let own = spiffe_id_of(&leaf, td).map_err(cert_err)?;
         if &own != expected {
-            return Err(format!(
-                "peer_api.cert {} proves {own}, but this sidecar is {expected}",
-                cfg.cert.display()
-            ));
+            return Err(TlsError::WrongIdentity {
+                path: cfg.cert.clone(),
+                proven: own,
+                expected: expected.clone(),
+            });
         }
         let tls = Self {
             ca_pem,
@@ -131,13 +182,13 @@ impl PeerTls {
             own,
         };
         let verifier = tls.verifier();
-        verifier.check_chain(&leaf, &tls.chain[1..]).map_err(|e| {
-            format!(
-                "peer_api.cert {} does not chain to peer_api.ca {}: {e}",
-                cfg.cert.display(),
-                cfg.ca.display()
-            )
-        })?;
+        verifier
+            .check_chain(&leaf, &tls.chain[1..], tls_time(now))
+            .map_err(|e| TlsError::Chain {
+                cert: cfg.cert.clone(),
+                ca: cfg.ca.clone(),
+                detail: e.to_string(),
+            })?;
         Ok(tls)
     }
 
@@ -161,16 +212,18 @@ impl PeerTls {
 
     /// The client side: verify the server's chain to the CA and its SPIFFE ID
     /// (not its DNS name), and present our certificate.
-    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, String> {
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| e.to_string())?;
+        let config = |e: rustls::Error| TlsError::Config(e.to_string());
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(config)?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(self.verifier()))
             .with_client_auth_cert(self.chain.clone(), key)
-            .map_err(|e| e.to_string())?;
+            .map_err(config)?;
         let mut cfg = cfg;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(Arc::new(cfg))
@@ -197,13 +250,14 @@ impl SpiffeServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
+        now: TlsTime,
     ) -> Result<(), rustls::Error> {
         let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &self.roots,
             intermediates,
-            UnixTime::now(),
+            now,
             self.provider.signature_verification_algorithms.all,
         )
     }
@@ -216,9 +270,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: TlsTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.check_chain(end_entity, intermediates)?;
+        self.check_chain(end_entity, intermediates, now)?;
         spiffe_id_of(end_entity, &self.td).map_err(rustls::Error::General)?;
         Ok(ServerCertVerified::assertion())
     }

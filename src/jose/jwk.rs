@@ -102,7 +102,7 @@ impl PublicKey {
     /// Builds a key from big-endian modulus and exponent, checking the policy.
     /// The kid is the RFC 7638 thumbprint unless `kid` is given.
     pub fn from_components(n: &[u8], e: &[u8], kid: Option<String>) -> Result<Self, JwkError> {
-        crate::crypto::install();
+        super::provider::install();
         let n = strip_leading_zeros(n).to_vec();
         let e = strip_leading_zeros(e).to_vec();
         let bits = bit_len(&n);

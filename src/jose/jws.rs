@@ -6,12 +6,9 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::{Map, Value};
 
-use super::{Error, fail};
-use crate::jwk::PublicKey;
-use crate::reason::Reason;
-
-/// The longest token accepted, in bytes.
-pub const MAX_TOKEN_LEN: usize = 8192;
+use super::MAX_TOKEN_LEN;
+use super::jwk::PublicKey;
+use crate::reason::{Reason, Refusal, refuse as fail};
 
 /// The split, decoded parts of a compact JWS. Nothing here is trusted yet.
 #[derive(Debug)]
@@ -31,7 +28,7 @@ pub struct Parts<'a> {
 }
 
 /// Splits and decodes a compact JWS (structure and algorithm checks only).
-pub fn parse(token: &str) -> Result<Parts<'_>, Error> {
+pub fn parse(token: &str) -> Result<Parts<'_>, Refusal> {
     if token.len() > MAX_TOKEN_LEN {
         return fail(
             Reason::Malformed,
@@ -49,18 +46,9 @@ pub fn parse(token: &str) -> Result<Parts<'_>, Error> {
         );
     };
     let signing_input = &token[..h.len() + 1 + p.len()];
-    let header_bytes = B64.decode(h).map_err(|_| Error {
-        reason: Reason::Malformed,
-        detail: "header is not base64url".into(),
-    })?;
-    let header: Map<String, Value> = serde_json::from_slice(&header_bytes).map_err(|_| Error {
-        reason: Reason::Malformed,
-        detail: "header is not a JSON object".into(),
-    })?;
-    let payload = B64.decode(p).map_err(|_| Error {
-        reason: Reason::Malformed,
-        detail: "payload is not base64url".into(),
-    })?;
+    let header_bytes = B64.decode(h).map_err(|_| Refusal::new(Reason::Malformed, "header is not base64url"))?;
+    let header: Map<String, Value> = serde_json::from_slice(&header_bytes).map_err(|_| Refusal::new(Reason::Malformed, "header is not a JSON object"))?;
+    let payload = B64.decode(p).map_err(|_| Refusal::new(Reason::Malformed, "payload is not base64url"))?;
     if s.is_empty() || B64.decode(s).is_err() {
         return fail(Reason::Malformed, "signature is empty or not base64url");
     }
@@ -90,7 +78,7 @@ pub fn parse(token: &str) -> Result<Parts<'_>, Error> {
 
 /// Checks the structure, algorithm and signature under one known key: the
 /// signature layer the full verifier is built on, and the one test vectors use.
-pub fn check_signature<'a>(token: &'a str, key: &PublicKey) -> Result<Parts<'a>, Error> {
+pub fn check_signature<'a>(token: &'a str, key: &PublicKey) -> Result<Parts<'a>, Refusal> {
     let parts = parse(token)?;
     check_alg(&parts)?;
     if !key.verify(parts.signing_input.as_bytes(), parts.signature) {
@@ -102,7 +90,9 @@ pub fn check_signature<'a>(token: &'a str, key: &PublicKey) -> Result<Parts<'a>,
     Ok(parts)
 }
 
-pub(super) fn check_alg(parts: &Parts<'_>) -> Result<(), Error> {
+/// The algorithm policy: RS256 only, `typ` JWT or JOSE, no `crit`, no
+/// embedded or remote keys.
+pub fn check_alg(parts: &Parts<'_>) -> Result<(), Refusal> {
     if parts.alg != "RS256" {
         return fail(
             Reason::UnsupportedAlg,

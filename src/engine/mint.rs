@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -12,15 +13,11 @@ use ring::rand::SecureRandom;
 use serde_json::{Map, Value};
 
 use crate::identity::SpiffeId;
-use crate::keys::KeyView;
-use crate::reason::Reason;
+use crate::jose::{MAX_CLAIMS_LEN, MAX_TOKEN_LEN, REGISTERED_CLAIMS};
+use crate::keys::{KeyView, SigningKey};
+use crate::reason::{Reason, Refusal};
+use crate::time::UnixTime;
 
-/// Claims only tokend sets.
-pub const REGISTERED_CLAIMS: [&str; 9] = [
-    "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time",
-];
-/// The largest caller-claims document accepted, in bytes.
-pub const MAX_CLAIMS_LEN: usize = 4096;
 const CACHE_CAPACITY: usize = 4096;
 
 /// Why a mint was refused.
@@ -33,13 +30,16 @@ pub enum MintError {
     #[error("caller claims: {0}")]
     BadClaims(String),
     /// Requested ttl over max_ttl.
-    #[error("requested ttl {requested}s exceeds max_ttl {max}s")]
+    #[error("requested ttl {}s exceeds max_ttl {}s", requested.as_secs(), max.as_secs())]
     TtlTooLong {
         /// Asked for.
-        requested: u64,
+        requested: Duration,
         /// Allowed.
-        max: u64,
+        max: Duration,
     },
+    /// The token would be larger than verifiers accept.
+    #[error("token would be {0} bytes, over the {MAX_TOKEN_LEN}-byte limit verifiers accept")]
+    TooLarge(usize),
     /// No active signing key.
     #[error("no active signing key")]
     NoKey,
@@ -52,10 +52,18 @@ impl MintError {
     /// The reason code clients see.
     pub fn reason(&self) -> Reason {
         match self {
-            MintError::ReservedClaim(_) | MintError::BadClaims(_) => Reason::Malformed,
+            MintError::ReservedClaim(_) | MintError::BadClaims(_) | MintError::TooLarge(_) => {
+                Reason::Malformed
+            }
             MintError::TtlTooLong { .. } => Reason::LifetimeTooLong,
             MintError::NoKey | MintError::Sign(_) => Reason::Unavailable,
         }
+    }
+}
+
+impl From<MintError> for Refusal {
+    fn from(e: MintError) -> Self {
+        Refusal::new(e.reason(), e.to_string())
     }
 }
 
@@ -64,8 +72,8 @@ impl MintError {
 pub struct MintRequest {
     /// Who the token is for.
     pub audience: Vec<String>,
-    /// Lifetime in seconds; `None` for the default.
-    pub ttl: Option<u64>,
+    /// Lifetime; `None` for the default.
+    pub ttl: Option<Duration>,
     /// Caller claims.
     pub claims: Map<String, Value>,
     /// Accept-once token (never cached).
@@ -82,7 +90,9 @@ pub struct Delegation {
     /// The exchanged token's own claims; registered ones are dropped.
     pub carried: Map<String, Value>,
     /// The exchanged token's expiry: the delegated token never outlives it.
-    pub not_after: i64,
+    pub not_after: UnixTime,
+    /// The exchanged token was one-time: so is the delegated one.
+    pub one_time: bool,
 }
 
 /// A minted token.
@@ -93,9 +103,9 @@ pub struct Minted {
     /// Signing key.
     pub kid: String,
     /// Issued at.
-    pub issued_at: i64,
+    pub issued_at: UnixTime,
     /// Expiry.
-    pub expires_at: i64,
+    pub expires_at: UnixTime,
     /// Token id.
     pub jti: String,
 }
@@ -104,9 +114,19 @@ pub struct Minted {
 #[derive(Clone, Copy, Debug)]
 pub struct MintPolicy {
     /// Lifetime when none is asked for.
-    pub default_ttl: u64,
+    pub default_ttl: Duration,
     /// Longest lifetime granted.
-    pub max_ttl: u64,
+    pub max_ttl: Duration,
+}
+
+/// What a cached token was minted for: every part of a request that shapes
+/// the token, kept as values (never joined into one string, which could
+/// make two requests collide).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    audience: Vec<String>,
+    ttl: Duration,
+    claims: String,
 }
 
 /// Mints tokens for this sidecar's identity.
@@ -114,7 +134,7 @@ pub struct Minter {
     issuer: SpiffeId,
     keys: KeyView,
     policy: MintPolicy,
-    cache: Mutex<HashMap<(String, u64, String), Minted>>,
+    cache: Mutex<HashMap<CacheKey, Minted>>,
 }
 
 impl std::fmt::Debug for Minter {
@@ -171,7 +191,7 @@ impl Minter {
         &self.issuer
     }
 
-    fn check_ttl(&self, ttl: Option<u64>) -> Result<u64, MintError> {
+    fn check_ttl(&self, ttl: Option<Duration>) -> Result<Duration, MintError> {
         let ttl = ttl.unwrap_or(self.policy.default_ttl);
         if ttl > self.policy.max_ttl {
             return Err(MintError::TtlTooLong {
@@ -179,7 +199,7 @@ impl Minter {
                 max: self.policy.max_ttl,
             });
         }
-        if ttl == 0 {
+        if ttl.as_secs() == 0 {
             return Err(MintError::BadClaims(
                 "ttl must be at least one second".into(),
             ));
@@ -188,7 +208,7 @@ impl Minter {
     }
 
     /// Mints (or reuses) a token at `now`.
-    pub fn mint(&self, req: &MintRequest, now: i64) -> Result<Minted, MintError> {
+    pub fn mint(&self, req: &MintRequest, now: UnixTime) -> Result<Minted, MintError> {
         if let Some(k) = req
             .claims
             .keys()
@@ -199,17 +219,17 @@ impl Minter {
         let ttl = self.check_ttl(req.ttl)?;
         let set = self.keys.current();
         let key = set.signing_key(now).ok_or(MintError::NoKey)?;
-        let cache_key = (
-            req.audience.join("\u{0}"),
+        let cache_key = CacheKey {
+            audience: req.audience.clone(),
             ttl,
-            serde_json::to_string(&req.claims).unwrap_or_default(),
-        );
+            claims: serde_json::Value::Object(req.claims.clone()).to_string(),
+        };
         if !req.one_time {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(m) = cache.get(&cache_key)
                 && m.kid == key.kid()
                 && now >= m.issued_at
-                && (now - m.issued_at) * 2 < ttl as i64
+                && now.since(m.issued_at) * 2 < ttl
             {
                 metrics::counter!("tokend_mint_total", "cached" => "true").increment(1);
                 return Ok(m.clone());
@@ -241,19 +261,18 @@ impl Minter {
         &self,
         audience: &SpiffeId,
         delegation: Delegation,
-        ttl: Option<u64>,
-        now: i64,
+        ttl: Option<Duration>,
+        now: UnixTime,
     ) -> Result<Minted, MintError> {
         let Delegation {
             subject,
             act,
             carried,
             not_after,
+            one_time,
         } = delegation;
-        let ttl = self
-            .check_ttl(ttl)?
-            .min(u64::try_from(not_after - now).unwrap_or(0));
-        if ttl == 0 {
+        let ttl = self.check_ttl(ttl)?.min(not_after.since(now));
+        if ttl.is_zero() {
             return Err(MintError::BadClaims(
                 "the exchanged token expires now".into(),
             ));
@@ -265,8 +284,10 @@ impl Minter {
             .filter(|(k, _)| !REGISTERED_CLAIMS.contains(&k.as_str()))
             .collect();
         claims.insert("act".into(), act);
+        if one_time {
+            claims.insert("one_time".into(), true.into());
+        }
         let minted = self.issue(claims, &[audience.to_string()], &subject, ttl, now, key)?;
-        metrics::counter!("tokend_exchange_total").increment(1);
         Ok(minted)
     }
 
@@ -276,12 +297,12 @@ impl Minter {
         mut claims: Map<String, Value>,
         audience: &[String],
         subject: &str,
-        ttl: u64,
-        now: i64,
-        key: &crate::keys::SigningKey,
+        ttl: Duration,
+        now: UnixTime,
+        key: &SigningKey,
     ) -> Result<Minted, MintError> {
         let jti = new_jti()?;
-        let exp = now.saturating_add(ttl as i64);
+        let exp = now + ttl;
         claims.insert("iss".into(), self.issuer.as_str().into());
         claims.insert("sub".into(), subject.into());
         if audience.is_empty() {
@@ -294,17 +315,13 @@ impl Minter {
             many => Value::Array(many.iter().cloned().map(Value::String).collect()),
         };
         claims.insert("aud".into(), aud);
-        claims.insert("iat".into(), now.into());
-        claims.insert("nbf".into(), now.into());
-        claims.insert("exp".into(), exp.into());
+        claims.insert("iat".into(), now.as_secs().into());
+        claims.insert("nbf".into(), now.as_secs().into());
+        claims.insert("exp".into(), exp.as_secs().into());
         claims.insert("jti".into(), jti.clone().into());
         let token = self.sign(&claims, key.kid(), key.encoding_key())?;
-        if token.len() > crate::verify::MAX_TOKEN_LEN {
-            return Err(MintError::BadClaims(format!(
-                "token would be {} bytes, over the {}-byte limit verifiers accept",
-                token.len(),
-                crate::verify::MAX_TOKEN_LEN
-            )));
+        if token.len() > MAX_TOKEN_LEN {
+            return Err(MintError::TooLarge(token.len()));
         }
         Ok(Minted {
             token,

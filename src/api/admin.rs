@@ -1,0 +1,161 @@
+//! tokend.v1 AdminService: list, rotate and revoke keys (through the
+//! rotation task, the keys directory's single writer), and the JWKS this
+//! sidecar publishes and trusts. Admin calls are limited to admin uids.
+
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status};
+
+use super::status::{bad_request, key_status, status};
+use super::uds::Callers;
+use crate::engine::TrustView;
+use crate::identity::SpiffeId;
+use crate::keys::{Command, KeyError, KeyRecord, KeySet, KeyView, delete_after, retires_at, state_at};
+use crate::proto::tokend::v1 as pb;
+use crate::reason::{Reason, Refusal};
+use crate::time::SharedClock;
+
+/// The local admin service.
+#[derive(Clone, Debug)]
+pub struct AdminApi {
+    own: SpiffeId,
+    keys: KeyView,
+    trust: TrustView,
+    commands: mpsc::Sender<Command>,
+    clock: SharedClock,
+    callers: Callers,
+    admins: Callers,
+}
+
+fn key_info(rec: &KeyRecord, set: &KeySet, now: crate::time::UnixTime) -> pb::KeyInfo {
+    let all = set.records();
+    pb::KeyInfo {
+        kid: rec.kid.clone(),
+        state: state_at(rec, &all, now).as_str().into(),
+        created_at: rec.created_at.as_secs(),
+        activates_at: rec.activates_at.as_secs(),
+        retires_at: retires_at(rec, &all).map_or(0, |t| t.as_secs()),
+        deleted_after: delete_after(rec, &all, &set.lifecycle).map_or(0, |t| t.as_secs()),
+        bits: rec.bits,
+    }
+}
+
+impl AdminApi {
+    /// The service for sidecar `own`. `admins` defaults to the daemon's own
+    /// uid; if that cannot be read, nobody (fail closed).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        own: SpiffeId,
+        keys: KeyView,
+        trust: TrustView,
+        commands: mpsc::Sender<Command>,
+        clock: SharedClock,
+        callers: Callers,
+        admins: Option<Vec<u32>>,
+    ) -> Self {
+        let admins = admins.unwrap_or_else(|| super::uds::own_uid().into_iter().collect());
+        Self {
+            own,
+            keys,
+            trust,
+            commands,
+            clock,
+            callers,
+            admins: Callers::new(Some(admins)),
+        }
+    }
+
+    fn allowed<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        self.callers.check(req).map_err(status)?;
+        self.admins.check(req).map_err(status)
+    }
+
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, KeyError>>) -> Command,
+    ) -> Result<T, Status> {
+        let unavailable = |d: &str| status(Refusal::new(Reason::Unavailable, d));
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(command(tx))
+            .await
+            .map_err(|_| unavailable("rotation task is not running"))?;
+        rx.await
+            .map_err(|_| unavailable("rotation task dropped the request"))?
+            .map_err(key_status)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_service_server::AdminService for AdminApi {
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        self.allowed(&req)?;
+        let set = self.keys.current();
+        let now = self.clock.now();
+        let keys = set
+            .records()
+            .iter()
+            .map(|r| key_info(r, &set, now))
+            .collect();
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.allowed(&req)?;
+        let rec = self.ask(Command::Rotate).await?;
+        Ok(Response::new(pb::RotateKeyResponse {
+            key: Some(key_info(&rec, &self.keys.current(), self.clock.now())),
+        }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        self.allowed(&req)?;
+        let kid = req.into_inner().kid;
+        if kid.is_empty() {
+            return Err(bad_request("kid is required"));
+        }
+        let (rec, active) = self.ask(|tx| Command::Revoke(kid, tx)).await?;
+        Ok(Response::new(pb::RevokeKeyResponse {
+            revoked: Some(key_info(&rec, &self.keys.current(), self.clock.now())),
+            active_kid: active,
+        }))
+    }
+
+    async fn get_jwks(
+        &self,
+        req: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        self.callers.check(&req).map_err(status)?;
+        let own = self.keys.current();
+        let mut issuers = vec![pb::IssuerKeys {
+            issuer: self.own.to_string(),
+            source: "self".into(),
+            jwks_json: own.jwks_json(),
+            updated_at: self.clock.now().as_secs(),
+            revoked_kids: own.revoked_kids().map(str::to_owned).collect(),
+            last_error: String::new(),
+        }];
+        if req.into_inner().all {
+            let trust = self.trust.current();
+            for (issuer, keys) in trust.issuers() {
+                issuers.push(pb::IssuerKeys {
+                    issuer: issuer.to_owned(),
+                    source: keys.source.clone(),
+                    jwks_json: crate::jose::to_jwks_json(keys.keys().iter().map(|k| k.as_ref())),
+                    updated_at: keys.updated_at.as_secs(),
+                    revoked_kids: keys.revoked(),
+                    last_error: keys.last_error.clone().unwrap_or_default(),
+                });
+            }
+        }
+        Ok(Response::new(pb::GetJwksResponse { issuers }))
+    }
+}

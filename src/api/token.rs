@@ -1,0 +1,121 @@
+//! tokend.v1 TokenService: convert proto ↔ domain, call the engine, convert
+//! back. Tokens are taken exactly as sent: a byte string other than the one
+//! signed is not the token. No business logic here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::status::{bad_request, status};
+use super::uds::Callers;
+use crate::engine::{Engine, MintRequest, parse_claims};
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::proto::tokend::v1 as pb;
+
+/// The local token service: mint, verify, exchange.
+#[derive(Clone, Debug)]
+pub struct TokenApi {
+    engine: Arc<Engine>,
+    td: TrustDomain,
+    callers: Callers,
+}
+
+impl TokenApi {
+    /// The service over `engine`, audiences read in `td`, open to `callers`.
+    pub(crate) fn new(engine: Arc<Engine>, td: TrustDomain, callers: Callers) -> Self {
+        Self {
+            engine,
+            td,
+            callers,
+        }
+    }
+
+    fn audience(&self, text: &str, field: &str) -> Result<SpiffeId, Status> {
+        if text.is_empty() {
+            return Err(bad_request(format!("{field} is required")));
+        }
+        self.td
+            .audience(text)
+            .map_err(|e| bad_request(format!("{field}: {e}")))
+    }
+}
+
+fn ttl(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
+}
+
+#[tonic::async_trait]
+impl pb::token_service_server::TokenService for TokenApi {
+    async fn mint(
+        &self,
+        req: Request<pb::MintRequest>,
+    ) -> Result<Response<pb::MintResponse>, Status> {
+        self.callers.check(&req).map_err(status)?;
+        let r = req.into_inner();
+        let request = MintRequest {
+            audience: vec![self.audience(&r.audience, "audience")?.to_string()],
+            ttl: ttl(r.ttl_seconds),
+            claims: parse_claims(&r.claims_json).map_err(|e| status(e.into()))?,
+            one_time: r.one_time,
+        };
+        let m = self.engine.mint(&request).map_err(status)?;
+        Ok(Response::new(pb::MintResponse {
+            token: m.token,
+            kid: m.kid,
+            expires_at: m.expires_at.as_secs(),
+            jti: m.jti,
+        }))
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        self.callers.check(&req).map_err(status)?;
+        let r = req.into_inner();
+        let aud = if r.audience.is_empty() {
+            self.engine.own().clone()
+        } else {
+            self.audience(&r.audience, "audience")?
+        };
+        if r.token.is_empty() {
+            return Err(bad_request("token is empty"));
+        }
+        let v = self
+            .engine
+            .verify(&r.token, aud.as_str())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::VerifyResponse {
+            issuer: v.issuer,
+            subject: v.subject,
+            claims_json: serde_json::Value::Object(v.claims).to_string(),
+            kid: v.kid,
+            expires_at: v.expires_at.as_secs(),
+        }))
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        self.callers.check(&req).map_err(status)?;
+        let r = req.into_inner();
+        let aud = self.audience(&r.audience, "audience")?;
+        if r.token.is_empty() {
+            return Err(bad_request("token is empty"));
+        }
+        let m = self
+            .engine
+            .exchange(&r.token, &aud, ttl(r.ttl_seconds))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::ExchangeResponse {
+            token: m.token,
+            kid: m.kid,
+            expires_at: m.expires_at.as_secs(),
+            jti: m.jti,
+        }))
+    }
+}

@@ -1,0 +1,214 @@
+//! `Sidecar`: a whole daemon built in-process, for tests and the demo. It
+//! writes a config under its own directory (TOML, exactly as an operator
+//! would), issues its peer certificate from a given CA, listens on port 0,
+//! runs on an injected clock, and hands back the socket path and the peer
+//! address directly: nothing is scraped from logs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{Daemon, DaemonError};
+use crate::config::{Config, ConfigError, Overrides};
+use crate::time::{SharedClock, SystemClock};
+
+/// Why an in-process sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    /// Its directory or certificate could not be prepared.
+    #[error("sidecar {name}: {detail}")]
+    Setup {
+        /// The sidecar.
+        name: String,
+        /// Why.
+        detail: String,
+    },
+    /// The config it was given is refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The daemon refused to build.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+/// Builds one sidecar named `name` in `root/name`.
+#[derive(Debug, Clone)]
+pub struct Sidecar {
+    root: PathBuf,
+    name: String,
+    trust_domain: String,
+    extra: String,
+    ca: Option<PathBuf>,
+    peers: Vec<(String, SocketAddr)>,
+    clock: Option<SharedClock>,
+}
+
+/// A sidecar running in this process.
+#[derive(Debug)]
+pub struct RunningSidecar {
+    name: String,
+    dir: PathBuf,
+    socket: PathBuf,
+    peer_addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    task: Option<JoinHandle<Result<(), DaemonError>>>,
+}
+
+// === impl Sidecar ===
+
+impl Sidecar {
+    /// A sidecar `name` of trust domain `bank.internal` under `root/name`,
+    /// with its socket and keys there.
+    pub fn new(root: &Path, name: &str) -> Self {
+        Self {
+            root: root.to_owned(),
+            name: name.to_owned(),
+            trust_domain: "bank.internal".into(),
+            extra: String::new(),
+            ca: None,
+            peers: Vec::new(),
+            clock: None,
+        }
+    }
+
+    /// Another trust domain.
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = td.to_owned();
+        self
+    }
+
+    /// TOML appended to the config (sections such as `[rotation]`).
+    pub fn config(mut self, toml: &str) -> Self {
+        self.extra.push_str(toml);
+        self.extra.push('\n');
+        self
+    }
+
+    /// Serve the peer API on 127.0.0.1:0 with a certificate from the CA in `ca_dir`.
+    pub fn peer_api(mut self, ca_dir: &Path) -> Self {
+        self.ca = Some(ca_dir.to_owned());
+        self
+    }
+
+    /// Trust the peer `name` served at `addr`.
+    pub fn peer(mut self, name: &str, addr: SocketAddr) -> Self {
+        self.peers.push((name.to_owned(), addr));
+        self
+    }
+
+    /// Run on `clock` (default: the system clock).
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// The directory this sidecar lives in.
+    pub fn dir(&self) -> PathBuf {
+        self.root.join(&self.name)
+    }
+
+    fn setup(&self, detail: impl std::fmt::Display) -> SidecarError {
+        SidecarError::Setup {
+            name: self.name.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// The config file text this sidecar runs with.
+    fn toml(&self) -> Result<String, SidecarError> {
+        let dir = self.dir();
+        let mut toml = format!(
+            "name = \"{}\"\ntrust_domain = \"{}\"\nsocket = \"tokend.sock\"\nkeys_dir = \"keys\"\n",
+            self.name, self.trust_domain
+        );
+        if let Some(ca) = &self.ca {
+            let peer_dir = dir.join("peer");
+            if !peer_dir.join(crate::ca::PEER_CERT).exists() {
+                crate::ca::issue(ca, &self.name, &peer_dir, &[], 1).map_err(|e| self.setup(e))?;
+            }
+            toml.push_str(&format!(
+                "[peer_api]\nlisten = \"127.0.0.1:0\"\nca = \"{}\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n",
+                ca.join(crate::ca::CA_CERT).display()
+            ));
+        }
+        for (peer, addr) in &self.peers {
+            toml.push_str(&format!(
+                "[[peers]]\nname = \"{peer}\"\naddress = \"https://{addr}\"\n"
+            ));
+        }
+        toml.push_str(&self.extra);
+        Ok(toml)
+    }
+
+    /// Builds the daemon (keys loaded, sockets bound) without serving.
+    pub async fn build(&self) -> Result<(Daemon, PathBuf), SidecarError> {
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir).map_err(|e| self.setup(format!("{}: {e}", dir.display())))?;
+        let toml = self.toml()?;
+        let path = dir.join("tokend.toml");
+        std::fs::write(&path, &toml).map_err(|e| self.setup(format!("{}: {e}", path.display())))?;
+        let config = Config::from_toml(&toml, &dir, &path, &Overrides::default())?;
+        let socket = config.socket.clone();
+        let clock = self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
+        Ok((Daemon::build(config, clock).await?, socket))
+    }
+
+    /// Builds and starts serving on a task of its own.
+    pub async fn start(&self) -> Result<RunningSidecar, SidecarError> {
+        let (daemon, socket) = self.build().await?;
+        let peer_addr = daemon.peer_addr();
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let task = tokio::spawn(async move { daemon.run(until.cancelled_owned()).await });
+        Ok(RunningSidecar {
+            name: self.name.clone(),
+            dir: self.dir(),
+            socket,
+            peer_addr,
+            stop,
+            task: Some(task),
+        })
+    }
+}
+
+// === impl RunningSidecar ===
+
+impl RunningSidecar {
+    /// The service name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its Unix socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Its directory (config, keys, peer certificate).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where its peer API listens, if it serves one.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_addr
+    }
+
+    /// Shuts it down as SIGTERM would, and waits for it to finish.
+    pub async fn stop(mut self) -> Result<(), DaemonError> {
+        self.stop.cancel();
+        match self.task.take() {
+            Some(t) => t.await.unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for RunningSidecar {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,236 @@
+//! The engine: every token decision, at an explicit `now`, opening no socket
+//! and no file. `Engine` joins a minter (this sidecar's keys, through a
+//! `KeyView`), the pure verifier (`verify_at`, over `Anchors`: the own keys
+//! and an immutable `TrustSet` snapshot), delegation (RFC 8693 exchange)
+//! and the one-time claim (behind the `ReplayStore` trait). The only async
+//! parts are the two things a decision may wait on: a refresh of a peer's
+//! keys (behind the `Refresh` trait, once per verification) and the replay
+//! store. Tests and benches build an `Engine` directly.
+
+mod delegation;
+mod mint;
+mod replay;
+mod trust;
+mod verify;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+pub use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
+pub use self::mint::{Delegation, MintError, MintPolicy, MintRequest, Minted, Minter, parse_claims};
+pub use self::replay::{MemoryReplay, OneTimeId, REPLAY_PER_ISSUER, ReplayStore};
+pub use self::trust::{
+    Anchors, IssuerKeys, Lookup, MAX_KEYS_PER_ISSUER, MAX_REVOKED_PER_ISSUER, SetError,
+    TrustSet, TrustUpdate, TrustView,
+};
+pub use self::verify::{Unverified, Verified, VerifyPolicy, verify_at};
+use crate::identity::SpiffeId;
+use crate::jose::PREV_TOKEN;
+use crate::keys::KeyView;
+use crate::reason::{Reason, Refusal};
+use crate::time::{SharedClock, UnixTime};
+
+/// How long a verification waits, by default, for a peer's keys to be
+/// fetched again before it answers `unknown_kid`.
+pub const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(1);
+
+/// Asks a peer issuer's source for its keys again, for an unknown kid.
+pub trait Refresh: Send + Sync + 'static {
+    /// Refreshes `issuer` (single flight and rate limited by the
+    /// implementation) and returns once the outcome is in the trust view.
+    fn refresh<'a>(&'a self, issuer: &'a str) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+}
+
+/// Mints, verifies and exchanges tokens for one sidecar identity.
+pub struct Engine {
+    own: SpiffeId,
+    minter: Minter,
+    policy: VerifyPolicy,
+    keys: KeyView,
+    trust: TrustView,
+    refresher: Option<Arc<dyn Refresh>>,
+    refresh_wait: Duration,
+    replay: Arc<dyn ReplayStore>,
+    clock: SharedClock,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("own", &self.own)
+            .finish_non_exhaustive()
+    }
+}
+
+// === impl Engine ===
+
+impl Engine {
+    /// An engine for `own`, signing with `keys` and trusting `trust`, with an
+    /// in-memory replay store and no refresher (add them with `with_*`).
+    pub fn new(
+        own: SpiffeId,
+        mint: MintPolicy,
+        policy: VerifyPolicy,
+        keys: KeyView,
+        trust: TrustView,
+        clock: SharedClock,
+    ) -> Self {
+        Self {
+            minter: Minter::new(own.clone(), keys.clone(), mint),
+            own,
+            policy,
+            keys,
+            trust,
+            refresher: None,
+            refresh_wait: DEFAULT_REFRESH_WAIT,
+            replay: Arc::new(MemoryReplay::default()),
+            clock,
+        }
+    }
+
+    /// Fetches peers' keys again on an unknown kid, waiting at most `wait`.
+    pub fn with_refresher(mut self, refresher: Arc<dyn Refresh>, wait: Duration) -> Self {
+        self.refresher = Some(refresher);
+        self.refresh_wait = wait;
+        self
+    }
+
+    /// Claims one-time ids in `replay` instead of the in-memory default.
+    pub fn with_replay(mut self, replay: Arc<dyn ReplayStore>) -> Self {
+        self.replay = replay;
+        self
+    }
+
+    /// This sidecar's identity: issuer of its tokens, default audience.
+    pub fn own(&self) -> &SpiffeId {
+        &self.own
+    }
+
+    /// Now, by the engine's clock.
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// The own keys.
+    pub fn keys(&self) -> &KeyView {
+        &self.keys
+    }
+
+    /// The peers' keys.
+    pub fn trust(&self) -> &TrustView {
+        &self.trust
+    }
+
+    /// Mints (or reuses) a token now.
+    pub fn mint(&self, req: &MintRequest) -> Result<Minted, Refusal> {
+        Ok(self.minter.mint(req, self.clock.now())?)
+    }
+
+    /// The pure decision at `now` against the current snapshots: no refresh,
+    /// no replay claim.
+    pub fn verify_at(
+        &self,
+        token: &str,
+        audience: &str,
+        now: UnixTime,
+    ) -> Result<Verified, Unverified> {
+        let own = self.keys.current();
+        let peers = self.trust.current();
+        let anchors = Anchors {
+            own_id: self.own.as_str(),
+            own: &own,
+            peers: &peers,
+        };
+        verify_at(token, audience, now, &self.policy, &anchors)
+    }
+
+    /// Verifies `token` for `audience` now: one refresh of a peer on an
+    /// unknown kid (or a failing signature), then the one-time claim.
+    pub async fn verify(&self, token: &str, audience: &str) -> Result<Verified, Refusal> {
+        let started = std::time::Instant::now();
+        let result = self.verify_once_refreshed(token, audience).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.reason.as_str(),
+        };
+        metrics::counter!("tokend_verify_total", "result" => outcome).increment(1);
+        metrics::histogram!("tokend_verify_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn verify_once_refreshed(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<Verified, Refusal> {
+        let mut refreshed = false;
+        loop {
+            let now = self.clock.now();
+            match self.verify_at(token, audience, now) {
+                Ok(v) => {
+                    if !v.one_time.is_empty() {
+                        self.replay.claim(&v.one_time, now).await?;
+                    }
+                    return Ok(v);
+                }
+                Err(Unverified::NeedKeys { issuer, refusal }) if !refreshed => {
+                    let Some(refresher) = &self.refresher else {
+                        return Err(refusal);
+                    };
+                    refreshed = true;
+                    if tokio::time::timeout(self.refresh_wait, refresher.refresh(&issuer))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(issuer, "key refresh still running; answering without it");
+                    }
+                }
+                Err(e) => return Err(e.into_refusal()),
+            }
+        }
+    }
+
+    /// Exchanges `token` (addressed to this sidecar) for a delegated token to
+    /// `audience` (RFC 8693): the original subject, this sidecar as actor,
+    /// the received token embedded as the link, one-time if it was.
+    pub async fn exchange(
+        &self,
+        token: &str,
+        audience: &SpiffeId,
+        ttl: Option<Duration>,
+    ) -> Result<Minted, Refusal> {
+        let inbound = self
+            .verify(token, self.own.as_str())
+            .await
+            .map_err(|r| r.context("received token"))?;
+        if chain_depth(&inbound.claims) + 1 > MAX_DELEGATION_DEPTH {
+            return Err(Refusal::new(
+                Reason::PermissionDenied,
+                format!("delegation chain would exceed {MAX_DELEGATION_DEPTH} links"),
+            ));
+        }
+        let mut act = Map::new();
+        act.insert("sub".into(), Value::String(self.own.to_string()));
+        act.insert(PREV_TOKEN.into(), Value::String(token.to_owned()));
+        let delegation = Delegation {
+            subject: inbound.subject,
+            act: Value::Object(act),
+            one_time: verify::is_one_time(&inbound.claims),
+            carried: inbound.claims,
+            not_after: inbound.expires_at,
+        };
+        let minted = self
+            .minter
+            .mint_delegated(audience, delegation, ttl, self.clock.now())
+            .map_err(|e| match e {
+                MintError::TooLarge(_) => Refusal::new(Reason::PermissionDenied, e.to_string()),
+                other => other.into(),
+            })?;
+        metrics::counter!("tokend_exchange_total").increment(1);
+        Ok(minted)
+    }
+}

@@ -1,0 +1,297 @@
+//! Verification as a pure decision: `verify_at(token, audience, now, policy,
+//! anchors)` checks, in this order, structure → algorithm → issuer known →
+//! kid in THAT issuer's set → signature → exp/nbf/iat with clock skew →
+//! audience → lifetime ≤ max_ttl → required claims and the subject rule →
+//! delegation links. It returns the verified claims (with the one-time ids
+//! the caller must still claim), a refusal, or "needs keys": an unknown kid
+//! (or a signature that fails) under a peer issuer, which a refresh of that
+//! issuer may cure. The async shell in `engine` refreshes once and retries.
+
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::delegation;
+use super::replay::OneTimeId;
+use super::trust::{Anchors, Lookup};
+use crate::jose::{self, MAX_JTI_LEN, int_claim, names_audience, str_claim};
+use crate::reason::{Reason, Refusal, refuse};
+use crate::time::UnixTime;
+
+/// Verification limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerifyPolicy {
+    /// Longest lifetime (exp − iat) accepted.
+    pub max_ttl: Duration,
+    /// Clock skew tolerated on exp, nbf and iat.
+    pub clock_skew: Duration,
+}
+
+/// A token that passed every check but the replay claim.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    /// Issuer identity.
+    pub issuer: String,
+    /// Subject (the original caller, for a delegated token).
+    pub subject: String,
+    /// The key that signed it.
+    pub kid: String,
+    /// Expiry.
+    pub expires_at: UnixTime,
+    /// Every claim.
+    pub claims: Map<String, Value>,
+    /// One-time ids in the token and its links, to claim before accepting.
+    pub one_time: Vec<OneTimeId>,
+}
+
+/// Why `verify_at` did not verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unverified {
+    /// Final.
+    Refused(Refusal),
+    /// A refresh of `issuer` may cure it; if it does not, `refusal` stands.
+    NeedKeys {
+        /// The peer issuer whose keys to fetch again.
+        issuer: String,
+        /// The answer if fresh keys do not help.
+        refusal: Refusal,
+    },
+}
+
+impl From<Refusal> for Unverified {
+    fn from(r: Refusal) -> Self {
+        Unverified::Refused(r)
+    }
+}
+
+impl Unverified {
+    /// The refusal this outcome ends in if nothing more is done.
+    pub fn into_refusal(self) -> Refusal {
+        match self {
+            Unverified::Refused(r) | Unverified::NeedKeys { refusal: r, .. } => r,
+        }
+    }
+
+    /// The same outcome with `context` before its detail.
+    pub(super) fn context(self, context: impl std::fmt::Display + Copy) -> Self {
+        match self {
+            Unverified::Refused(r) => Unverified::Refused(r.context(context)),
+            Unverified::NeedKeys { issuer, refusal } => Unverified::NeedKeys {
+                issuer,
+                refusal: refusal.context(context),
+            },
+        }
+    }
+}
+
+/// A token whose structure, algorithm, issuer, kid and signature all passed.
+pub(super) struct Signed {
+    pub(super) issuer: String,
+    pub(super) kid: String,
+    pub(super) claims: Map<String, Value>,
+}
+
+/// Validity times of a token.
+#[derive(Clone, Copy)]
+pub(super) struct Times {
+    pub(super) exp: UnixTime,
+    pub(super) iat: UnixTime,
+}
+
+/// Verifies `token` for `audience` at `now` against `anchors`. Pure.
+pub fn verify_at(
+    token: &str,
+    audience: &str,
+    now: UnixTime,
+    policy: &VerifyPolicy,
+    anchors: &Anchors<'_>,
+) -> Result<Verified, Unverified> {
+    // 1-5. structure, algorithm, issuer, kid in that issuer's set, signature
+    let Signed {
+        issuer,
+        kid,
+        claims,
+    } = check_signed(token, now, anchors)?;
+    // 6. time
+    let times = check_times(&claims, now, policy)?;
+    // 7. audience
+    if !names_audience(&claims, audience)? {
+        return Err(Refusal::new(Reason::WrongAudience, format!("token is not for {audience}")).into());
+    }
+    // 8. lifetime
+    check_lifetime(&times, policy)?;
+    // 9. required claims, and the subject rule (sub = iss unless delegated)
+    let subject = str_claim(&claims, "sub")?.to_owned();
+    let jti = str_claim(&claims, "jti")?;
+    if jti.is_empty() || jti.len() > MAX_JTI_LEN {
+        return Err(Refusal::new(
+            Reason::Malformed,
+            format!("claim jti must be 1 to {MAX_JTI_LEN} bytes"),
+        )
+        .into());
+    }
+    let mut one_time = Vec::new();
+    if is_one_time(&claims) {
+        one_time.push(OneTimeId {
+            issuer: issuer.clone(),
+            jti: jti.to_owned(),
+            forget_at: times.exp + policy.clock_skew,
+        });
+    }
+    // 10. delegation links, each a verified token of its own
+    match claims.get("act") {
+        None if subject != issuer => {
+            return Err(Refusal::new(
+                Reason::Malformed,
+                format!("sub {subject:?} differs from iss without an act (delegation) claim"),
+            )
+            .into());
+        }
+        None => {}
+        Some(act) => {
+            let outer = delegation::Outer {
+                actor: &issuer,
+                subject: &subject,
+                times,
+                claims: &claims,
+            };
+            one_time.extend(delegation::check_chain(outer, act, now, policy, anchors)?);
+        }
+    }
+    Ok(Verified {
+        subject,
+        issuer,
+        kid,
+        expires_at: times.exp,
+        claims,
+        one_time,
+    })
+}
+
+/// Whether a claims set is a one-time token.
+pub(super) fn is_one_time(claims: &Map<String, Value>) -> bool {
+    claims.get("one_time") == Some(&Value::Bool(true))
+}
+
+/// Steps 1-5: structure, algorithm, issuer known, kid in that issuer's set
+/// only, signature.
+pub(super) fn check_signed(
+    token: &str,
+    now: UnixTime,
+    anchors: &Anchors<'_>,
+) -> Result<Signed, Unverified> {
+    let parts = jose::parse(token)?;
+    jose::check_alg(&parts)?;
+    let Ok(claims) = parts.claims else {
+        return Err(Refusal::new(Reason::Malformed, "payload is not a JSON object").into());
+    };
+    let issuer = str_claim(&claims, "iss")?.to_owned();
+    if !anchors.knows(&issuer) {
+        return Err(Refusal::new(
+            Reason::UnknownIssuer,
+            format!("issuer {issuer:?} is not this sidecar nor a configured peer"),
+        )
+        .into());
+    }
+    let Some(kid) = parts.kid else {
+        return Err(Refusal::new(Reason::MissingClaim, "header kid is missing").into());
+    };
+    let need_keys = |refusal: Refusal| -> Unverified {
+        if anchors.is_peer(&issuer) {
+            Unverified::NeedKeys {
+                issuer: issuer.clone(),
+                refusal,
+            }
+        } else {
+            Unverified::Refused(refusal)
+        }
+    };
+    let key = match anchors.lookup(&issuer, &kid, now) {
+        Lookup::Found(k) => k,
+        Lookup::Revoked => {
+            return Err(Refusal::new(
+                Reason::RevokedKey,
+                format!("key {kid} was revoked by {issuer}"),
+            )
+            .into());
+        }
+        Lookup::UnknownIssuer => {
+            return Err(Refusal::new(
+                Reason::UnknownIssuer,
+                format!("issuer {issuer:?} is not this sidecar nor a configured peer"),
+            )
+            .into());
+        }
+        Lookup::UnknownKid => {
+            return Err(need_keys(Refusal::new(
+                Reason::UnknownKid,
+                format!("key {kid} is not in the key set of {issuer}"),
+            )));
+        }
+    };
+    if !key.verify(parts.signing_input.as_bytes(), parts.signature) {
+        // A key poisoned by a relay (or a set gone stale) is cured by the
+        // issuer's own fresh set: refresh once, as for an unknown kid.
+        return Err(need_keys(Refusal::new(
+            Reason::BadSignature,
+            format!("signature does not verify under {issuer} key {kid}"),
+        )));
+    }
+    Ok(Signed {
+        issuer,
+        kid,
+        claims,
+    })
+}
+
+/// Step 6 at instant `at`: exp, nbf and iat, each with the skew.
+pub(super) fn check_times(
+    claims: &Map<String, Value>,
+    at: UnixTime,
+    policy: &VerifyPolicy,
+) -> Result<Times, Refusal> {
+    let skew = policy.clock_skew;
+    let Some(exp) = int_claim(claims, "exp")?.map(UnixTime::from_secs) else {
+        return refuse(Reason::MissingClaim, "claim exp is missing");
+    };
+    if at > exp + skew {
+        return refuse(
+            Reason::Expired,
+            format!("expired at {exp}, now {at} (skew {}s)", skew.as_secs()),
+        );
+    }
+    if let Some(nbf) = int_claim(claims, "nbf")?.map(UnixTime::from_secs)
+        && at + skew < nbf
+    {
+        return refuse(
+            Reason::NotYetValid,
+            format!("not before {nbf}, now {at} (skew {}s)", skew.as_secs()),
+        );
+    }
+    let Some(iat) = int_claim(claims, "iat")?.map(UnixTime::from_secs) else {
+        return refuse(Reason::MissingClaim, "claim iat is missing");
+    };
+    if at + skew < iat {
+        return refuse(
+            Reason::NotYetValid,
+            format!("issued in the future at {iat}, now {at} (skew {}s)", skew.as_secs()),
+        );
+    }
+    Ok(Times { exp, iat })
+}
+
+/// Step 8: the lifetime `exp - iat` within `max_ttl`.
+pub(super) fn check_lifetime(t: &Times, policy: &VerifyPolicy) -> Result<(), Refusal> {
+    let lifetime = t.exp.since(t.iat);
+    if lifetime > policy.max_ttl {
+        return refuse(
+            Reason::LifetimeTooLong,
+            format!(
+                "lifetime {}s exceeds max_ttl {}s",
+                lifetime.as_secs(),
+                policy.max_ttl.as_secs()
+            ),
+        );
+    }
+    Ok(())
+}

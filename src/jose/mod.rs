@@ -1,0 +1,21 @@
+//! The token format, below everything that mints or verifies: claim names
+//! and limits (`claims`), the compact-JWS layer and its algorithm policy
+//! (`jws`), RSA JWK import and RFC 7638 thumbprints (`jwk`), and the ring
+//! `CryptoProvider` jsonwebtoken signs and verifies through (`provider`).
+//! Pure: no clock, no I/O, no issuers.
+
+mod claims;
+mod jwk;
+mod jws;
+mod provider;
+
+pub use self::claims::{
+    MAX_CLAIMS_LEN, MAX_JTI_LEN, MAX_TOKEN_LEN, PREV_TOKEN, REGISTERED_CLAIMS, int_claim,
+    names_audience, str_claim,
+};
+pub use self::jwk::{JwkError, JwkSet, PublicKey, parse_jwks, to_jwks_json};
+pub use self::jws::{Parts, check_alg, check_signature, parse};
+pub(crate) use self::provider::install as install_provider;
+
+#[cfg(test)]
+pub(crate) use self::jwk::{Jwk, thumbprint};

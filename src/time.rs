@@ -1,0 +1,179 @@
+//! Time as a parameter. `UnixTime` is the one instant type (whole seconds
+//! since the Unix epoch, the unit of every JWT time claim); spans are
+//! `std::time::Duration`. A `Clock` is the only thing that reads the wall
+//! clock; engines take `now` as an argument, so tests step it.
+
+use std::ops::{Add, Sub};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// An instant in whole seconds since the Unix epoch.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct UnixTime(i64);
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+// === impl UnixTime ===
+
+impl UnixTime {
+    /// The epoch itself; also "never" where a wire field has no value.
+    pub const EPOCH: UnixTime = UnixTime(0);
+
+    /// The instant `s` seconds after the epoch.
+    pub const fn from_secs(s: i64) -> Self {
+        Self(s)
+    }
+
+    /// Seconds since the epoch, for the wire and for claims.
+    pub const fn as_secs(self) -> i64 {
+        self.0
+    }
+
+    /// The span from `earlier` to `self`; zero if `earlier` is later.
+    pub fn since(self, earlier: UnixTime) -> Duration {
+        Duration::from_secs(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
+}
+
+impl Add<Duration> for UnixTime {
+    type Output = UnixTime;
+    fn add(self, d: Duration) -> UnixTime {
+        UnixTime(self.0.saturating_add(secs(d)))
+    }
+}
+
+impl Sub<Duration> for UnixTime {
+    type Output = UnixTime;
+    fn sub(self, d: Duration) -> UnixTime {
+        UnixTime(self.0.saturating_sub(secs(d)))
+    }
+}
+
+impl std::fmt::Display for UnixTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A source of the current time.
+pub trait Clock: Send + Sync + 'static {
+    /// Now.
+    fn now(&self) -> UnixTime;
+}
+
+impl std::fmt::Debug for dyn Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock(now {})", self.now())
+    }
+}
+
+/// The clock handle components share.
+pub type SharedClock = Arc<dyn Clock>;
+
+/// The real wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> UnixTime {
+        match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => UnixTime(secs(d)),
+            Err(_) => UnixTime::EPOCH,
+        }
+    }
+}
+
+/// A clock tests set by hand, for pure code that never sleeps.
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock(Arc<AtomicI64>);
+
+impl ManualClock {
+    /// A clock showing `now`.
+    pub fn at(now: UnixTime) -> Self {
+        Self(Arc::new(AtomicI64::new(now.0)))
+    }
+    /// Sets the clock.
+    pub fn set(&self, now: UnixTime) {
+        self.0.store(now.0, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> UnixTime {
+        UnixTime(self.0.load(Ordering::SeqCst))
+    }
+}
+
+/// Wall time anchored once, then advancing with tokio's clock: under
+/// `tokio::time::pause()` a test steps every timer and every `now` together,
+/// so loops that plan with this clock and sleep on tokio agree exactly.
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
+    start: UnixTime,
+    started: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock showing `start` now, moving with tokio time from here.
+    pub fn starting_at(start: UnixTime) -> Self {
+        Self {
+            start,
+            started: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> UnixTime {
+        self.start + self.started.elapsed()
+    }
+}
+
+/// Sleeps until `clock` shows `deadline`. Planning and waiting use the same
+/// clock: a wall clock that jumps is re-read at least once a second.
+pub async fn sleep_until(clock: &dyn Clock, deadline: UnixTime) {
+    const LONGEST_NAP: Duration = Duration::from_secs(1);
+    loop {
+        let now = clock.now();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(deadline.since(now).min(LONGEST_NAP)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Arithmetic saturates instead of wrapping, and `since` never goes negative.
+    #[test]
+    fn arithmetic_saturates() {
+        let t = UnixTime::from_secs(100);
+        assert_eq!(t + Duration::from_secs(5), UnixTime::from_secs(105));
+        assert_eq!(t - Duration::from_secs(5), UnixTime::from_secs(95));
+        assert_eq!(
+            UnixTime::from_secs(i64::MAX) + Duration::from_secs(1),
+            UnixTime::from_secs(i64::MAX)
+        );
+        assert_eq!(t.since(UnixTime::from_secs(40)), Duration::from_secs(60));
+        assert_eq!(UnixTime::from_secs(40).since(t), Duration::ZERO);
+    }
+
+    /// Under paused tokio time, the tokio clock and `sleep_until` move together.
+    #[tokio::test(start_paused = true)]
+    async fn tokio_clock_follows_paused_time() {
+        let clock = TokioClock::starting_at(UnixTime::from_secs(1_000));
+        assert_eq!(clock.now(), UnixTime::from_secs(1_000));
+        sleep_until(&clock, UnixTime::from_secs(1_090)).await;
+        assert_eq!(clock.now(), UnixTime::from_secs(1_090));
+    }
+}

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokend::SpiffeId;
 use tokend::clock::{Clock, SystemClock};
-use tokend::identity::SpiffeId;
 use tokend::keys::{KeyStore, Lifecycle};
 use tokend::mint::{MintPolicy, MintRequest, Minter};
 use tokend::verify::{Policy, TrustStore, Verifier};

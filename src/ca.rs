@@ -15,17 +15,17 @@ use crate::identity::{SpiffeId, TrustDomain};
 use crate::keys::atomic_write;
 
 /// CA certificate file name.
-pub const CA_CERT: &str = "ca.pem";
+pub(crate) const CA_CERT: &str = "ca.pem";
 /// CA private key file name.
-pub const CA_KEY: &str = "ca.key";
+pub(crate) const CA_KEY: &str = "ca.key";
 /// Peer certificate file name.
-pub const PEER_CERT: &str = "cert.pem";
+pub(crate) const PEER_CERT: &str = "cert.pem";
 /// Peer private key file name.
-pub const PEER_KEY: &str = "key.pem";
+pub(crate) const PEER_KEY: &str = "key.pem";
 
 /// A CA operation failure, naming the file or value.
 #[derive(Debug, thiserror::Error)]
-pub enum CaError {
+pub(crate) enum CaError {
     /// Refusing to overwrite.
     #[error("{0} already exists; refusing to overwrite a CA key")]
     Exists(PathBuf),
@@ -62,7 +62,7 @@ fn ensure_dir(dir: &Path) -> Result<(), CaError> {
 }
 
 /// Creates `out/ca.pem` and `out/ca.key` for `td`, valid for ten years.
-pub fn init(out: &Path, td: &TrustDomain) -> Result<(), CaError> {
+pub(crate) fn init(out: &Path, td: &TrustDomain) -> Result<(), CaError> {
     ensure_dir(out)?;
     let key_path = out.join(CA_KEY);
     if key_path.exists() {
@@ -99,7 +99,7 @@ pub fn init(out: &Path, td: &TrustDomain) -> Result<(), CaError> {
 }
 
 /// The trust domain a CA certificate (PEM) was made for, from its `spiffe://TD` URI SAN.
-pub fn trust_domain_of(ca_pem: &[u8]) -> Result<TrustDomain, CaError> {
+pub(crate) fn trust_domain_of(ca_pem: &[u8]) -> Result<TrustDomain, CaError> {
     let block =
         pem::parse(ca_pem).map_err(|e| CaError::Cert(format!("CA certificate is not PEM: {e}")))?;
     let (_, cert) = x509_parser::parse_x509_certificate(block.contents())
@@ -118,7 +118,7 @@ pub fn trust_domain_of(ca_pem: &[u8]) -> Result<TrustDomain, CaError> {
 }
 
 /// Issues `out/cert.pem` and `out/key.pem` for service `name`, signed by the CA in `ca_dir`.
-pub fn issue(
+pub(crate) fn issue(
     ca_dir: &Path,
     name: &str,
     out: &Path,

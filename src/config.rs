@@ -49,7 +49,7 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
 
 /// A duration written as `90s`, `5m`, `24h`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
+pub(crate) struct HumanDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -61,7 +61,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
 }
 
 /// Parses `90s`, `5m`, `24h`, `1h30m`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("invalid duration {s:?} ({e}); write it like 90s, 5m or 24h"))
 }

@@ -45,8 +45,10 @@ pub use crate::engine::{
     Verified, VerifyPolicy, verify_at,
 };
 pub use crate::identity::{SpiffeId, TrustDomain};
-pub use crate::jose::{PublicKey, check_signature};
-pub use crate::keys::{KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8, parse_pkcs8_pem};
+pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};
+pub use crate::keys::{
+    KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8, parse_pkcs8_pem,
+};
 pub use crate::reason::{Reason, Refusal};
 pub use crate::telemetry::{LogFormat, init as init_logs};
 pub use crate::time::{Clock, ManualClock, SharedClock, SystemClock, TokioClock, UnixTime};

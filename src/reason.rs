@@ -115,7 +115,7 @@ impl Refusal {
 }
 
 /// `Err(Refusal)`, for the many early returns of the checks.
-pub fn refuse<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Refusal> {
+pub(crate) fn refuse<T>(reason: Reason, detail: impl Into<String>) -> Result<T, Refusal> {
     Err(Refusal::new(reason, detail))
 }
 

@@ -9,7 +9,7 @@ use std::future::Future;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Registers SIGINT and SIGTERM now; the returned future completes on the first.
-pub fn signals() -> std::io::Result<impl Future<Output = ()> + Send> {
+pub(crate) fn signals() -> std::io::Result<impl Future<Output = ()> + Send> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     Ok(async move {
@@ -23,7 +23,7 @@ pub fn signals() -> std::io::Result<impl Future<Output = ()> + Send> {
 /// Forwards `stream` until `stop` is cancelled, then ends it: server streams
 /// that never end on their own (key watches, SPIFFE bundles) would otherwise
 /// hold a graceful shutdown open for as long as a client keeps them.
-pub fn until_cancelled<T, S>(
+pub(crate) fn until_cancelled<T, S>(
     mut stream: S,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio_stream::wrappers::ReceiverStream<T>

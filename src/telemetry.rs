@@ -27,7 +27,7 @@ pub fn init(format: LogFormat) {
 }
 
 /// Serves metrics in Prometheus text format at `http://addr/metrics`.
-pub fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
+pub(crate) fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .install()

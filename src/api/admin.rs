@@ -9,14 +9,16 @@ use super::status::{bad_request, key_status, status};
 use super::uds::Callers;
 use crate::engine::TrustView;
 use crate::identity::SpiffeId;
-use crate::keys::{Command, KeyError, KeyRecord, KeySet, KeyView, delete_after, retires_at, state_at};
+use crate::keys::{
+    Command, KeyError, KeyRecord, KeySet, KeyView, delete_after, retires_at, state_at,
+};
 use crate::proto::tokend::v1 as pb;
 use crate::reason::{Reason, Refusal};
 use crate::time::SharedClock;
 
 /// The local admin service.
 #[derive(Clone, Debug)]
-pub struct AdminApi {
+pub(crate) struct AdminApi {
     own: SpiffeId,
     keys: KeyView,
     trust: TrustView,

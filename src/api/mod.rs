@@ -14,18 +14,19 @@ use std::future::Future;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
-pub use self::admin::AdminApi;
-pub use self::spiffe::SpiffeApi;
+pub(crate) use self::admin::AdminApi;
+pub(crate) use self::spiffe::SpiffeApi;
 pub use self::status::{REASON_KEY, detail_of, reason_of};
-pub use self::token::TokenApi;
+pub(crate) use self::token::TokenApi;
 pub(crate) use self::uds::Callers;
-pub use self::uds::{SocketError, bind, connect};
+pub use self::uds::connect;
+pub(crate) use self::uds::{SocketError, bind};
 use crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use crate::proto::tokend::v1 as pb;
 
 /// The services the local socket carries.
 #[derive(Debug)]
-pub struct LocalApi {
+pub(crate) struct LocalApi {
     /// tokend.v1 TokenService.
     pub token: TokenApi,
     /// tokend.v1 AdminService.
@@ -36,7 +37,7 @@ pub struct LocalApi {
 
 /// Serves every local service on `listener` until `shutdown` completes, then
 /// finishes in-flight calls and returns.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: UnixListener,
     api: LocalApi,
     shutdown: impl Future<Output = ()> + Send,

@@ -38,7 +38,7 @@ const BUNDLE_UPDATE_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The Workload API service.
 #[derive(Clone, Debug)]
-pub struct SpiffeApi {
+pub(crate) struct SpiffeApi {
     engine: Arc<Engine>,
     callers: Callers,
     shutdown: CancellationToken,

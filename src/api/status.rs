@@ -59,9 +59,10 @@ pub(crate) fn spiffe_status(r: Refusal) -> Status {
 /// store's trouble (Unavailable).
 pub(crate) fn key_status(e: KeyError) -> Status {
     match e {
-        KeyError::NotFound(_) | KeyError::AlreadyRevoked(_) => {
-            with_code(Code::NotFound, &Refusal::new(Reason::Malformed, e.to_string()))
-        }
+        KeyError::NotFound(_) | KeyError::AlreadyRevoked(_) => with_code(
+            Code::NotFound,
+            &Refusal::new(Reason::Malformed, e.to_string()),
+        ),
         other => status(Refusal::new(Reason::Unavailable, other.to_string())),
     }
 }
@@ -105,13 +106,19 @@ mod tests {
             let sp = spiffe_status(Refusal::new(reason, "why"));
             assert_eq!(reason_of(&sp), Some(reason));
         }
-        assert_eq!(status(Refusal::new(Reason::Expired, "x")).code(), Code::Unauthenticated);
+        assert_eq!(
+            status(Refusal::new(Reason::Expired, "x")).code(),
+            Code::Unauthenticated
+        );
         assert_eq!(
             spiffe_status(Refusal::new(Reason::Expired, "x")).code(),
             Code::InvalidArgument
         );
         let nf = key_status(KeyError::NotFound("k".into()));
-        assert_eq!((nf.code(), reason_of(&nf)), (Code::NotFound, Some(Reason::Malformed)));
+        assert_eq!(
+            (nf.code(), reason_of(&nf)),
+            (Code::NotFound, Some(Reason::Malformed))
+        );
         assert_eq!(reason_of(&Status::internal("x")), None);
     }
 }

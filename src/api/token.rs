@@ -15,7 +15,7 @@ use crate::proto::tokend::v1 as pb;
 
 /// The local token service: mint, verify, exchange.
 #[derive(Clone, Debug)]
-pub struct TokenApi {
+pub(crate) struct TokenApi {
     engine: Arc<Engine>,
     td: TrustDomain,
     callers: Callers,

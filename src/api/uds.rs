@@ -47,7 +47,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> So
 }
 
 /// Binds the socket at `path` with `mode`.
-pub fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
+pub(crate) fn bind(path: &Path, mode: u32) -> Result<UnixListener, SocketError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {

@@ -134,10 +134,8 @@ impl Daemon {
     pub async fn build(config: Config, clock: SharedClock) -> Result<Self, DaemonError> {
         // First, so everything from key loading on is counted.
         if let Some(addr) = config.metrics_listen {
-            crate::telemetry::serve_metrics(addr).map_err(|detail| DaemonError::Metrics {
-                addr,
-                detail,
-            })?;
+            crate::telemetry::serve_metrics(addr)
+                .map_err(|detail| DaemonError::Metrics { addr, detail })?;
         }
         let (store, keys) = open_keys(&config, &clock).await?;
         let peer_tls = match &config.peer_api {
@@ -167,13 +165,14 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let (peer_server, peer_addr) = match (&config.peer_api, &peer_tls) {
             (Some(p), Some(tls)) => {
-                let tcp = TcpListener::bind(p.listen)
-                    .await
-                    .map_err(|source| DaemonError::Listen {
-                        what: "peer_api.listen",
-                        addr: p.listen,
-                        source,
-                    })?;
+                let tcp =
+                    TcpListener::bind(p.listen)
+                        .await
+                        .map_err(|source| DaemonError::Listen {
+                            what: "peer_api.listen",
+                            addr: p.listen,
+                            source,
+                        })?;
                 let addr = tcp.local_addr().map_err(|source| DaemonError::Listen {
                     what: "peer_api.listen",
                     addr: p.listen,
@@ -318,7 +317,7 @@ async fn open_keys(config: &Config, clock: &SharedClock) -> Result<(KeyStore, Ke
         clock.clone(),
     )
     .await?;
-    crate::keys::apply_plan(&mut store, clock.now()).await?;
+    store.apply_plan(clock.now()).await?;
     Ok((store, keys))
 }
 
@@ -337,7 +336,9 @@ fn trust_sources(
         match &peer.source {
             PeerSource::JwksFile(path) => {
                 let source = JwksFileSource::new(issuer, path.clone(), feed.clone(), clock.clone());
-                writer.apply(source.registration()).map_err(PeerError::from)?;
+                writer
+                    .apply(source.registration())
+                    .map_err(PeerError::from)?;
                 writer.apply(source.read()?).map_err(PeerError::from)?;
                 refresher.add(issuer, source.clone());
                 files.push(source);

@@ -19,15 +19,14 @@ use serde_json::{Map, Value};
 use super::replay::OneTimeId;
 use super::trust::Anchors;
 use super::verify::{
-    Signed, Times, Unverified, VerifyPolicy, check_lifetime, check_signed, check_times,
-    is_one_time,
+    Signed, Times, Unverified, VerifyPolicy, check_lifetime, check_signed, check_times, is_one_time,
 };
 use crate::jose::{self, PREV_TOKEN, REGISTERED_CLAIMS, names_audience, str_claim};
 use crate::reason::{Reason, Refusal};
 use crate::time::UnixTime;
 
 /// The most delegation links a token may carry.
-pub const MAX_DELEGATION_DEPTH: usize = 3;
+pub(crate) const MAX_DELEGATION_DEPTH: usize = 3;
 
 /// The token a link was exchanged into, as far as the link must agree with it.
 pub(super) struct Outer<'a> {
@@ -53,7 +52,7 @@ fn caller_claims(claims: &Map<String, Value>) -> Vec<(&String, &Value)> {
 
 /// How many delegation links a claims set carries (read without checking:
 /// use it on claims that passed verification).
-pub fn chain_depth(claims: &Map<String, Value>) -> usize {
+pub(crate) fn chain_depth(claims: &Map<String, Value>) -> usize {
     let mut depth = 0;
     let mut act = claims.get("act").cloned();
     while let Some(Value::Object(a)) = act {
@@ -86,7 +85,9 @@ fn signed_link(
         .into());
     }
     let Some(Value::String(prev)) = a.get(PREV_TOKEN) else {
-        return Err(Refusal::new(Reason::MissingClaim, format!("act.{PREV_TOKEN} is missing")).into());
+        return Err(
+            Refusal::new(Reason::MissingClaim, format!("act.{PREV_TOKEN} is missing")).into(),
+        );
     };
     check_signed(prev, now, anchors)
 }

@@ -82,7 +82,7 @@ pub struct MintRequest {
 
 /// What a delegated token carries besides the registered claims.
 #[derive(Debug, Clone)]
-pub struct Delegation {
+pub(crate) struct Delegation {
     /// The original subject.
     pub subject: String,
     /// The `act` claim: this sidecar as actor, with the exchanged token.
@@ -130,7 +130,7 @@ struct CacheKey {
 }
 
 /// Mints tokens for this sidecar's identity.
-pub struct Minter {
+pub(crate) struct Minter {
     issuer: SpiffeId,
     keys: KeyView,
     policy: MintPolicy,
@@ -146,7 +146,7 @@ impl std::fmt::Debug for Minter {
 }
 
 /// Parses caller claims text (empty means none) into a JSON object, bounded in size.
-pub fn parse_claims(text: &str) -> Result<Map<String, Value>, MintError> {
+pub(crate) fn parse_claims(text: &str) -> Result<Map<String, Value>, MintError> {
     if text.trim().is_empty() {
         return Ok(Map::new());
     }
@@ -177,18 +177,13 @@ fn new_jti() -> Result<String, MintError> {
 
 impl Minter {
     /// A minter signing as `issuer` with keys from `keys`.
-    pub fn new(issuer: SpiffeId, keys: KeyView, policy: MintPolicy) -> Self {
+    pub(crate) fn new(issuer: SpiffeId, keys: KeyView, policy: MintPolicy) -> Self {
         Self {
             issuer,
             keys,
             policy,
             cache: Mutex::default(),
         }
-    }
-
-    /// The identity tokens are issued as.
-    pub fn issuer(&self) -> &SpiffeId {
-        &self.issuer
     }
 
     fn check_ttl(&self, ttl: Option<Duration>) -> Result<Duration, MintError> {
@@ -208,7 +203,7 @@ impl Minter {
     }
 
     /// Mints (or reuses) a token at `now`.
-    pub fn mint(&self, req: &MintRequest, now: UnixTime) -> Result<Minted, MintError> {
+    pub(crate) fn mint(&self, req: &MintRequest, now: UnixTime) -> Result<Minted, MintError> {
         if let Some(k) = req
             .claims
             .keys()
@@ -257,7 +252,7 @@ impl Minter {
 
     /// Mints a delegated token (RFC 8693) to `audience`. The lifetime is
     /// `ttl` (default if `None`) but never past `delegation.not_after`. Never cached.
-    pub fn mint_delegated(
+    pub(crate) fn mint_delegated(
         &self,
         audience: &SpiffeId,
         delegation: Delegation,

@@ -20,13 +20,12 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-pub use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
-pub use self::mint::{Delegation, MintError, MintPolicy, MintRequest, Minted, Minter, parse_claims};
-pub use self::replay::{MemoryReplay, OneTimeId, REPLAY_PER_ISSUER, ReplayStore};
-pub use self::trust::{
-    Anchors, IssuerKeys, Lookup, MAX_KEYS_PER_ISSUER, MAX_REVOKED_PER_ISSUER, SetError,
-    TrustSet, TrustUpdate, TrustView,
-};
+pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
+pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
+pub use self::mint::{MintPolicy, MintRequest, Minted};
+pub(crate) use self::replay::{MemoryReplay, ReplayStore};
+pub(crate) use self::trust::{Anchors, MAX_KEYS_PER_ISSUER, SetError};
+pub use self::trust::{TrustSet, TrustUpdate, TrustView};
 pub use self::verify::{Unverified, Verified, VerifyPolicy, verify_at};
 use crate::identity::SpiffeId;
 use crate::jose::PREV_TOKEN;
@@ -36,7 +35,7 @@ use crate::time::{SharedClock, UnixTime};
 
 /// How long a verification waits, by default, for a peer's keys to be
 /// fetched again before it answers `unknown_kid`.
-pub const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(1);
 
 /// Asks a peer issuer's source for its keys again, for an unknown kid.
 pub trait Refresh: Send + Sync + 'static {

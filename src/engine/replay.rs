@@ -20,7 +20,7 @@ use crate::reason::{Reason, Refusal};
 use crate::time::UnixTime;
 
 /// One-time token ids remembered per issuer by default.
-pub const REPLAY_PER_ISSUER: usize = 50_000;
+pub(crate) const REPLAY_PER_ISSUER: usize = 50_000;
 
 /// One one-time id to claim: who issued it, the `jti`, and until when the
 /// claim must be remembered (the token's expiry plus skew).
@@ -35,7 +35,7 @@ pub struct OneTimeId {
 }
 
 /// The boxed future a store answers with (stores may do I/O).
-pub type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+pub(super) type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
 
 /// Where one-time ids are claimed.
 pub trait ReplayStore: Send + Sync + 'static {
@@ -46,7 +46,7 @@ pub trait ReplayStore: Send + Sync + 'static {
 
 /// The bounded in-memory store.
 #[derive(Debug)]
-pub struct MemoryReplay {
+pub(crate) struct MemoryReplay {
     issuers: Mutex<HashMap<String, IssuerSeen>>,
     per_issuer: usize,
 }
@@ -68,7 +68,7 @@ fn digest(jti: &str) -> [u8; 32] {
 
 impl MemoryReplay {
     /// A store holding at most `per_issuer` live ids for each issuer.
-    pub fn new(per_issuer: usize) -> Self {
+    pub(crate) fn new(per_issuer: usize) -> Self {
         Self {
             issuers: Mutex::default(),
             per_issuer,
@@ -77,14 +77,21 @@ impl MemoryReplay {
 
     /// The synchronous claim behind the trait (also used by stores that
     /// keep this one as their in-memory index).
-    pub fn claim_now(&self, ids: &[OneTimeId], now: UnixTime) -> Result<(), Refusal> {
+    pub(crate) fn claim_now(&self, ids: &[OneTimeId], now: UnixTime) -> Result<(), Refusal> {
         let mut issuers = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
         for id in ids {
             let entry = issuers.entry(id.issuer.clone()).or_default();
-            if entry.seen.get(&digest(&id.jti)).is_some_and(|&until| until >= now) {
+            if entry
+                .seen
+                .get(&digest(&id.jti))
+                .is_some_and(|&until| until >= now)
+            {
                 return Err(Refusal::new(
                     Reason::Replayed,
-                    format!("one-time token {} of {} was already used", id.jti, id.issuer),
+                    format!(
+                        "one-time token {} of {} was already used",
+                        id.jti, id.issuer
+                    ),
                 ));
             }
             if entry.seen.len() >= self.per_issuer && entry.swept_at < now {
@@ -148,7 +155,11 @@ mod tests {
             reason(c.claim_now(&[id("i", "a", 10)], t(5))),
             Some(Reason::Replayed)
         );
-        assert_eq!(reason(c.claim_now(&[id("j", "a", 10)], t(5))), None, "per issuer");
+        assert_eq!(
+            reason(c.claim_now(&[id("j", "a", 10)], t(5))),
+            None,
+            "per issuer"
+        );
         assert_eq!(reason(c.claim_now(&[id("i", "b", 20)], t(5))), None);
         assert_eq!(
             reason(c.claim_now(&[id("i", "c", 20)], t(5))),

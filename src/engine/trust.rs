@@ -16,9 +16,9 @@ use crate::keys::KeySet;
 use crate::time::UnixTime;
 
 /// The most keys one issuer may publish.
-pub const MAX_KEYS_PER_ISSUER: usize = 64;
+pub(crate) const MAX_KEYS_PER_ISSUER: usize = 64;
 /// The most revoked kids remembered per issuer.
-pub const MAX_REVOKED_PER_ISSUER: usize = 4 * MAX_KEYS_PER_ISSUER;
+pub(crate) const MAX_REVOKED_PER_ISSUER: usize = 4 * MAX_KEYS_PER_ISSUER;
 
 /// What a lookup found.
 #[derive(Debug)]
@@ -246,8 +246,13 @@ pub struct TrustView(watch::Receiver<Arc<TrustSet>>);
 
 impl TrustView {
     /// Wraps the receiving end of the writer's channel.
-    pub fn new(rx: watch::Receiver<Arc<TrustSet>>) -> Self {
+    pub(crate) fn new(rx: watch::Receiver<Arc<TrustSet>>) -> Self {
         Self(rx)
+    }
+
+    /// A view that always shows `set` (tests, benches, offline tools).
+    pub fn fixed(set: TrustSet) -> Self {
+        Self(watch::channel(Arc::new(set)).1)
     }
 
     /// The current snapshot.
@@ -345,7 +350,10 @@ mod tests {
             stale: true,
         });
         assert!(matches!(stale.lookup("i", "k1", t(999)), Lookup::Found(_)));
-        assert!(matches!(stale.lookup("i", "k1", t(1001)), Lookup::UnknownKid));
+        assert!(matches!(
+            stale.lookup("i", "k1", t(1001)),
+            Lookup::UnknownKid
+        ));
         let (rev, _) = stale.apply(TrustUpdate::Replace {
             issuer: "i".into(),
             keys: vec![key("k1")],
@@ -359,7 +367,10 @@ mod tests {
             matches!(again.lookup("i", "k1", t(0)), Lookup::Revoked),
             "a revocation is remembered when a later set omits it"
         );
-        assert!(matches!(again.lookup("j", "k1", t(0)), Lookup::UnknownIssuer));
+        assert!(matches!(
+            again.lookup("j", "k1", t(0)),
+            Lookup::UnknownIssuer
+        ));
         let (_, r) = again.apply(replace("j", vec![], &[]));
         assert_eq!(r, Err(SetError::UnknownIssuer("j".into())));
     }

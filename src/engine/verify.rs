@@ -116,7 +116,11 @@ pub fn verify_at(
     let times = check_times(&claims, now, policy)?;
     // 7. audience
     if !names_audience(&claims, audience)? {
-        return Err(Refusal::new(Reason::WrongAudience, format!("token is not for {audience}")).into());
+        return Err(Refusal::new(
+            Reason::WrongAudience,
+            format!("token is not for {audience}"),
+        )
+        .into());
     }
     // 8. lifetime
     check_lifetime(&times, policy)?;
@@ -274,7 +278,10 @@ pub(super) fn check_times(
     if at + skew < iat {
         return refuse(
             Reason::NotYetValid,
-            format!("issued in the future at {iat}, now {at} (skew {}s)", skew.as_secs()),
+            format!(
+                "issued in the future at {iat}, now {at} (skew {}s)",
+                skew.as_secs()
+            ),
         );
     }
     Ok(Times { exp, iat })

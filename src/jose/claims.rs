@@ -7,32 +7,37 @@ use serde_json::{Map, Value};
 use crate::reason::{Reason, Refusal, refuse};
 
 /// Claims only tokend sets; a caller can never give or override them.
-pub const REGISTERED_CLAIMS: [&str; 9] = [
+pub(crate) const REGISTERED_CLAIMS: [&str; 9] = [
     "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time",
 ];
 /// The largest caller-claims document accepted, in bytes.
-pub const MAX_CLAIMS_LEN: usize = 4096;
+pub(crate) const MAX_CLAIMS_LEN: usize = 4096;
 /// The longest token accepted, in bytes.
-pub const MAX_TOKEN_LEN: usize = 8192;
+pub(crate) const MAX_TOKEN_LEN: usize = 8192;
 /// The longest `jti` accepted, in bytes.
-pub const MAX_JTI_LEN: usize = 256;
+pub(crate) const MAX_JTI_LEN: usize = 256;
 /// The member of `act` holding the token the actor exchanged (RFC 8693 link).
-pub const PREV_TOKEN: &str = "prev_token";
+pub(crate) const PREV_TOKEN: &str = "prev_token";
 
 /// An integer claim (`exp`, `iat`, `nbf`), if present; a non-number is malformed.
-pub fn int_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, Refusal> {
+pub(crate) fn int_claim(claims: &Map<String, Value>, name: &str) -> Result<Option<i64>, Refusal> {
     match claims.get(name) {
         None => Ok(None),
         Some(v) => v
             .as_i64()
             .or_else(|| v.as_f64().filter(|f| f.is_finite()).map(|f| f as i64))
             .map(Some)
-            .ok_or_else(|| Refusal::new(Reason::Malformed, format!("claim {name} is not a number"))),
+            .ok_or_else(|| {
+                Refusal::new(Reason::Malformed, format!("claim {name} is not a number"))
+            }),
     }
 }
 
 /// A required string claim: absent is `missing_claim`, another type `malformed`.
-pub fn str_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Result<&'a str, Refusal> {
+pub(crate) fn str_claim<'a>(
+    claims: &'a Map<String, Value>,
+    name: &str,
+) -> Result<&'a str, Refusal> {
     match claims.get(name) {
         None => refuse(Reason::MissingClaim, format!("claim {name} is missing")),
         Some(Value::String(s)) => Ok(s),
@@ -41,7 +46,7 @@ pub fn str_claim<'a>(claims: &'a Map<String, Value>, name: &str) -> Result<&'a s
 }
 
 /// Whether `aud` (a string or an array) names `audience`; `Err` if it is neither.
-pub fn names_audience(claims: &Map<String, Value>, audience: &str) -> Result<bool, Refusal> {
+pub(crate) fn names_audience(claims: &Map<String, Value>, audience: &str) -> Result<bool, Refusal> {
     match claims.get("aud") {
         None => refuse(Reason::MissingClaim, "claim aud is missing"),
         Some(Value::String(a)) => Ok(a == audience),

@@ -8,9 +8,9 @@ use jsonwebtoken::DecodingKey;
 use serde::{Deserialize, Serialize};
 
 /// The smallest modulus tokend accepts from anyone.
-pub const MIN_RSA_BITS: usize = 2048;
+pub(super) const MIN_RSA_BITS: usize = 2048;
 /// The largest modulus ring verifies.
-pub const MAX_RSA_BITS: usize = 8192;
+pub(super) const MAX_RSA_BITS: usize = 8192;
 
 /// Why a JWK or JWKS was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -68,7 +68,7 @@ pub struct Jwk {
 
 /// A JWK Set document.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct JwkSet {
+pub(crate) struct JwkSet {
     /// The keys.
     pub keys: Vec<Jwk>,
 }
@@ -185,7 +185,7 @@ impl PublicKey {
 }
 
 /// RFC 7638 JWK thumbprint of an RSA key: base64url(SHA-256 of the canonical JSON).
-pub fn thumbprint(n: &[u8], e: &[u8]) -> String {
+pub(super) fn thumbprint(n: &[u8], e: &[u8]) -> String {
     let canonical = format!(
         r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#,
         B64.encode(strip_leading_zeros(e)),
@@ -208,7 +208,7 @@ fn bit_len(be: &[u8]) -> usize {
 /// Parses a JWKS document and imports every key, refusing the whole set on
 /// the first bad key or duplicate kid (a partial set would hide the problem),
 /// or when it holds more than `max_keys` keys (checked before any import).
-pub fn parse_jwks(text: &[u8], max_keys: usize) -> Result<Vec<PublicKey>, JwkError> {
+pub(crate) fn parse_jwks(text: &[u8], max_keys: usize) -> Result<Vec<PublicKey>, JwkError> {
     let set: JwkSet = serde_json::from_slice(text).map_err(|e| JwkError::NotJwks(e.to_string()))?;
     if set.keys.len() > max_keys {
         return Err(JwkError::TooManyKeys(set.keys.len(), max_keys));
@@ -225,7 +225,7 @@ pub fn parse_jwks(text: &[u8], max_keys: usize) -> Result<Vec<PublicKey>, JwkErr
 }
 
 /// Serialises keys as a JWKS JSON document.
-pub fn to_jwks_json<'a>(keys: impl IntoIterator<Item = &'a PublicKey>) -> String {
+pub(crate) fn to_jwks_json<'a>(keys: impl IntoIterator<Item = &'a PublicKey>) -> String {
     let set = JwkSet {
         keys: keys.into_iter().map(PublicKey::to_jwk).collect(),
     };

@@ -28,7 +28,7 @@ pub struct Parts<'a> {
 }
 
 /// Splits and decodes a compact JWS (structure and algorithm checks only).
-pub fn parse(token: &str) -> Result<Parts<'_>, Refusal> {
+pub(crate) fn parse(token: &str) -> Result<Parts<'_>, Refusal> {
     if token.len() > MAX_TOKEN_LEN {
         return fail(
             Reason::Malformed,
@@ -46,9 +46,14 @@ pub fn parse(token: &str) -> Result<Parts<'_>, Refusal> {
         );
     };
     let signing_input = &token[..h.len() + 1 + p.len()];
-    let header_bytes = B64.decode(h).map_err(|_| Refusal::new(Reason::Malformed, "header is not base64url"))?;
-    let header: Map<String, Value> = serde_json::from_slice(&header_bytes).map_err(|_| Refusal::new(Reason::Malformed, "header is not a JSON object"))?;
-    let payload = B64.decode(p).map_err(|_| Refusal::new(Reason::Malformed, "payload is not base64url"))?;
+    let header_bytes = B64
+        .decode(h)
+        .map_err(|_| Refusal::new(Reason::Malformed, "header is not base64url"))?;
+    let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
+        .map_err(|_| Refusal::new(Reason::Malformed, "header is not a JSON object"))?;
+    let payload = B64
+        .decode(p)
+        .map_err(|_| Refusal::new(Reason::Malformed, "payload is not base64url"))?;
     if s.is_empty() || B64.decode(s).is_err() {
         return fail(Reason::Malformed, "signature is empty or not base64url");
     }
@@ -92,7 +97,7 @@ pub fn check_signature<'a>(token: &'a str, key: &PublicKey) -> Result<Parts<'a>,
 
 /// The algorithm policy: RS256 only, `typ` JWT or JOSE, no `crit`, no
 /// embedded or remote keys.
-pub fn check_alg(parts: &Parts<'_>) -> Result<(), Refusal> {
+pub(crate) fn check_alg(parts: &Parts<'_>) -> Result<(), Refusal> {
     if parts.alg != "RS256" {
         return fail(
             Reason::UnsupportedAlg,

@@ -9,13 +9,12 @@ mod jwk;
 mod jws;
 mod provider;
 
-pub use self::claims::{
+pub(crate) use self::claims::{
     MAX_CLAIMS_LEN, MAX_JTI_LEN, MAX_TOKEN_LEN, PREV_TOKEN, REGISTERED_CLAIMS, int_claim,
     names_audience, str_claim,
 };
-pub use self::jwk::{JwkError, JwkSet, PublicKey, parse_jwks, to_jwks_json};
-pub use self::jws::{Parts, check_alg, check_signature, parse};
+pub use self::jwk::{Jwk, PublicKey};
+pub(crate) use self::jwk::{JwkError, parse_jwks, to_jwks_json};
+pub use self::jws::{Parts, check_signature};
+pub(crate) use self::jws::{check_alg, parse};
 pub(crate) use self::provider::install as install_provider;
-
-#[cfg(test)]
-pub(crate) use self::jwk::{Jwk, thumbprint};

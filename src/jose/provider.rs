@@ -29,7 +29,7 @@ static RING_PROVIDER: CryptoProvider = CryptoProvider {
 
 /// Installs the ring provider as jsonwebtoken's process default. Idempotent;
 /// every constructor of a signing or verifying key calls it first.
-pub fn install() {
+pub(crate) fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Fails only if another provider was installed first, which tokend never does.

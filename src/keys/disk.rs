@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use super::key::{KeyRecord, SigningKey};
 
 /// The manifest file name inside the keys directory.
-pub const MANIFEST: &str = "keys.json";
+pub(super) const MANIFEST: &str = "keys.json";
 const KEY_SUFFIX: &str = ".pk8.pem";
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -121,7 +121,7 @@ struct Manifest {
 }
 
 /// A loaded key: its record and validated material (absent once revoked).
-pub struct LoadedKey {
+pub(super) struct LoadedKey {
     /// The manifest entry.
     pub record: KeyRecord,
     /// The key, if its file is still held.
@@ -130,7 +130,7 @@ pub struct LoadedKey {
 
 /// Handle on the keys directory.
 #[derive(Clone, Debug)]
-pub struct KeyDir {
+pub(super) struct KeyDir {
     dir: PathBuf,
 }
 
@@ -146,7 +146,7 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Di
 
 impl KeyDir {
     /// Opens (creating with mode 0700 if absent) the keys directory.
-    pub fn open(dir: &Path) -> Result<Self, DiskError> {
+    pub(super) fn open(dir: &Path) -> Result<Self, DiskError> {
         if !dir.exists() {
             fs::DirBuilder::new()
                 .recursive(true)
@@ -169,7 +169,7 @@ impl KeyDir {
     /// means a fresh directory. Leftover temp files are removed, and key files
     /// no manifest entry names (a crash between the two writes) are removed:
     /// they were never published, so no token can depend on them.
-    pub fn load(&self) -> Result<Option<Vec<LoadedKey>>, DiskError> {
+    pub(super) fn load(&self) -> Result<Option<Vec<LoadedKey>>, DiskError> {
         let entries = self.list()?;
         for name in entries.iter().filter(|n| n.starts_with(TMP_PREFIX)) {
             let p = self.dir.join(name);
@@ -276,7 +276,7 @@ impl KeyDir {
     }
 
     /// Writes a key's PKCS#8 PEM atomically (0600) and returns its file name.
-    pub fn write_key(&self, kid: &str, der: &[u8]) -> Result<String, DiskError> {
+    pub(super) fn write_key(&self, kid: &str, der: &[u8]) -> Result<String, DiskError> {
         let name = format!("{kid}{KEY_SUFFIX}");
         let pem = pem::encode(&pem::Pem::new("PRIVATE KEY", der.to_vec()));
         self.atomic_write(&name, pem.as_bytes())?;
@@ -284,7 +284,7 @@ impl KeyDir {
     }
 
     /// Replaces the manifest atomically: the commit point of every change.
-    pub fn write_manifest(&self, records: &[KeyRecord]) -> Result<(), DiskError> {
+    pub(super) fn write_manifest(&self, records: &[KeyRecord]) -> Result<(), DiskError> {
         let m = Manifest {
             format: 1,
             keys: records.to_vec(),
@@ -298,7 +298,7 @@ impl KeyDir {
     }
 
     /// Removes a key file the manifest no longer names.
-    pub fn remove_key_file(&self, name: &str) -> Result<(), DiskError> {
+    pub(super) fn remove_key_file(&self, name: &str) -> Result<(), DiskError> {
         let p = self.dir.join(name);
         match fs::remove_file(&p) {
             Ok(()) => self.sync_dir(),
@@ -320,7 +320,7 @@ impl KeyDir {
 
 /// Writes `dir/name` atomically with mode 0600: temp file, fsync, rename,
 /// fsync of the directory. Also used for CA and certificate files.
-pub fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DiskError> {
+pub(crate) fn atomic_write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DiskError> {
     let mut rnd = [0u8; 8];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd).map_err(|_| {
         DiskError::Io {

@@ -34,7 +34,7 @@ pub struct KeyRecord {
 
 /// A key's place in its lifecycle at a given instant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum KeyState {
+pub(crate) enum KeyState {
     /// Published, not yet signing.
     Next,
     /// The signing key.
@@ -47,7 +47,7 @@ pub enum KeyState {
 
 impl KeyState {
     /// Lower-case name for the CLI and API.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KeyState::Next => "next",
             KeyState::Active => "active",
@@ -132,7 +132,7 @@ pub struct Lifecycle {
 /// When `rec` stops (or stopped) signing: the activation of the next key in
 /// activation order, revoked or not (a revoked successor must not bring an
 /// older key back to life).
-pub fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<UnixTime> {
+pub(crate) fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<UnixTime> {
     if let Some(r) = rec.revoked_at {
         return Some(r.min(successor_activation(rec, all).unwrap_or(r)));
     }
@@ -141,7 +141,7 @@ pub fn retires_at(rec: &KeyRecord, all: &[KeyRecord]) -> Option<UnixTime> {
 
 /// Whether `rec` ever signed or will: a key revoked before its activation
 /// never did, so it neither retires its predecessor nor counts as active.
-pub fn ever_signs(rec: &KeyRecord) -> bool {
+pub(crate) fn ever_signs(rec: &KeyRecord) -> bool {
     rec.revoked_at.is_none_or(|r| r >= rec.activates_at)
 }
 
@@ -154,7 +154,7 @@ fn successor_activation(rec: &KeyRecord, all: &[KeyRecord]) -> Option<UnixTime> 
 }
 
 /// The state of `rec` at `now`.
-pub fn state_at(rec: &KeyRecord, all: &[KeyRecord], now: UnixTime) -> KeyState {
+pub(crate) fn state_at(rec: &KeyRecord, all: &[KeyRecord], now: UnixTime) -> KeyState {
     if rec.revoked_at.is_some() {
         return KeyState::Revoked;
     }
@@ -168,7 +168,7 @@ pub fn state_at(rec: &KeyRecord, all: &[KeyRecord], now: UnixTime) -> KeyState {
 }
 
 /// When the record may be forgotten: its last token has expired (plus skew).
-pub fn delete_after(rec: &KeyRecord, all: &[KeyRecord], lc: &Lifecycle) -> Option<UnixTime> {
+pub(crate) fn delete_after(rec: &KeyRecord, all: &[KeyRecord], lc: &Lifecycle) -> Option<UnixTime> {
     if let Some(r) = rec.revoked_at {
         return Some(r + lc.grace);
     }

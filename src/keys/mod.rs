@@ -13,13 +13,15 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-pub use self::disk::{DiskError, atomic_write, parse_pkcs8_pem};
-pub use self::generate::{GenerateError, generate_pkcs8};
-pub use self::key::{
-    KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, ever_signs,
-    retires_at, state_at,
+pub use self::disk::parse_pkcs8_pem;
+pub(crate) use self::disk::{DiskError, atomic_write};
+pub(crate) use self::generate::GenerateError;
+pub use self::generate::generate_pkcs8;
+pub(crate) use self::key::{
+    KeyMaterialError, KeyRecord, delete_after, ever_signs, retires_at, state_at,
 };
-pub use self::rotation::{Command, apply as apply_plan, plan, run as run_rotation};
+pub use self::key::{Lifecycle, SigningKey};
+pub(crate) use self::rotation::{Command, run as run_rotation};
 pub use self::store::KeyStore;
 use crate::jose::PublicKey;
 use crate::time::UnixTime;
@@ -46,7 +48,7 @@ pub enum KeyError {
 
 /// One key of a snapshot: its record and, unless revoked, its material.
 #[derive(Debug, Clone)]
-pub struct KeyEntry {
+pub(crate) struct KeyEntry {
     /// The manifest record.
     pub record: KeyRecord,
     /// The key (absent once revoked).

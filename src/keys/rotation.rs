@@ -13,7 +13,7 @@ use crate::time::{SharedClock, UnixTime, sleep_until};
 
 /// One change the planner asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Make a new key that signs from `at`, and not before it has been
     /// published for `lead` seconds.
     Generate {
@@ -45,13 +45,13 @@ fn has_pending(now: UnixTime, records: &[KeyRecord]) -> bool {
 
 /// When the successor of `active` is generated: `publish_ahead` (plus one
 /// second for whole-second rounding) before `interval` after its activation.
-pub fn rotation_due(active: &KeyRecord, lc: &Lifecycle) -> UnixTime {
+pub(super) fn rotation_due(active: &KeyRecord, lc: &Lifecycle) -> UnixTime {
     (active.activates_at + lc.interval - lc.publish_ahead - Duration::from_secs(1))
         .max(active.activates_at)
 }
 
 /// What should change at `now`. Pure.
-pub fn plan(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
+pub(crate) fn plan(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
     let mut steps = Vec::new();
     match newest_active(now, records) {
         None if !has_pending(now, records) => steps.push(Step::Generate {
@@ -76,7 +76,7 @@ pub fn plan(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Vec<Step> {
 
 /// When the plan next changes (a rotation due, an activation, a key to
 /// delete), if ever.
-pub fn next_event(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Option<UnixTime> {
+pub(super) fn next_event(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Option<UnixTime> {
     let rotate = newest_active(now, records)
         .filter(|_| !has_pending(now, records))
         .map(|a| rotation_due(a, lc));
@@ -94,7 +94,7 @@ pub fn next_event(now: UnixTime, records: &[KeyRecord], lc: &Lifecycle) -> Optio
 }
 
 /// Applies the plan at `now` to the store.
-pub async fn apply(store: &mut KeyStore, now: UnixTime) -> Result<(), KeyError> {
+pub(crate) async fn apply(store: &mut KeyStore, now: UnixTime) -> Result<(), KeyError> {
     for step in plan(now, store.records(), &store.lifecycle()) {
         match step {
             Step::Generate { at, lead } => {
@@ -128,7 +128,7 @@ fn record_metrics(now: UnixTime, records: &[KeyRecord]) {
 
 /// A request to the rotation task from the admin API.
 #[derive(Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Start a rotation now; answers with the pending key.
     Rotate(oneshot::Sender<Result<KeyRecord, KeyError>>),
     /// Revoke a key; answers with the revoked record and the new signing kid.
@@ -142,7 +142,7 @@ pub enum Command {
 /// least every `MAX_SLEEP`), and serves admin commands. It plans and waits on
 /// the same clock. Errors are logged and retried; the loop never exits on
 /// its own.
-pub async fn run(
+pub(crate) async fn run(
     mut store: KeyStore,
     mut commands: mpsc::Receiver<Command>,
     clock: SharedClock,
@@ -201,7 +201,6 @@ async fn rotate_now(store: &mut KeyStore, now: UnixTime) -> Result<KeyRecord, Ke
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::{KeyState, state_at};
 
     const LC: Lifecycle = Lifecycle {
         interval: Duration::from_secs(100),
@@ -232,7 +231,13 @@ mod tests {
     /// An empty store gets a key active at once.
     #[test]
     fn bootstrap_generates_active_key() {
-        assert_eq!(plan(t(5), &[], &LC), vec![Step::Generate { at: t(5), lead: secs(0) }]);
+        assert_eq!(
+            plan(t(5), &[], &LC),
+            vec![Step::Generate {
+                at: t(5),
+                lead: secs(0)
+            }]
+        );
     }
 
     /// The successor is generated publish_ahead (+1 s rounding) before the
@@ -245,7 +250,10 @@ mod tests {
         assert_eq!(next_event(t(0), std::slice::from_ref(&a), &LC), Some(t(89)));
         assert_eq!(
             plan(t(89), std::slice::from_ref(&a), &LC),
-            vec![Step::Generate { at: t(100), lead: secs(10) }]
+            vec![Step::Generate {
+                at: t(100),
+                lead: secs(10)
+            }]
         );
         let b = rec("b", 2, 100);
         assert!(
@@ -283,11 +291,17 @@ mod tests {
         assert!(newest_active(t(121), &recs).is_none());
         assert_eq!(
             plan(t(121), &recs, &LC)[0],
-            Step::Generate { at: t(121), lead: secs(0) }
+            Step::Generate {
+                at: t(121),
+                lead: secs(0)
+            }
         );
         let c = rec("c", 3, 110);
         let recs = [rec("a", 1, 0), b, c];
-        assert_eq!(newest_active(t(121), &recs).map(|r| r.kid.as_str()), Some("c"));
+        assert_eq!(
+            newest_active(t(121), &recs).map(|r| r.kid.as_str()),
+            Some("c")
+        );
         assert_eq!(state_at(&recs[2], &recs, t(121)), KeyState::Active);
     }
 
@@ -298,12 +312,18 @@ mod tests {
         let mut b = rec("b", 2, 100);
         b.revoked_at = Some(t(95));
         let recs = [rec("a", 1, 0), b];
-        assert_eq!(newest_active(t(101), &recs).map(|r| r.kid.as_str()), Some("a"));
+        assert_eq!(
+            newest_active(t(101), &recs).map(|r| r.kid.as_str()),
+            Some("a")
+        );
         assert_eq!(state_at(&recs[0], &recs, t(101)), KeyState::Active);
         assert_eq!(crate::keys::retires_at(&recs[0], &recs), None);
         assert_eq!(
             plan(t(101), &recs, &LC)[0],
-            Step::Generate { at: t(100), lead: secs(10) }
+            Step::Generate {
+                at: t(100),
+                lead: secs(10)
+            }
         );
     }
 }

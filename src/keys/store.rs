@@ -85,6 +85,12 @@ impl KeyStore {
         Ok((store, KeyView(rx)))
     }
 
+    /// Applies the rotation plan at `now`: a fresh directory gets its first
+    /// key, due rotations and deletions happen.
+    pub async fn apply_plan(&mut self, now: UnixTime) -> Result<(), KeyError> {
+        super::rotation::apply(self, now).await
+    }
+
     /// The records, for planning.
     pub fn records(&self) -> &[KeyRecord] {
         &self.records
@@ -316,7 +322,10 @@ mod tests {
             .expect("a")
             .kid()
             .to_owned();
-        let b = store.generate(t(1_000), Duration::from_secs(100)).await.expect("next");
+        let b = store
+            .generate(t(1_000), Duration::from_secs(100))
+            .await
+            .expect("next");
         assert_eq!(b.activates_at, t(1_101));
         clock.set(t(1_096));
         let (revoked, active) = store.revoke(&b.kid).await.expect("revoke");
@@ -324,7 +333,9 @@ mod tests {
         assert_eq!(active, a);
         for at in [1_096, 1_101, 1_500] {
             assert_eq!(
-                view.current().signing_key(t(at)).map(|k| k.kid().to_owned()),
+                view.current()
+                    .signing_key(t(at))
+                    .map(|k| k.kid().to_owned()),
                 Some(a.clone()),
                 "at {at}"
             );

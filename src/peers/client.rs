@@ -40,7 +40,7 @@ fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
 }
 
 /// A configured live peer.
-pub struct PeerClient {
+pub(crate) struct PeerClient {
     name: String,
     expected: SpiffeId,
     authority: String,
@@ -87,7 +87,7 @@ fn status(rpc: &'static str) -> impl FnOnce(tonic::Status) -> PeerError {
 impl PeerClient {
     /// A client for peer `name` at `address` (`https://host:port`); the
     /// daemon registers `expected` with the writer before it runs.
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         expected: SpiffeId,
         address: &str,
@@ -315,7 +315,7 @@ impl PeerClient {
     }
 
     /// Runs until cancelled: watch, and on any failure back off and reconnect.
-    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    pub(crate) async fn run(self: Arc<Self>, cancel: CancellationToken) {
         let mut attempt = 0u32;
         loop {
             match self.watch(&cancel).await {

@@ -15,10 +15,10 @@ use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate};
 use crate::time::SharedClock;
 
 /// The largest JWKS document accepted from a file or a peer.
-pub const MAX_JWKS_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_JWKS_BYTES: usize = 256 * 1024;
 
 /// Reads one issuer's keys from a JWKS file.
-pub struct JwksFileSource {
+pub(crate) struct JwksFileSource {
     issuer: String,
     path: PathBuf,
     feed: TrustFeed,
@@ -38,7 +38,12 @@ impl std::fmt::Debug for JwksFileSource {
 
 impl JwksFileSource {
     /// A source of `issuer`'s keys read from `path`, feeding `feed`.
-    pub fn new(issuer: &str, path: PathBuf, feed: TrustFeed, clock: SharedClock) -> Arc<Self> {
+    pub(crate) fn new(
+        issuer: &str,
+        path: PathBuf,
+        feed: TrustFeed,
+        clock: SharedClock,
+    ) -> Arc<Self> {
         Arc::new(Self {
             issuer: issuer.to_owned(),
             path,
@@ -49,7 +54,7 @@ impl JwksFileSource {
     }
 
     /// How the issuer is registered: its source is this file.
-    pub fn registration(&self) -> TrustUpdate {
+    pub(crate) fn registration(&self) -> TrustUpdate {
         TrustUpdate::Register {
             issuer: self.issuer.clone(),
             source: format!("file:{}", self.path.display()),
@@ -64,7 +69,7 @@ impl JwksFileSource {
     }
 
     /// Reads and checks the file: the update that installs its keys.
-    pub fn read(&self) -> Result<TrustUpdate, PeerError> {
+    pub(crate) fn read(&self) -> Result<TrustUpdate, PeerError> {
         let p = &self.path;
         *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = stamp(p);
         let meta = std::fs::metadata(p).map_err(|e| self.file_error(e))?;
@@ -75,8 +80,8 @@ impl JwksFileSource {
             )));
         }
         let text = std::fs::read(p).map_err(|e| self.file_error(e))?;
-        let keys = crate::jose::parse_jwks(&text, MAX_KEYS_PER_ISSUER)
-            .map_err(|e| self.file_error(e))?;
+        let keys =
+            crate::jose::parse_jwks(&text, MAX_KEYS_PER_ISSUER).map_err(|e| self.file_error(e))?;
         Ok(TrustUpdate::Replace {
             issuer: self.issuer.clone(),
             keys,
@@ -112,7 +117,7 @@ fn stamp(path: &std::path::Path) -> Option<Stamp> {
 
 impl JwksFileSource {
     /// Re-reads the file whenever it differs from what was last read, until cancelled.
-    pub async fn watch(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
+    pub(crate) async fn watch(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,

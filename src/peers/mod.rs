@@ -13,12 +13,12 @@ mod writer;
 
 use std::time::Duration;
 
-pub use self::client::PeerClient;
-pub use self::file::{JwksFileSource, MAX_JWKS_BYTES};
-pub use self::refresh::{KeySource, Refresher};
-pub use self::server::{PeerKeysApi, serve};
-pub use self::tls::{PeerTls, TlsError, spiffe_id_of, uri_sans};
-pub use self::writer::{TrustFeed, TrustWriter};
+pub(crate) use self::client::PeerClient;
+pub(crate) use self::file::{JwksFileSource, MAX_JWKS_BYTES};
+pub(crate) use self::refresh::Refresher;
+pub(crate) use self::server::{PeerKeysApi, serve};
+pub(crate) use self::tls::{PeerTls, TlsError, uri_sans};
+pub(crate) use self::writer::{TrustFeed, TrustWriter};
 use crate::engine::SetError;
 use crate::identity::SpiffeId;
 use crate::jose::JwkError;

@@ -19,7 +19,7 @@ use crate::engine::Refresh;
 const FAILED_REFRESH_INTERVAL: Duration = Duration::from_millis(250);
 
 /// A source that can fetch its issuer's keys again and publish them.
-pub trait KeySource: Send + Sync + 'static {
+pub(crate) trait KeySource: Send + Sync + 'static {
     /// Fetches the set and waits until the writer has published it.
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<(), PeerError>> + Send + '_>>;
 }
@@ -39,7 +39,7 @@ struct Gated {
 }
 
 /// Every refreshable issuer with its source.
-pub struct Refresher {
+pub(crate) struct Refresher {
     issuers: HashMap<String, Gated>,
     min_interval: Duration,
 }
@@ -56,7 +56,7 @@ impl std::fmt::Debug for Refresher {
 
 impl Refresher {
     /// No issuers yet; each is fetched at most once per `min_interval`.
-    pub fn new(min_interval: Duration) -> Self {
+    pub(crate) fn new(min_interval: Duration) -> Self {
         Self {
             issuers: HashMap::new(),
             min_interval,
@@ -64,7 +64,7 @@ impl Refresher {
     }
 
     /// Adds `issuer`, refreshed through `source`.
-    pub fn add(&mut self, issuer: &str, source: Arc<dyn KeySource>) {
+    pub(crate) fn add(&mut self, issuer: &str, source: Arc<dyn KeySource>) {
         self.issuers.insert(
             issuer.to_owned(),
             Gated {
@@ -150,10 +150,18 @@ mod tests {
         assert_eq!(counter.0.load(Ordering::SeqCst), 1, "single flight");
         tokio::time::advance(Duration::from_secs(2)).await;
         r.refresh("spiffe://td/a").await;
-        assert_eq!(counter.0.load(Ordering::SeqCst), 1, "rate limited within 5s");
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            1,
+            "rate limited within 5s"
+        );
         tokio::time::advance(Duration::from_secs(4)).await;
         r.refresh("spiffe://td/a").await;
-        assert_eq!(counter.0.load(Ordering::SeqCst), 2, "allowed after the window");
+        assert_eq!(
+            counter.0.load(Ordering::SeqCst),
+            2,
+            "allowed after the window"
+        );
         r.refresh("spiffe://td/unknown").await;
         assert_eq!(counter.0.load(Ordering::SeqCst), 2);
     }

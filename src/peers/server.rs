@@ -17,7 +17,7 @@ use crate::proto::tokend::v1 as pb;
 
 /// Serves this sidecar's public keys to peers.
 #[derive(Clone)]
-pub struct PeerKeysApi {
+pub(crate) struct PeerKeysApi {
     id: SpiffeId,
     td: TrustDomain,
     keys: KeyView,
@@ -58,7 +58,7 @@ fn key_set_message(id: &SpiffeId, set: &KeySet) -> pb::PeerKeySet {
 
 impl PeerKeysApi {
     /// The service for sidecar `id`; its watch streams end when `shutdown` is cancelled.
-    pub fn new(
+    pub(crate) fn new(
         id: SpiffeId,
         td: TrustDomain,
         keys: KeyView,
@@ -92,7 +92,10 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         req: Request<pb::GetKeysRequest>,
     ) -> Result<Response<pb::PeerKeySet>, Status> {
         tracing::debug!(peer = %self.caller(&req), "GetKeys");
-        Ok(Response::new(key_set_message(&self.id, &self.keys.current())))
+        Ok(Response::new(key_set_message(
+            &self.id,
+            &self.keys.current(),
+        )))
     }
 
     type WatchKeysStream = KeyStream;
@@ -111,7 +114,7 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
 }
 
 /// Serves `api` with mTLS on `listener` until `shutdown`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     tls: tonic::transport::ServerTlsConfig,
     api: PeerKeysApi,

@@ -56,7 +56,7 @@ pub enum TlsError {
 }
 
 /// Every URI SAN of a certificate.
-pub fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
+pub(crate) fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
     let Ok(Some(san)) = cert.subject_alternative_name() else {
         return Vec::new();
     };
@@ -71,7 +71,7 @@ pub fn uri_sans(cert: &X509Certificate<'_>) -> Vec<String> {
 }
 
 /// The SPIFFE ID a DER certificate proves: exactly one `spiffe://` URI SAN, in `td`.
-pub fn spiffe_id_of(der: &[u8], td: &TrustDomain) -> Result<SpiffeId, String> {
+pub(crate) fn spiffe_id_of(der: &[u8], td: &TrustDomain) -> Result<SpiffeId, String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| format!("peer certificate does not parse: {e}"))?;
     let ids: Vec<String> = uri_sans(&cert)
@@ -93,7 +93,7 @@ pub fn spiffe_id_of(der: &[u8], td: &TrustDomain) -> Result<SpiffeId, String> {
 
 /// The loaded CA, certificate and key of this sidecar.
 #[derive(Clone)]
-pub struct PeerTls {
+pub(crate) struct PeerTls {
     ca_pem: Vec<u8>,
     cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
@@ -136,7 +136,7 @@ impl PeerTls {
     /// Loads and checks the files named in `[peer_api]` at `now`: the
     /// certificate must chain to the CA and prove `expected` (this
     /// sidecar's identity).
-    pub fn load(
+    pub(crate) fn load(
         cfg: &PeerApiConfig,
         td: &TrustDomain,
         expected: &SpiffeId,
@@ -193,7 +193,7 @@ impl PeerTls {
     }
 
     /// The server side: present our certificate, require a client certificate from the CA.
-    pub fn server_config(&self) -> tonic::transport::ServerTlsConfig {
+    pub(crate) fn server_config(&self) -> tonic::transport::ServerTlsConfig {
         tonic::transport::ServerTlsConfig::new()
             .identity(tonic::transport::Identity::from_pem(
                 &self.cert_pem,
@@ -212,7 +212,7 @@ impl PeerTls {
 
     /// The client side: verify the server's chain to the CA and its SPIFFE ID
     /// (not its DNS name), and present our certificate.
-    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    pub(crate) fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = |e: rustls::Error| TlsError::Config(e.to_string());
         let key = PrivateKeyDer::from_pem_slice(&self.key_pem)
@@ -230,7 +230,7 @@ impl PeerTls {
     }
 
     /// The trust domain.
-    pub fn trust_domain(&self) -> &TrustDomain {
+    pub(crate) fn trust_domain(&self) -> &TrustDomain {
         &self.td
     }
 }

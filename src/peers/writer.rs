@@ -21,7 +21,7 @@ struct Request {
 }
 
 /// The writer, before and while it runs.
-pub struct TrustWriter {
+pub(crate) struct TrustWriter {
     current: Arc<TrustSet>,
     tx: watch::Sender<Arc<TrustSet>>,
     rx: mpsc::Receiver<Request>,
@@ -35,7 +35,7 @@ impl std::fmt::Debug for TrustWriter {
 
 /// Where sources send their updates. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct TrustFeed(mpsc::Sender<Request>);
+pub(crate) struct TrustFeed(mpsc::Sender<Request>);
 
 impl std::fmt::Debug for Request {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -48,15 +48,19 @@ impl std::fmt::Debug for Request {
 impl TrustWriter {
     /// A writer over an empty trust set, the feed its sources send to, and
     /// the view verifiers read.
-    pub fn new() -> (Self, TrustFeed, TrustView) {
+    pub(crate) fn new() -> (Self, TrustFeed, TrustView) {
         let current = Arc::new(TrustSet::default());
         let (tx, view) = watch::channel(current.clone());
         let (feed, rx) = mpsc::channel(FEED_DEPTH);
-        (Self { current, tx, rx }, TrustFeed(feed), TrustView::new(view))
+        (
+            Self { current, tx, rx },
+            TrustFeed(feed),
+            TrustView::new(view),
+        )
     }
 
     /// Applies `update` at once (while building, before `run`).
-    pub fn apply(&mut self, update: TrustUpdate) -> Result<(), SetError> {
+    pub(crate) fn apply(&mut self, update: TrustUpdate) -> Result<(), SetError> {
         let (next, result) = self.current.apply(update);
         self.current = Arc::new(next);
         self.tx.send_replace(self.current.clone());
@@ -64,7 +68,7 @@ impl TrustWriter {
     }
 
     /// Applies every update sent through the feed until cancelled.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
         loop {
             let req = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -85,7 +89,7 @@ impl TrustWriter {
 
 impl TrustFeed {
     /// Sends `update` and waits until it is published (or refused).
-    pub async fn apply(&self, update: TrustUpdate) -> Result<(), PeerError> {
+    pub(crate) async fn apply(&self, update: TrustUpdate) -> Result<(), PeerError> {
         let (ack, done) = oneshot::channel();
         self.0
             .send(Request {
@@ -100,7 +104,7 @@ impl TrustFeed {
 
     /// Sends `update` without waiting (state notes: errors, contact). A
     /// full queue drops the note: the next delivery supersedes it anyway.
-    pub fn note(&self, update: TrustUpdate) {
+    pub(crate) fn note(&self, update: TrustUpdate) {
         let _ = self.0.try_send(Request { update, ack: None });
     }
 }

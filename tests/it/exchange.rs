@@ -2,7 +2,7 @@
 //! token keeps the original subject, every link is verified, and a
 //! compromised middle service cannot fabricate a link.
 
-use tokend::proto::tokend::v1 as pb;
+use tokend::pb::tokend as pb;
 
 use crate::support::*;
 
@@ -53,7 +53,7 @@ async fn exchange(
         .await
         .map(|r| r.into_inner())
         .map_err(|st| {
-            tokend::api::reason_of(&st)
+            tokend::reason_of(&st)
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| st.to_string())
         })

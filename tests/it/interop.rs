@@ -151,7 +151,7 @@ async fn pyspiffe_client_works_unchanged() {
     );
     // The token is an ordinary tokend token: tokend's own API verifies it for that audience.
     let token = out["token"].as_str().expect("token");
-    let req = tokend::proto::tokend::v1::VerifyRequest {
+    let req = tokend::pb::tokend::VerifyRequest {
         token: token.into(),
         audience: "spiffe://bank.internal/x".into(),
     };
@@ -166,10 +166,10 @@ async fn pyspiffe_client_works_unchanged() {
 async fn spiffe_security_header_required() {
     let root = tmp();
     let a = Sidecar::start(root.path(), "payments", "");
-    let channel = tokend::api::connect(&a.socket).await.expect("connect");
+    let channel = tokend::connect(&a.socket).await.expect("connect");
     let mut client =
-        tokend::proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
-    let req = tokend::proto::spiffe::JwtsvidRequest {
+        tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let req = tokend::pb::spiffe::JwtsvidRequest {
         audience: vec!["x".into()],
         spiffe_id: String::new(),
     };
@@ -189,7 +189,7 @@ async fn spiffe_security_header_required() {
         .expect("with header")
         .into_inner();
     assert_eq!(ok.svids[0].spiffe_id, id("payments"));
-    let mut other = tonic::Request::new(tokend::proto::spiffe::JwtsvidRequest {
+    let mut other = tonic::Request::new(tokend::pb::spiffe::JwtsvidRequest {
         audience: vec!["x".into()],
         spiffe_id: id("ledger"),
     });
@@ -201,8 +201,8 @@ async fn spiffe_security_header_required() {
         .await
         .expect_err("another identity");
     assert_eq!(
-        tokend::api::reason_of(&st),
-        Some(tokend::reason::Reason::PermissionDenied)
+        tokend::reason_of(&st),
+        Some(tokend::Reason::PermissionDenied)
     );
 }
 
@@ -220,11 +220,11 @@ async fn open_bundle_stream_does_not_block_shutdown() {
     use tokio_stream::StreamExt;
     let root = tmp();
     let mut a = Sidecar::start(root.path(), "payments", "");
-    let channel = tokend::api::connect(&a.socket).await.expect("connect");
+    let channel = tokend::connect(&a.socket).await.expect("connect");
     let mut client =
-        tokend::proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+        tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let mut stream = client
-        .fetch_jwt_bundles(with_header(tokend::proto::spiffe::JwtBundlesRequest {}))
+        .fetch_jwt_bundles(with_header(tokend::pb::spiffe::JwtBundlesRequest {}))
         .await
         .expect("stream")
         .into_inner();
@@ -252,28 +252,25 @@ async fn open_bundle_stream_does_not_block_shutdown() {
 async fn spiffe_bounds_and_delegated_tokens() {
     let root = tmp();
     let a = Sidecar::start(root.path(), "payments", "");
-    let channel = tokend::api::connect(&a.socket).await.expect("connect");
+    let channel = tokend::connect(&a.socket).await.expect("connect");
     let mut client =
-        tokend::proto::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+        tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     for audience in [
         vec!["x".to_string(); 17],
         vec!["y".repeat(300)],
         vec![String::new()],
     ] {
         let st = client
-            .fetch_jwtsvid(with_header(tokend::proto::spiffe::JwtsvidRequest {
+            .fetch_jwtsvid(with_header(tokend::pb::spiffe::JwtsvidRequest {
                 audience,
                 spiffe_id: String::new(),
             }))
             .await
             .expect_err("refused");
-        assert_eq!(
-            tokend::api::reason_of(&st),
-            Some(tokend::reason::Reason::Malformed)
-        );
+        assert_eq!(tokend::reason_of(&st), Some(tokend::Reason::Malformed));
     }
     let inbound = a.mint("payments").await.token;
-    let req = tokend::proto::tokend::v1::ExchangeRequest {
+    let req = tokend::pb::tokend::ExchangeRequest {
         token: inbound,
         audience: "spiffe://bank.internal/payments".into(),
         ttl_seconds: 0,
@@ -287,7 +284,7 @@ async fn spiffe_bounds_and_delegated_tokens() {
         .into_inner()
         .token;
     let st = client
-        .validate_jwtsvid(with_header(tokend::proto::spiffe::ValidateJwtsvidRequest {
+        .validate_jwtsvid(with_header(tokend::pb::spiffe::ValidateJwtsvidRequest {
             audience: id("payments"),
             svid: delegated,
         }))

@@ -62,7 +62,7 @@ async fn health_is_serving() {
     let root = tmp();
     let a = Sidecar::start(root.path(), "payments", "");
     let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tokend::api::connect(&a.socket).await.expect("connect"),
+        tokend::connect(&a.socket).await.expect("connect"),
     );
     for service in [
         "",

@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::pin::Pin;
 
-use tokend::identity::TrustDomain;
-use tokend::keys::SigningKey;
-use tokend::proto::tokend::v1 as pb;
+use tokend::SigningKey;
+use tokend::pb::tokend as pb;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -44,20 +43,19 @@ impl pb::peer_service_server::PeerService for FakePeer {
 /// Serves `fake` with mTLS as `name`, using the CA under `ca_root/ca` and a certificate it issues.
 async fn serve_fake(ca_root: &Path, name: &str, fake: FakePeer) -> SocketAddr {
     let peer_dir = ca_issue(&ca_root.join("ca"), ca_root, name);
-    let cfg = tokend::config::PeerApiConfig {
-        listen: "127.0.0.1:0".parse().expect("addr"),
-        ca: ca_root.join("ca/ca.pem"),
-        cert: peer_dir.join("cert.pem"),
-        key: peer_dir.join("key.pem"),
-    };
-    let td = TrustDomain::new(TD).expect("td");
-    let tls = tokend::peers::PeerTls::load(&cfg, &td, &td.id(name).expect("id")).expect("tls");
+    let read = |p: &Path| std::fs::read(p).expect("read pem");
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&peer_dir.join("cert.pem")),
+            read(&peer_dir.join("key.pem")),
+        ))
+        .client_ca_root(Certificate::from_pem(read(&ca_root.join("ca/ca.pem"))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let server = tonic::transport::Server::builder()
-        .tls_config(tls.server_config())
+        .tls_config(tls)
         .expect("tls config")
         .add_service(pb::peer_service_server::PeerServiceServer::new(fake));
     tokio::spawn(
@@ -67,13 +65,18 @@ async fn serve_fake(ca_root: &Path, name: &str, fake: FakePeer) -> SocketAddr {
 }
 
 fn new_key() -> SigningKey {
-    SigningKey::from_pkcs8(&tokend::keys::generate_pkcs8(2048).expect("keygen")).expect("key")
+    SigningKey::from_pkcs8(&tokend::generate_pkcs8(2048).expect("keygen")).expect("key")
+}
+
+fn jwks_of(keys: &[&SigningKey]) -> String {
+    let keys: Vec<_> = keys.iter().map(|k| k.public().to_jwk()).collect();
+    serde_json::json!({ "keys": keys }).to_string()
 }
 
 fn set_of(claimed: &str, keys: &[&SigningKey]) -> pb::PeerKeySet {
     pb::PeerKeySet {
         issuer: id(claimed),
-        jwks_json: tokend::jwk::to_jwks_json(keys.iter().map(|k| k.public())),
+        jwks_json: jwks_of(keys),
         version: 1,
         ..Default::default()
     }

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use tokend::proto::tokend::v1 as pb;
+use tokend::pb::tokend as pb;
 
 use crate::support::*;
 
@@ -183,9 +183,7 @@ async fn revocation_is_pushed_and_a_fresh_key_signs() {
             audience: String::new(),
         };
         let refused = verify.verify(req).await.err();
-        if refused.as_ref().and_then(tokend::api::reason_of)
-            == Some(tokend::reason::Reason::RevokedKey)
-        {
+        if refused.as_ref().and_then(tokend::reason_of) == Some(tokend::Reason::RevokedKey) {
             break started.elapsed() - committed;
         }
         assert!(

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
-use tokend::proto::tokend::v1 as pb;
+use tokend::pb::tokend as pb;
 use tonic::transport::Channel;
 
 /// The trust domain of every test sidecar.
@@ -185,14 +185,14 @@ impl Sidecar {
     /// A gRPC token client.
     pub async fn tokens(&self) -> pb::token_service_client::TokenServiceClient<Channel> {
         pb::token_service_client::TokenServiceClient::new(
-            tokend::api::connect(&self.socket).await.expect("connect"),
+            tokend::connect(&self.socket).await.expect("connect"),
         )
     }
 
     /// A gRPC admin client.
     pub async fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
         pb::admin_service_client::AdminServiceClient::new(
-            tokend::api::connect(&self.socket).await.expect("connect"),
+            tokend::connect(&self.socket).await.expect("connect"),
         )
     }
 
@@ -218,7 +218,7 @@ impl Sidecar {
         };
         match self.tokens().await.verify(req).await {
             Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(tokend::api::reason_of(&s)
+            Err(s) => Err(tokend::reason_of(&s)
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| format!("no reason: {s}"))),
         }
@@ -236,7 +236,7 @@ impl Sidecar {
     }
 
     /// Loads this sidecar's signing key (the newest activated) from its key dir.
-    pub fn signing_key(&self) -> tokend::keys::SigningKey {
+    pub fn signing_key(&self) -> tokend::SigningKey {
         signing_key_in(&self.keys_dir)
     }
 }
@@ -248,7 +248,7 @@ impl Drop for Sidecar {
 }
 
 /// The newest activated key in a keys directory.
-pub fn signing_key_in(keys_dir: &Path) -> tokend::keys::SigningKey {
+pub fn signing_key_in(keys_dir: &Path) -> tokend::SigningKey {
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(keys_dir.join("keys.json")).expect("manifest"))
             .expect("json");
@@ -261,8 +261,7 @@ pub fn signing_key_in(keys_dir: &Path) -> tokend::keys::SigningKey {
         .expect("a key")
         .clone();
     let path = keys_dir.join(rec["file"].as_str().expect("file"));
-    tokend::keys::parse_pkcs8_pem(&path, &std::fs::read(&path).expect("read key"))
-        .expect("parse key")
+    tokend::parse_pkcs8_pem(&path, &std::fs::read(&path).expect("read key")).expect("parse key")
 }
 
 /// Now, seconds since the epoch.
@@ -275,8 +274,7 @@ pub fn now() -> i64 {
 
 /// Signs `claims` with `key` under header `kid` (RS256), as an attacker
 /// holding that private key could.
-pub fn forge(key: &tokend::keys::SigningKey, kid: &str, claims: &serde_json::Value) -> String {
-    tokend::crypto::install();
+pub fn forge(key: &tokend::SigningKey, kid: &str, claims: &serde_json::Value) -> String {
     let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     h.typ = Some("JWT".into());
     h.kid = Some(kid.into());

@@ -4,14 +4,15 @@
 //! (jsonwebtoken with the ring provider), then the full `Verifier`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use base64::Engine;
+use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use serde_json::Value;
-use tokend::identity::SpiffeId;
-use tokend::jwk::{Jwk, PublicKey};
-use tokend::reason::Reason;
-use tokend::verify::{Policy, TrustStore, Verifier, check_signature};
+use tokend::{
+    Engine, Jwk, KeyStore, Lifecycle, MintPolicy, PublicKey, Reason, SpiffeId, SystemClock,
+    TrustSet, TrustUpdate, TrustView, UnixTime, VerifyPolicy, check_signature,
+};
 
 fn vector(name: &str) -> Value {
     let path = format!("{}/tests/vectors/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -150,21 +151,55 @@ fn rfc7520_4_1_signature() {
     );
 }
 
-fn verifier_trusting(issuer: &str, key: PublicKey, now: i64) -> Verifier {
-    let trust = Arc::new(TrustStore::new(std::time::Duration::from_secs(1)));
-    trust.register(issuer, "test".into(), None);
-    trust
-        .replace(issuer, vec![key], vec![], Default::default(), now)
-        .expect("install");
+/// An engine for ledger trusting `issuer` with `key` only; its own keys
+/// directory is empty (no key is generated: nothing here mints).
+async fn verifier_trusting(issuer: &str, key: PublicKey) -> (Engine, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let lc = Lifecycle {
+        interval: Duration::from_secs(86_400),
+        publish_ahead: Duration::from_secs(600),
+        grace: Duration::from_secs(3_630),
+    };
+    let (_store, keys) = KeyStore::open(dir.path(), lc, 2048, Arc::new(SystemClock))
+        .await
+        .expect("keys");
+    let (set, r) = TrustSet::default().apply(TrustUpdate::Register {
+        issuer: issuer.into(),
+        source: "test".into(),
+    });
+    r.expect("register");
+    let (set, r) = set.apply(TrustUpdate::Replace {
+        issuer: issuer.into(),
+        keys: vec![key],
+        revoked: vec![],
+        expires: Default::default(),
+        at: UnixTime::EPOCH,
+    });
+    r.expect("install");
     let own = SpiffeId::parse("spiffe://bank.internal/ledger").expect("id");
-    Verifier::new(
+    let engine = Engine::new(
         own,
-        trust,
-        Policy {
-            max_ttl: 3600,
-            clock_skew: 30,
+        MintPolicy {
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(3_600),
         },
-    )
+        VerifyPolicy {
+            max_ttl: Duration::from_secs(3_600),
+            clock_skew: Duration::from_secs(30),
+        },
+        keys,
+        TrustView::fixed(set),
+        Arc::new(SystemClock),
+    );
+    (engine, dir)
+}
+
+fn refused(engine: &Engine, token: &str, aud: &SpiffeId, now: UnixTime) -> Reason {
+    engine
+        .verify_at(token, aud.as_str(), now)
+        .expect_err("refused")
+        .into_refusal()
+        .reason
 }
 
 /// The full verifier refuses both RFC tokens with the reason its check order
@@ -173,37 +208,16 @@ fn verifier_trusting(issuer: &str, key: PublicKey, now: i64) -> Verifier {
 async fn rfc_tokens_through_full_verifier() {
     let aud = SpiffeId::parse("spiffe://bank.internal/ledger").expect("id");
     let (_, key, token) = rfc("rfc7515_a2.json");
-    let before_exp = 1300819380 - 60;
+    let before_exp = UnixTime::from_secs(1300819380 - 60);
     // "joe" trusted with the A.2 key: the header has no kid, which tokend requires.
-    let v = verifier_trusting("joe", key.clone(), before_exp);
-    assert_eq!(
-        v.verify(&token, aud.as_str(), before_exp)
-            .await
-            .expect_err("no kid")
-            .reason,
-        Reason::MissingClaim
-    );
+    let (v, _d) = verifier_trusting("joe", key.clone()).await;
+    assert_eq!(refused(&v, &token, &aud, before_exp), Reason::MissingClaim);
     // Not trusted at all: unknown issuer, before any key is consulted.
-    let v = verifier_trusting("spiffe://bank.internal/payments", key, before_exp);
-    assert_eq!(
-        v.verify(
-            &token,
-            aud.as_str(),
-            tokend::clock::Clock::now(&tokend::clock::SystemClock)
-        )
-        .await
-        .expect_err("joe")
-        .reason,
-        Reason::UnknownIssuer
-    );
+    let (v, _d) = verifier_trusting("spiffe://bank.internal/payments", key).await;
+    let today = tokend::Clock::now(&SystemClock);
+    assert_eq!(refused(&v, &token, &aud, today), Reason::UnknownIssuer);
 
     let (_, key, token) = rfc("rfc7520_4_1.json");
-    let v = verifier_trusting("spiffe://bank.internal/payments", key, before_exp);
-    assert_eq!(
-        v.verify(&token, aud.as_str(), before_exp)
-            .await
-            .expect_err("prose")
-            .reason,
-        Reason::Malformed
-    );
+    let (v, _d) = verifier_trusting("spiffe://bank.internal/payments", key).await;
+    assert_eq!(refused(&v, &token, &aud, before_exp), Reason::Malformed);
 }

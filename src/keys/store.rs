@@ -343,4 +343,152 @@ mod tests {
         assert!(view.current().revoked_kids().any(|k| k == b.kid));
         assert!(!view.current().published().any(|k| k.kid() == b.kid));
     }
+
+    /// A keys directory written by tokend 0.1.0 (`tests/fixtures/README.md`).
+    const FIXTURE_V0_1_0: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/keys-v0.1.0");
+    /// The instant the fixture's states are given for (see its README).
+    const FIXTURE_V0_1_0_T: i64 = 1_796_190_181;
+
+    /// The manifest's records, read as plain JSON (not through `KeyDir`).
+    fn manifest_records(dir: &std::path::Path) -> Vec<KeyRecord> {
+        let text = std::fs::read(dir.join(super::super::MANIFEST)).expect("read keys.json");
+        let mut doc: serde_json::Value = serde_json::from_slice(&text).expect("keys.json is JSON");
+        assert_eq!(doc["format"], 1, "manifest format");
+        serde_json::from_value(doc["keys"].take()).expect("manifest records")
+    }
+
+    /// The keys directory tokend 0.1.0 wrote still loads, unchanged: every
+    /// kid keeps its state at T, the same key signs, exactly the unrevoked
+    /// keys are published, and the manifest on disk keeps every record.
+    #[tokio::test]
+    async fn loads_keys_dir_written_by_v0_1_0() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use crate::keys::key::{KeyState, state_at};
+
+        const T: i64 = FIXTURE_V0_1_0_T;
+        // [rotation] interval = "20s", publish_ahead = "8s"; [tokens]
+        // max_ttl = "2m" and the default clock_skew of 30s.
+        let lc = Lifecycle {
+            interval: 20,
+            publish_ahead: 8,
+            grace: 120 + 30,
+        };
+        let expected = [
+            (
+                "HrxaIk2t4lUxof1LoOSJ0eIPKjPqZ4A_jt2snyfaLVg",
+                KeyState::Revoked,
+            ),
+            (
+                "lzbNwqVyxtmRkggsbrqkro7GtCId8qKCjdp4e7eVtpk",
+                KeyState::Retired,
+            ),
+            (
+                "rQEahNcHT_Jtck0hrsISUdT1Ew9PWf5lZ2V6FZHDz9c",
+                KeyState::Active,
+            ),
+            (
+                "o4GEmDmUFYHhpLGq3K0pEe6xSjr9PObwzSVPUc8c844",
+                KeyState::Revoked,
+            ),
+            (
+                "CfH-fOKGOU0cmRDu7Z5pYKUacRRUVruAZdLrMFXE94U",
+                KeyState::Next,
+            ),
+        ];
+        let signing = "rQEahNcHT_Jtck0hrsISUdT1Ew9PWf5lZ2V6FZHDz9c";
+
+        // git keeps no file modes: copy, then restore the modes tokend wrote.
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("keys");
+        std::fs::create_dir(&dir).expect("mkdir");
+        for entry in std::fs::read_dir(FIXTURE_V0_1_0).expect("fixture dir") {
+            let entry = entry.expect("fixture entry");
+            let to = dir.join(entry.file_name());
+            std::fs::copy(entry.path(), &to).expect("copy fixture file");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+
+        let original = manifest_records(&dir);
+        let kids: Vec<&str> = original.iter().map(|r| r.kid.as_str()).collect();
+        assert_eq!(kids, expected.map(|(k, _)| k), "the fixture's manifest");
+        for (rec, (kid, state)) in original.iter().zip(expected) {
+            assert_eq!(
+                state_at(rec, &original, T),
+                state,
+                "{kid} in the fixture at T"
+            );
+            assert_eq!(
+                rec.file.is_empty(),
+                state == KeyState::Revoked,
+                "{kid} file"
+            );
+        }
+        assert_eq!(
+            rotation::plan(T, &original, &lc),
+            Vec::new(),
+            "T must be a quiet instant: open would otherwise change the directory"
+        );
+
+        let clock = ManualClock::at(T);
+        let (store, view) = KeyStore::open(&dir, lc, 2048, Arc::new(clock))
+            .await
+            .expect("a keys directory written by 0.1.0 opens");
+
+        assert_eq!(store.records(), original.as_slice(), "records in memory");
+        let set = view.current();
+        let records = set.records();
+        for (kid, state) in expected {
+            let rec = records
+                .iter()
+                .find(|r| r.kid == kid)
+                .unwrap_or_else(|| panic!("{kid} lost at open"));
+            assert_eq!(state_at(rec, &records, T), state, "{kid} at T");
+        }
+        assert_eq!(records.len(), expected.len(), "no key added at open");
+        assert_eq!(
+            set.signing_key(T).map(|k| k.kid().to_owned()).as_deref(),
+            Some(signing),
+            "signing key at T"
+        );
+        let mut published: Vec<&str> = set.published().map(|k| k.kid()).collect();
+        published.sort_unstable();
+        let mut unrevoked: Vec<&str> = expected
+            .iter()
+            .filter(|(_, s)| *s != KeyState::Revoked)
+            .map(|(k, _)| *k)
+            .collect();
+        unrevoked.sort_unstable();
+        assert_eq!(published, unrevoked, "published set at T");
+        let mut revoked: Vec<&str> = set.revoked_kids().collect();
+        revoked.sort_unstable();
+        assert_eq!(
+            revoked,
+            [
+                "HrxaIk2t4lUxof1LoOSJ0eIPKjPqZ4A_jt2snyfaLVg",
+                "o4GEmDmUFYHhpLGq3K0pEe6xSjr9PObwzSVPUc8c844"
+            ],
+            "revoked kids remembered"
+        );
+
+        // Whatever open wrote, the manifest still names every original key
+        // with the same times, and every unrevoked key's file is still there.
+        let after = manifest_records(&dir);
+        for rec in &original {
+            let now = after
+                .iter()
+                .find(|r| r.kid == rec.kid)
+                .unwrap_or_else(|| panic!("{} dropped from keys.json", rec.kid));
+            assert_eq!(
+                (now.created_at, now.activates_at, now.revoked_at),
+                (rec.created_at, rec.activates_at, rec.revoked_at),
+                "{} times in keys.json",
+                rec.kid
+            );
+            if !rec.file.is_empty() {
+                assert!(dir.join(&rec.file).is_file(), "{} removed", rec.file);
+            }
+        }
+    }
 }

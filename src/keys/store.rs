@@ -351,7 +351,7 @@ mod tests {
 
     /// The manifest's records, read as plain JSON (not through `KeyDir`).
     fn manifest_records(dir: &std::path::Path) -> Vec<KeyRecord> {
-        let text = std::fs::read(dir.join(super::super::MANIFEST)).expect("read keys.json");
+        let text = std::fs::read(dir.join("keys.json")).expect("read keys.json");
         let mut doc: serde_json::Value = serde_json::from_slice(&text).expect("keys.json is JSON");
         assert_eq!(doc["format"], 1, "manifest format");
         serde_json::from_value(doc["keys"].take()).expect("manifest records")
@@ -365,14 +365,15 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
 
         use crate::keys::key::{KeyState, state_at};
+        use crate::keys::rotation;
 
-        const T: i64 = FIXTURE_V0_1_0_T;
+        const T: UnixTime = UnixTime::from_secs(FIXTURE_V0_1_0_T);
         // [rotation] interval = "20s", publish_ahead = "8s"; [tokens]
         // max_ttl = "2m" and the default clock_skew of 30s.
         let lc = Lifecycle {
-            interval: 20,
-            publish_ahead: 8,
-            grace: 120 + 30,
+            interval: Duration::from_secs(20),
+            publish_ahead: Duration::from_secs(8),
+            grace: Duration::from_secs(120 + 30),
         };
         let expected = [
             (

@@ -3,9 +3,10 @@
 //! `std::time::Duration`. A `Clock` is the only thing that reads the wall
 //! clock; engines take `now` as an argument, so tests step it.
 
+use std::future::Future;
 use std::ops::{Add, Sub};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -63,10 +64,31 @@ impl std::fmt::Display for UnixTime {
     }
 }
 
-/// A source of the current time.
+/// The future `Clock::sleep_until` returns.
+pub type Sleep<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// A source of the current time, and a way to wait for a later one.
 pub trait Clock: Send + Sync + 'static {
     /// Now.
     fn now(&self) -> UnixTime;
+
+    /// Completes once the clock shows `deadline` or later. The default
+    /// sleeps on tokio and re-reads the clock at least once a second, so a
+    /// wall clock that jumps is noticed.
+    fn sleep_until(&self, deadline: UnixTime) -> Sleep<'_> {
+        Box::pin(poll_until(self, deadline))
+    }
+}
+
+async fn poll_until<C: Clock + ?Sized>(clock: &C, deadline: UnixTime) {
+    const LONGEST_NAP: Duration = Duration::from_secs(1);
+    loop {
+        let now = clock.now();
+        if now >= deadline {
+            return;
+        }
+        tokio::time::sleep(deadline.since(now).min(LONGEST_NAP)).await;
+    }
 }
 
 impl std::fmt::Debug for dyn Clock {
@@ -91,24 +113,40 @@ impl Clock for SystemClock {
     }
 }
 
-/// A clock tests set by hand, for pure code that never sleeps.
-#[derive(Clone, Debug, Default)]
-pub struct ManualClock(Arc<AtomicI64>);
+/// A clock tests set by hand. Everything that sleeps on it (the rotation
+/// loop) wakes the moment it is set past its deadline: tests step time
+/// instead of waiting for it.
+#[derive(Clone, Debug)]
+pub struct ManualClock(Arc<tokio::sync::watch::Sender<UnixTime>>);
 
 impl ManualClock {
     /// A clock showing `now`.
     pub fn at(now: UnixTime) -> Self {
-        Self(Arc::new(AtomicI64::new(now.0)))
+        Self(Arc::new(tokio::sync::watch::Sender::new(now)))
     }
-    /// Sets the clock.
+
+    /// Sets the clock (forward or back), waking sleepers whose time came.
     pub fn set(&self, now: UnixTime) {
-        self.0.store(now.0, Ordering::SeqCst);
+        self.0.send_replace(now);
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        self.0.send_modify(|t| *t = *t + d);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> UnixTime {
-        UnixTime(self.0.load(Ordering::SeqCst))
+        *self.0.borrow()
+    }
+
+    fn sleep_until(&self, deadline: UnixTime) -> Sleep<'_> {
+        let mut rx = self.0.subscribe();
+        Box::pin(async move {
+            // The sender lives as long as `self`, so this only ends at the deadline.
+            let _ = rx.wait_for(|t| *t >= deadline).await;
+        })
     }
 }
 
@@ -173,7 +211,24 @@ mod tests {
     async fn tokio_clock_follows_paused_time() {
         let clock = TokioClock::starting_at(UnixTime::from_secs(1_000));
         assert_eq!(clock.now(), UnixTime::from_secs(1_000));
-        sleep_until(&clock, UnixTime::from_secs(1_090)).await;
+        clock.sleep_until(UnixTime::from_secs(1_090)).await;
         assert_eq!(clock.now(), UnixTime::from_secs(1_090));
+    }
+
+    /// A manual clock wakes its sleepers when set past their deadline, and
+    /// not before.
+    #[tokio::test]
+    async fn manual_clock_wakes_sleepers_when_set() {
+        let clock = ManualClock::at(UnixTime::from_secs(100));
+        let c = clock.clone();
+        let sleeper = tokio::spawn(async move { c.sleep_until(UnixTime::from_secs(200)).await });
+        clock.set(UnixTime::from_secs(150));
+        tokio::task::yield_now().await;
+        assert!(!sleeper.is_finished());
+        clock.advance(Duration::from_secs(60));
+        tokio::time::timeout(Duration::from_secs(10), sleeper)
+            .await
+            .expect("woken")
+            .expect("join");
     }
 }

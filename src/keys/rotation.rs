@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::key::{KeyRecord, KeyState, Lifecycle, delete_after, state_at};
 use super::{KeyError, KeyStore};
-use crate::time::{SharedClock, UnixTime, sleep_until};
+use crate::time::{SharedClock, UnixTime};
 
 /// One change the planner asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -169,7 +169,7 @@ pub(crate) async fn run(
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = sleep_until(clock.as_ref(), wake) => {}
+            _ = clock.sleep_until(wake) => {}
             cmd = commands.recv() => match cmd {
                 None => return,
                 Some(Command::Rotate(reply)) => {

@@ -25,7 +25,7 @@ pub(crate) const PEER_KEY: &str = "key.pem";
 
 /// A CA operation failure, naming the file or value.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum CaError {
+pub enum CaError {
     /// Refusing to overwrite.
     #[error("{0} already exists; refusing to overwrite a CA key")]
     Exists(PathBuf),
@@ -62,7 +62,7 @@ fn ensure_dir(dir: &Path) -> Result<(), CaError> {
 }
 
 /// Creates `out/ca.pem` and `out/ca.key` for `td`, valid for ten years.
-pub(crate) fn init(out: &Path, td: &TrustDomain) -> Result<(), CaError> {
+pub fn init(out: &Path, td: &TrustDomain) -> Result<(), CaError> {
     ensure_dir(out)?;
     let key_path = out.join(CA_KEY);
     if key_path.exists() {
@@ -118,7 +118,7 @@ pub(crate) fn trust_domain_of(ca_pem: &[u8]) -> Result<TrustDomain, CaError> {
 }
 
 /// Issues `out/cert.pem` and `out/key.pem` for service `name`, signed by the CA in `ca_dir`.
-pub(crate) fn issue(
+pub fn issue(
     ca_dir: &Path,
     name: &str,
     out: &Path,

@@ -38,6 +38,7 @@ mod telemetry;
 mod time;
 
 pub use crate::api::{REASON_KEY, connect, detail_of, reason_of};
+pub use crate::ca::{init as ca_init, issue as ca_issue};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar};
 pub use crate::engine::{
@@ -51,7 +52,7 @@ pub use crate::keys::{
 };
 pub use crate::reason::{Reason, Refusal};
 pub use crate::telemetry::{LogFormat, init as init_logs};
-pub use crate::time::{Clock, ManualClock, SharedClock, SystemClock, TokioClock, UnixTime};
+pub use crate::time::{Clock, ManualClock, SharedClock, Sleep, SystemClock, TokioClock, UnixTime};
 
 /// The generated gRPC clients and messages, for callers of the sidecar.
 pub mod pb {

@@ -175,19 +175,6 @@ impl Clock for TokioClock {
     }
 }
 
-/// Sleeps until `clock` shows `deadline`. Planning and waiting use the same
-/// clock: a wall clock that jumps is re-read at least once a second.
-pub(crate) async fn sleep_until(clock: &dyn Clock, deadline: UnixTime) {
-    const LONGEST_NAP: Duration = Duration::from_secs(1);
-    loop {
-        let now = clock.now();
-        if now >= deadline {
-            return;
-        }
-        tokio::time::sleep(deadline.since(now).min(LONGEST_NAP)).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,6 +5,9 @@
 #[path = "it/support.rs"]
 mod support;
 
+#[path = "it/inproc.rs"]
+mod inproc;
+
 #[path = "it/cli.rs"]
 mod cli;
 #[path = "it/config.rs"]

@@ -42,6 +42,7 @@ pub struct Sidecar {
     trust_domain: String,
     extra: String,
     ca: Option<PathBuf>,
+    listen: Option<SocketAddr>,
     peers: Vec<(String, SocketAddr)>,
     clock: Option<SharedClock>,
 }
@@ -69,6 +70,7 @@ impl Sidecar {
             trust_domain: "bank.internal".into(),
             extra: String::new(),
             ca: None,
+            listen: None,
             peers: Vec::new(),
             clock: None,
         }
@@ -90,6 +92,13 @@ impl Sidecar {
     /// Serve the peer API on 127.0.0.1:0 with a certificate from the CA in `ca_dir`.
     pub fn peer_api(mut self, ca_dir: &Path) -> Self {
         self.ca = Some(ca_dir.to_owned());
+        self
+    }
+
+    /// Listen for peers on `addr` instead of 127.0.0.1:0 (to restart on the
+    /// port peers already know).
+    pub fn peer_listen(mut self, addr: SocketAddr) -> Self {
+        self.listen = Some(addr);
         self
     }
 
@@ -129,8 +138,11 @@ impl Sidecar {
             if !peer_dir.join(crate::ca::PEER_CERT).exists() {
                 crate::ca::issue(ca, &self.name, &peer_dir, &[], 1).map_err(|e| self.setup(e))?;
             }
+            let listen = self
+                .listen
+                .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
             toml.push_str(&format!(
-                "[peer_api]\nlisten = \"127.0.0.1:0\"\nca = \"{}\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n",
+                "[peer_api]\nlisten = \"{listen}\"\nca = \"{}\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n",
                 ca.join(crate::ca::CA_CERT).display()
             ));
         }

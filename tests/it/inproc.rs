@@ -1,0 +1,251 @@
+//! In-process harness: a `Bank` of sidecars built with `tokend::Sidecar`
+//! in one temp dir, sharing one CA and one `ManualClock`. Tests step the
+//! clock (`bank.advance(..)`) and the sidecars' loops react at once; the
+//! sockets, TLS and gRPC are real. Processes are only for what only a
+//! process shows (signals, SIGKILL, the CLI, exit codes, logs).
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokend::pb::tokend as pb;
+use tokend::{ManualClock, RunningSidecar, Sidecar, TrustDomain, UnixTime};
+use tonic::transport::Channel;
+
+use crate::support::{TD, id};
+
+/// Sidecars of trust domain `bank.internal` in one temp dir, one CA, one clock.
+pub struct Bank {
+    root: tempfile::TempDir,
+    clock: ManualClock,
+}
+
+impl Bank {
+    /// A fresh bank: temp dir, CA, clock at the current wall time.
+    pub fn new() -> Bank {
+        let root = crate::support::tmp();
+        let td = TrustDomain::new(TD).expect("td");
+        tokend::ca_init(&root.path().join("ca"), &td).expect("ca init");
+        let now = tokend::Clock::now(&tokend::SystemClock);
+        Bank {
+            root,
+            clock: ManualClock::at(now),
+        }
+    }
+
+    /// The bank's directory.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// The CA directory (ca.pem, ca.key).
+    pub fn ca(&self) -> PathBuf {
+        self.root.path().join("ca")
+    }
+
+    /// The shared clock.
+    pub fn clock(&self) -> &ManualClock {
+        &self.clock
+    }
+
+    /// Now, by the bank's clock, in seconds.
+    pub fn now(&self) -> i64 {
+        tokend::Clock::now(&self.clock).as_secs()
+    }
+
+    /// Steps the bank's clock forward.
+    pub fn advance(&self, secs: u64) {
+        self.clock.advance(Duration::from_secs(secs));
+    }
+
+    /// A builder for sidecar `name` on the bank's clock (no peer API).
+    pub fn sidecar(&self, name: &str) -> Sidecar {
+        Sidecar::new(self.root.path(), name).clock(Arc::new(self.clock.clone()))
+    }
+
+    /// A builder for `name` serving a peer API with a certificate from the bank's CA.
+    pub fn peer(&self, name: &str) -> Sidecar {
+        self.sidecar(name).peer_api(&self.ca())
+    }
+
+    /// Starts `builder`.
+    pub async fn start(&self, builder: Sidecar) -> Node {
+        let running = builder.start().await.expect("sidecar starts");
+        Node {
+            builder,
+            running: Some(running),
+        }
+    }
+}
+
+/// A running in-process sidecar and the builder that made it.
+pub struct Node {
+    builder: Sidecar,
+    running: Option<RunningSidecar>,
+}
+
+impl Node {
+    fn running(&self) -> &RunningSidecar {
+        self.running.as_ref().expect("running")
+    }
+
+    /// The service name.
+    pub fn name(&self) -> String {
+        self.running().name().to_owned()
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> PathBuf {
+        self.running().socket().to_owned()
+    }
+
+    /// Its keys directory.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.running().dir().join("keys")
+    }
+
+    /// Its peer API address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.running().peer_addr().expect("peer api")
+    }
+
+    /// Stops it as SIGTERM would.
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await.expect("clean stop");
+        }
+    }
+
+    /// Stops and starts it again with the same directory (and, if it serves
+    /// one, the same peer port).
+    pub async fn restart(&mut self) {
+        let addr = self.running().peer_addr();
+        self.stop().await;
+        let mut b = self.builder.clone();
+        if let Some(a) = addr {
+            b = b.peer_listen(a);
+        }
+        self.running = Some(b.start().await.expect("sidecar restarts"));
+        self.builder = b;
+    }
+
+    /// A token client.
+    pub async fn tokens(&self) -> pb::token_service_client::TokenServiceClient<Channel> {
+        pb::token_service_client::TokenServiceClient::new(
+            tokend::connect(&self.socket()).await.expect("connect"),
+        )
+    }
+
+    /// An admin client.
+    pub async fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
+        pb::admin_service_client::AdminServiceClient::new(
+            tokend::connect(&self.socket()).await.expect("connect"),
+        )
+    }
+
+    /// Mints a token for `audience`.
+    pub async fn mint(&self, audience: &str) -> pb::MintResponse {
+        self.tokens()
+            .await
+            .mint(pb::MintRequest {
+                audience: audience.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("mint")
+            .into_inner()
+    }
+
+    /// Verifies for this sidecar: the response, or the refusal's reason code.
+    pub async fn verify(&self, token: &str) -> Result<pb::VerifyResponse, String> {
+        let req = pb::VerifyRequest {
+            token: token.into(),
+            audience: String::new(),
+        };
+        match self.tokens().await.verify(req).await {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => Err(tokend::reason_of(&s)
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| format!("no reason: {s}"))),
+        }
+    }
+
+    /// Asks for a rotation; returns the new (pending) key's kid.
+    pub async fn rotate(&self) -> String {
+        self.admin()
+            .await
+            .rotate_key(pb::RotateKeyRequest {})
+            .await
+            .expect("rotate")
+            .into_inner()
+            .key
+            .expect("key")
+            .kid
+    }
+
+    /// Revokes `kid`; returns the new signing kid.
+    pub async fn revoke(&self, kid: &str) -> String {
+        self.admin()
+            .await
+            .revoke_key(pb::RevokeKeyRequest { kid: kid.into() })
+            .await
+            .expect("revoke")
+            .into_inner()
+            .active_kid
+    }
+
+    /// Every key with its state, as `keys list` shows them.
+    pub async fn keys(&self) -> Vec<pb::KeyInfo> {
+        self.admin()
+            .await
+            .list_keys(pb::ListKeysRequest {})
+            .await
+            .expect("list")
+            .into_inner()
+            .keys
+    }
+
+    /// Every issuer set this sidecar trusts (`jwks --all`).
+    pub async fn trusted(&self) -> Vec<pb::IssuerKeys> {
+        self.admin()
+            .await
+            .get_jwks(pb::GetJwksRequest { all: true })
+            .await
+            .expect("jwks")
+            .into_inner()
+            .issuers
+    }
+
+    /// The kids this sidecar trusts for `issuer` (a service name).
+    pub async fn kids_of(&self, issuer: &str) -> Vec<String> {
+        let want = id(issuer);
+        self.trusted()
+            .await
+            .into_iter()
+            .find(|i| i.issuer == want)
+            .map(|i| {
+                let doc: serde_json::Value = serde_json::from_str(&i.jwks_json).expect("jwks json");
+                doc["keys"]
+                    .as_array()
+                    .map(|ks| {
+                        ks.iter()
+                            .filter_map(|k| k["kid"].as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Its newest activated signing key, read from its keys directory.
+    pub fn signing_key(&self) -> tokend::SigningKey {
+        crate::support::signing_key_in(&self.keys_dir())
+    }
+}
+
+/// The wall-clock instant of `secs`, for building claims at the bank's time.
+pub fn at(secs: i64) -> UnixTime {
+    UnixTime::from_secs(secs)
+}

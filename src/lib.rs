@@ -12,7 +12,8 @@
 //! refusal codes; `identity` the SPIFFE names; `clock` the only wall-clock
 //! reader; `crypto` the ring provider for jsonwebtoken; `jwk` public keys and
 //! thumbprints; `telemetry` logs and metrics; `shutdown` signals and
-//! stream cancellation; `proto` the generated code.
+//! stream cancellation; `strict_json` the JSON object parser that refuses
+//! duplicate members and deep nesting; `proto` the generated code.
 
 pub mod api;
 pub mod ca;
@@ -30,5 +31,6 @@ pub mod peers;
 pub mod proto;
 pub mod reason;
 pub mod shutdown;
+pub(crate) mod strict_json;
 pub mod telemetry;
 pub mod verify;

@@ -291,6 +291,7 @@ impl Daemon {
         tracing::info!(
             id = %id,
             socket = %socket.display(),
+            keys_dir = %core.config.keys_dir.display(),
             peer_api = %peer_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             kid = %core.keys.current().signing_key(core.clock.now()).map(|k| k.kid().to_owned()).unwrap_or_default(),
             "tokend serving"

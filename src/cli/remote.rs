@@ -40,6 +40,7 @@ pub(super) async fn serve(args: ServeArgs) -> u8 {
         keys_dir: args.keys_dir,
         peer_listen: args.peer_listen,
         metrics_listen: args.metrics_listen,
+        state_directory: std::env::var_os("STATE_DIRECTORY"),
     };
     let config = match crate::config::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,

@@ -7,6 +7,7 @@ mod disk;
 mod generate;
 mod key;
 pub mod rotation;
+mod safe_path;
 mod store;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ pub use self::key::{
     KeyMaterialError, KeyRecord, KeyState, Lifecycle, SigningKey, delete_after, ever_signs,
     retires_at, state_at,
 };
+pub use self::safe_path::{check_file, daemon_uid};
 pub use self::store::KeyStore;
 use crate::jwk::PublicKey;
 

@@ -74,8 +74,13 @@ impl std::fmt::Debug for PeerTls {
     }
 }
 
+/// Reads a `[peer_api]` file after checking that no other user could have
+/// written it (nor, for the key, read it): see `keys::check_file`.
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("peer_api.{what} {}: {e}", path.display()))
+    let role = format!("peer_api.{what}");
+    let resolved =
+        crate::keys::check_file(path, &role, what == "key").map_err(|e| format!("{role}: {e}"))?;
+    std::fs::read(&resolved).map_err(|e| format!("peer_api.{what} {}: {e}", path.display()))
 }
 
 // === impl PeerTls ===

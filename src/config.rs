@@ -226,6 +226,36 @@ pub struct Overrides {
     pub peer_listen: Option<String>,
     /// --metrics-listen
     pub metrics_listen: Option<String>,
+    /// `$STATE_DIRECTORY` (set by systemd's `StateDirectory=`): when neither
+    /// `--keys-dir` nor `keys_dir` is given, keys go to its `keys`
+    /// subdirectory instead of `./keys`, so a service does not depend on its
+    /// working directory.
+    pub state_directory: Option<std::ffi::OsString>,
+}
+
+/// `$STATE_DIRECTORY/keys`, if systemd set it: the first of its
+/// colon-separated paths, which must be absolute (systemd's always are).
+fn state_keys_dir(state: Option<&std::ffi::OsStr>) -> Result<Option<PathBuf>, ConfigError> {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(state) = state.filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let first = state
+        .as_bytes()
+        .split(|&b| b == b':')
+        .next()
+        .unwrap_or_default();
+    let first = Path::new(std::ffi::OsStr::from_bytes(first));
+    if !first.is_absolute() {
+        return Err(invalid(
+            "STATE_DIRECTORY",
+            format!(
+                "{:?} is not an absolute path; set keys_dir or unset STATE_DIRECTORY",
+                first.display()
+            ),
+        ));
+    }
+    Ok(Some(first.join("keys")))
 }
 
 // === impl Config ===
@@ -295,11 +325,13 @@ impl Config {
                 }
             },
         };
-        let keys_dir = ov
-            .keys_dir
-            .clone()
-            .or(f.keys_dir.map(rel))
-            .unwrap_or_else(|| PathBuf::from("keys"));
+        let keys_dir = match ov.keys_dir.clone().or(f.keys_dir.map(rel)) {
+            Some(dir) => dir,
+            None => match state_keys_dir(ov.state_directory.as_deref())? {
+                Some(dir) => dir,
+                None => PathBuf::from("keys"),
+            },
+        };
 
         let secs = |d: Option<HumanDuration>, default: u64| {
             d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
@@ -549,6 +581,35 @@ mod tests {
             .expect_err("wrong place")
             .to_string();
         assert!(e.contains("default_ttl"), "{e}");
+    }
+
+    /// `$STATE_DIRECTORY/keys` (its first path) is the keys directory only
+    /// when neither the file nor a flag names one; a relative one is refused.
+    #[test]
+    fn state_directory_keys_dir() {
+        let with = |state: &str, text: &str, flag: Option<&str>| {
+            let ov = Overrides {
+                state_directory: Some(state.into()),
+                keys_dir: flag.map(PathBuf::from),
+                ..Overrides::default()
+            };
+            Config::from_toml(text, Path::new("/etc/tokend"), Path::new("t.toml"), &ov)
+        };
+        let c = with("/var/lib/tokend:/var/lib/other", "", None).expect("ok");
+        assert_eq!(c.keys_dir, Path::new("/var/lib/tokend/keys"));
+        let c = with("/var/lib/tokend", "keys_dir = \"k\"", None).expect("ok");
+        assert_eq!(c.keys_dir, Path::new("/etc/tokend/k"));
+        let c = with("/var/lib/tokend", "", Some("/srv/keys")).expect("ok");
+        assert_eq!(c.keys_dir, Path::new("/srv/keys"));
+        let c = with("", "", None).expect("ok");
+        assert_eq!(c.keys_dir, Path::new("keys"));
+        assert_eq!(parse("").expect("ok").keys_dir, Path::new("keys"));
+        let e = with("var/lib/tokend", "", None).expect_err("relative");
+        assert_eq!(
+            e.to_string(),
+            "invalid config value STATE_DIRECTORY: \"var/lib/tokend\" is not an absolute path; \
+             set keys_dir or unset STATE_DIRECTORY"
+        );
     }
 
     /// Inconsistent values are named.

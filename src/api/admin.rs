@@ -54,7 +54,7 @@ impl AdminApi {
         callers: Callers,
         admins: Option<Vec<u32>>,
     ) -> Self {
-        let admins = admins.unwrap_or_else(|| super::uds::own_uid().into_iter().collect());
+        let admins = admins.unwrap_or_else(|| crate::keys::daemon_uid().into_iter().collect());
         Self {
             own,
             keys,

@@ -142,10 +142,20 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
                 ),
             )));
         }
-        if r.audience.iter().any(|a| a.chars().any(char::is_control)) {
+        // Audiences are kept verbatim, so control characters are refused: they
+        // have no place in an identifier and would let one audience pass for
+        // a list of several in anything that joins them.
+        if let Some((i, c)) = r.audience.iter().enumerate().find_map(|(i, a)| {
+            a.chars()
+                .find(|&c| c < '\u{20}' || c == '\u{7f}')
+                .map(|c| (i, c))
+        }) {
             return Err(status(Refusal::new(
                 Reason::Malformed,
-                "audience: control characters are not allowed",
+                format!(
+                    "audience {i} contains control character U+{:04X}",
+                    u32::from(c)
+                ),
             )));
         }
         if !r.spiffe_id.is_empty() && r.spiffe_id != own.as_str() {

@@ -112,12 +112,6 @@ fn caller_uid<T>(req: &tonic::Request<T>) -> Option<u32> {
         .map(|c| c.uid())
 }
 
-/// The uid this daemon runs as.
-pub(crate) fn own_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
-}
-
 /// Who may call: every caller that can open the socket, or a list of uids.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Callers(Option<Vec<u32>>);

@@ -40,6 +40,7 @@ pub(super) async fn serve(args: ServeArgs) -> u8 {
         keys_dir: args.keys_dir,
         peer_listen: args.peer_listen,
         metrics_listen: args.metrics_listen,
+        state_directory: std::env::var_os("STATE_DIRECTORY"),
     };
     let config = match crate::config::Config::load(args.config.as_deref(), &overrides) {
         Ok(c) => c,
@@ -81,10 +82,17 @@ pub(super) async fn mint(
     claims: Vec<(String, serde_json::Value)>,
     one_time: bool,
 ) -> u8 {
-    let claims_json = if claims.is_empty() {
+    let mut object = serde_json::Map::new();
+    for (k, v) in claims {
+        if object.insert(k.clone(), v).is_some() {
+            eprintln!("tokend: --claim {k} is given twice; give each claim once");
+            return EXIT_USAGE;
+        }
+    }
+    let claims_json = if object.is_empty() {
         String::new()
     } else {
-        serde_json::Value::Object(claims.into_iter().collect()).to_string()
+        serde_json::Value::Object(object).to_string()
     };
     let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
     let req = pb::MintRequest {

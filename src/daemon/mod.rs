@@ -112,6 +112,7 @@ pub struct Daemon {
     api: LocalApi,
     listener: UnixListener,
     socket: PathBuf,
+    keys_dir: PathBuf,
     peer_server: Option<PeerServer>,
     peer_addr: Option<SocketAddr>,
     clock: SharedClock,
@@ -220,6 +221,7 @@ impl Daemon {
             api,
             listener,
             socket: config.socket,
+            keys_dir: config.keys_dir,
             peer_server,
             peer_addr,
             clock,
@@ -266,6 +268,7 @@ impl Daemon {
         tracing::info!(
             id = %self.id,
             socket = %self.socket.display(),
+            keys_dir = %self.keys_dir.display(),
             peer_api = %self.peer_addr.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             kid = %kid,
             "tokend serving"

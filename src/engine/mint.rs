@@ -26,7 +26,8 @@ pub enum MintError {
     /// Caller claims tried to set a registered claim.
     #[error("claim {0:?} is set by tokend and cannot be given by the caller")]
     ReservedClaim(String),
-    /// Caller claims are not a JSON object or too large.
+    /// Caller claims are not a JSON object, repeat a member name, nest too
+    /// deep or are too large.
     #[error("caller claims: {0}")]
     BadClaims(String),
     /// Requested ttl over max_ttl.
@@ -145,7 +146,8 @@ impl std::fmt::Debug for Minter {
     }
 }
 
-/// Parses caller claims text (empty means none) into a JSON object, bounded in size.
+/// Parses caller claims text (empty means none) into a JSON object, bounded
+/// in size and depth, refusing duplicate member names at any depth.
 pub(crate) fn parse_claims(text: &str) -> Result<Map<String, Value>, MintError> {
     if text.trim().is_empty() {
         return Ok(Map::new());
@@ -156,11 +158,10 @@ pub(crate) fn parse_claims(text: &str) -> Result<Map<String, Value>, MintError> 
             text.len()
         )));
     }
-    let map = match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => return Err(MintError::BadClaims("not a JSON object".into())),
-        Err(e) => return Err(MintError::BadClaims(format!("not JSON: {e}"))),
-    };
+    // Strict: a duplicated name (`{"role":"teller","role":"admin"}`) is refused
+    // rather than read last-wins, and so is nesting no verifier accepts.
+    let map = crate::jose::parse_object(text.as_bytes())
+        .map_err(|e| MintError::BadClaims(e.to_string()))?;
     // Registered names are refused by `Minter::mint`, the one place that decides.
     Ok(map)
 }
@@ -338,5 +339,95 @@ impl Minter {
         header.typ = Some("JWT".into());
         header.kid = Some(kid.to_owned());
         jsonwebtoken::encode(&header, claims, key).map_err(|e| MintError::Sign(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::{KeyStore, Lifecycle};
+    use crate::time::ManualClock;
+    use std::sync::Arc;
+
+    /// Caller claims are read strictly: a repeated name (at any depth) and
+    /// nesting past 32 are refused, naming the problem.
+    #[test]
+    fn caller_claims_are_strict() {
+        let e = parse_claims(r#"{"role":"teller","role":"admin"}"#).expect_err("dup");
+        assert_eq!(e.to_string(), "caller claims: duplicate member \"role\"");
+        assert_eq!(e.reason(), Reason::Malformed);
+        let e = parse_claims(r#"{"ctx":{"role":"a","role":"b"}}"#).expect_err("dup");
+        assert_eq!(
+            e.to_string(),
+            "caller claims: duplicate member \"role\" in /ctx"
+        );
+        let deep = |d: usize| format!("{}1{}", r#"{"a":"#.repeat(d), "}".repeat(d));
+        parse_claims(&deep(32)).expect("32 deep");
+        let e = parse_claims(&deep(33)).expect_err("33 deep");
+        assert_eq!(e.to_string(), "caller claims: nested deeper than 32 levels");
+        assert_eq!(
+            parse_claims("[1]").expect_err("array").to_string(),
+            "caller claims: not a JSON object"
+        );
+        assert!(
+            parse_claims("{")
+                .expect_err("not json")
+                .to_string()
+                .starts_with("caller claims: not JSON: ")
+        );
+    }
+
+    /// `["cards\0ledger"]` and `["cards","ledger"]` are different requests:
+    /// each gets its own token, while a repeated request reuses its own.
+    #[tokio::test]
+    async fn cache_key_does_not_collide() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let t = UnixTime::from_secs;
+        let clock = ManualClock::at(t(1_000));
+        let lc = Lifecycle {
+            interval: Duration::from_secs(86_400),
+            publish_ahead: Duration::from_secs(60),
+            grace: Duration::from_secs(3_600),
+        };
+        let (mut store, view) = KeyStore::open(dir.path(), lc, 2048, Arc::new(clock))
+            .await
+            .expect("keys");
+        store.apply_plan(t(1_000)).await.expect("first key");
+        let issuer = SpiffeId::parse("spiffe://td/payments").expect("id");
+        let minter = Minter::new(
+            issuer,
+            view,
+            MintPolicy {
+                default_ttl: Duration::from_secs(300),
+                max_ttl: Duration::from_secs(3_600),
+            },
+        );
+        let req = |aud: &[&str]| MintRequest {
+            audience: aud.iter().map(|a| a.to_string()).collect(),
+            ttl: None,
+            claims: Map::new(),
+            one_time: false,
+        };
+        let joined = minter
+            .mint(&req(&["cards\0ledger"]), t(1_000))
+            .expect("mint");
+        let list = minter
+            .mint(&req(&["cards", "ledger"]), t(1_000))
+            .expect("mint");
+        assert_ne!(joined.token, list.token);
+        let aud = |t: &str| -> Value {
+            let p = t.split('.').nth(1).expect("payload");
+            serde_json::from_slice::<Value>(&B64.decode(p).expect("b64")).expect("json")["aud"]
+                .clone()
+        };
+        assert_eq!(aud(&joined.token), Value::from("cards\0ledger"));
+        assert_eq!(aud(&list.token), serde_json::json!(["cards", "ledger"]));
+        let again = minter
+            .mint(&req(&["cards", "ledger"]), t(1_001))
+            .expect("mint");
+        assert_eq!(
+            again.token, list.token,
+            "a repeated request is served from the cache"
+        );
     }
 }

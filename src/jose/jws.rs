@@ -1,6 +1,8 @@
 //! The compact JWS layer: split, decode, and the algorithm policy (RS256
 //! only; no `crit`, no embedded or remote keys; `typ` JWT or JOSE), and the
 //! signature check under one given key. Nothing here knows about issuers.
+//! Header and payload are read strictly: a duplicated member name or nesting
+//! past `strict_json::MAX_DEPTH` is `malformed`, never last-wins.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -8,6 +10,7 @@ use serde_json::{Map, Value};
 
 use super::MAX_TOKEN_LEN;
 use super::jwk::PublicKey;
+use super::strict_json::{StrictJsonError, parse_object};
 use crate::reason::{Reason, Refusal, refuse as fail};
 
 /// The split, decoded parts of a compact JWS. Nothing here is trusted yet.
@@ -49,8 +52,13 @@ pub(crate) fn parse(token: &str) -> Result<Parts<'_>, Refusal> {
     let header_bytes = B64
         .decode(h)
         .map_err(|_| Refusal::new(Reason::Malformed, "header is not base64url"))?;
-    let header: Map<String, Value> = serde_json::from_slice(&header_bytes)
-        .map_err(|_| Refusal::new(Reason::Malformed, "header is not a JSON object"))?;
+    let header = match parse_object(&header_bytes) {
+        Ok(h) => h,
+        Err(StrictJsonError::NotJson(_) | StrictJsonError::NotObject) => {
+            return fail(Reason::Malformed, "header is not a JSON object");
+        }
+        Err(e) => return fail(Reason::Malformed, format!("header: {e}")),
+    };
     let payload = B64
         .decode(p)
         .map_err(|_| Refusal::new(Reason::Malformed, "payload is not base64url"))?;
@@ -67,9 +75,13 @@ pub(crate) fn parse(token: &str) -> Result<Parts<'_>, Refusal> {
         Some(Value::String(k)) => Some(k.clone()),
         Some(_) => return fail(Reason::Malformed, "header kid is not a string"),
     };
-    let claims = match serde_json::from_slice::<Value>(&payload) {
-        Ok(Value::Object(m)) => Ok(m),
-        _ => Err(payload),
+    // A payload that is not a JSON object is carried as bytes (the RFC 7520
+    // vectors sign plain text; the verifier refuses it later), but JSON that
+    // breaks the strict rules is refused here, naming the problem.
+    let claims = match parse_object(&payload) {
+        Ok(m) => Ok(m),
+        Err(StrictJsonError::NotJson(_) | StrictJsonError::NotObject) => Err(payload),
+        Err(e) => return fail(Reason::Malformed, format!("payload: {e}")),
     };
     Ok(Parts {
         alg,

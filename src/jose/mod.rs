@@ -8,6 +8,7 @@ mod claims;
 mod jwk;
 mod jws;
 mod provider;
+mod strict_json;
 
 pub(crate) use self::claims::{
     MAX_CLAIMS_LEN, MAX_JTI_LEN, MAX_TOKEN_LEN, PREV_TOKEN, REGISTERED_CLAIMS, int_claim,
@@ -18,3 +19,4 @@ pub(crate) use self::jwk::{JwkError, parse_jwks, to_jwks_json};
 pub use self::jws::{Parts, check_signature};
 pub(crate) use self::jws::{check_alg, parse};
 pub(crate) use self::provider::install as install_provider;
+pub(crate) use self::strict_json::parse_object;

@@ -4,6 +4,8 @@
 //! file is written before the manifest names it, and removed only after the
 //! manifest stops naming it, so a crash at any instant leaves a directory
 //! that loads (at worst with an unnamed key file, which was never published).
+//! Nothing is trusted from a directory, manifest or key file another user
+//! could have written (`safe_path`).
 
 use std::fs;
 use std::io::Write;
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::key::{KeyRecord, SigningKey};
+use super::safe_path;
 
 /// The manifest file name inside the keys directory.
 pub(super) const MANIFEST: &str = "keys.json";
@@ -105,6 +108,45 @@ pub enum DiskError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A directory or file tokend would trust is writable by group or others
+    /// (see `safe_path`): anyone it lets in could plant or swap a key.
+    #[error(
+        "{path} ({what}) has mode {mode:04o}: {problem}, so another user could plant or swap keys; refusing to trust it (chmod go-w {path})"
+    )]
+    Writable {
+        /// What the path is to tokend ("keys directory", "a directory above ...").
+        what: String,
+        /// The offending directory or file, symlinks resolved.
+        path: PathBuf,
+        /// Its mode bits, sticky bit included.
+        mode: u32,
+        /// Which rule it breaks.
+        problem: &'static str,
+    },
+    /// A directory or file tokend would trust belongs to another user.
+    #[error(
+        "{path} ({what}) is owned by uid {uid}, neither root nor the daemon's uid {own}; refusing to trust it (chown it)"
+    )]
+    Owner {
+        /// What the path is to tokend.
+        what: String,
+        /// The offending directory or file, symlinks resolved.
+        path: PathBuf,
+        /// Its owner.
+        uid: u32,
+        /// The daemon's uid ("unknown" if /proc/self cannot be read).
+        own: String,
+    },
+    /// A trusted file that is a symlink or a special file.
+    #[error(
+        "{path} ({what}) is not a regular file; refusing to follow a symlink or read a special file"
+    )]
+    NotRegular {
+        /// What the path is to tokend.
+        what: String,
+        /// The file.
+        path: PathBuf,
+    },
     /// A manifest entry names a file that is not there.
     #[error("key file {path} named in {MANIFEST} is missing")]
     Missing {
@@ -145,9 +187,12 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Di
 // === impl KeyDir ===
 
 impl KeyDir {
-    /// Opens (creating with mode 0700 if absent) the keys directory.
+    /// Opens (creating with mode 0700 if absent) the keys directory, and
+    /// refuses it unless it and every directory above it are safe (see
+    /// `safe_path`). From then on the resolved path is used.
     pub(super) fn open(dir: &Path) -> Result<Self, DiskError> {
         if !dir.exists() {
+            safe_path::check_before_create(dir, "keys directory")?;
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -160,9 +205,8 @@ impl KeyDir {
                 source: std::io::Error::other("not a directory"),
             });
         }
-        Ok(Self {
-            dir: dir.to_owned(),
-        })
+        let dir = safe_path::check_dir(dir, "keys directory")?;
+        Ok(Self { dir })
     }
 
     /// Loads the manifest and every key it names, checking each file. `None`
@@ -178,6 +222,11 @@ impl KeyDir {
         }
         let key_files: Vec<&String> = entries.iter().filter(|n| n.ends_with(KEY_SUFFIX)).collect();
         let mpath = self.dir.join(MANIFEST);
+        match fs::symlink_metadata(&mpath) {
+            Ok(_) => safe_path::check_entry(&mpath, "key manifest", false)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("stat", &mpath)(e)),
+        }
         let text = match fs::read(&mpath) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -263,6 +312,7 @@ impl KeyDir {
         if mode & 0o077 != 0 {
             return Err(DiskError::Permissions { path, mode });
         }
+        safe_path::check_owner(&path, &meta, &|| "key file".to_owned())?;
         let bytes = fs::read(&path).map_err(io("read", &path))?;
         let key = parse_pkcs8_pem(&path, &bytes)?;
         if key.kid() != record.kid {

@@ -7,6 +7,7 @@ mod disk;
 mod generate;
 mod key;
 mod rotation;
+mod safe_path;
 mod store;
 
 use std::sync::Arc;
@@ -22,6 +23,7 @@ pub(crate) use self::key::{
 };
 pub use self::key::{Lifecycle, SigningKey};
 pub(crate) use self::rotation::{Command, run as run_rotation};
+pub(crate) use self::safe_path::{check_file, daemon_uid};
 pub use self::store::KeyStore;
 use crate::jose::PublicKey;
 use crate::time::UnixTime;

@@ -30,6 +30,14 @@ pub enum TlsError {
         /// Why.
         detail: String,
     },
+    /// A file (or a directory above it) that another user could have written.
+    #[error("peer_api.{what}: {source}")]
+    Unsafe {
+        /// Which setting: `ca`, `cert` or `key`.
+        what: &'static str,
+        /// The check that failed, naming the path.
+        source: crate::keys::DiskError,
+    },
     /// The certificate proves another identity than this sidecar's.
     #[error("peer_api.cert {path} proves {proven}, but this sidecar is {expected}")]
     WrongIdentity {
@@ -120,8 +128,13 @@ fn file_err<'a>(what: &'static str, path: &'a Path) -> impl Fn(String) -> TlsErr
     }
 }
 
+/// Reads a `[peer_api]` file after checking that no other user could have
+/// written it (nor, for the key, read it): see `keys::check_file`.
 fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|e| file_err(what, path)(e.to_string()))
+    let role = format!("peer_api.{what}");
+    let resolved = crate::keys::check_file(path, &role, what == "key")
+        .map_err(|source| TlsError::Unsafe { what, source })?;
+    std::fs::read(&resolved).map_err(|e| file_err(what, path)(e.to_string()))
 }
 
 fn tls_time(t: UnixTime) -> TlsTime {

@@ -246,7 +246,8 @@ async fn open_bundle_stream_does_not_block_shutdown() {
     );
 }
 
-/// FetchJWTSVID bounds audiences; ValidateJWTSVID refuses delegated tokens
+/// FetchJWTSVID bounds audiences and refuses control characters in them;
+/// ValidateJWTSVID refuses delegated tokens
 /// (SPIFFE clients would take the original subject for the presenter).
 #[tokio::test]
 async fn spiffe_bounds_and_delegated_tokens() {
@@ -268,6 +269,32 @@ async fn spiffe_bounds_and_delegated_tokens() {
             .await
             .expect_err("refused");
         assert_eq!(tokend::reason_of(&st), Some(tokend::Reason::Malformed));
+    }
+    // Audiences are verbatim strings: control characters are refused, so
+    // ["cards\0ledger"] can never stand for ["cards", "ledger"].
+    for (audience, expect) in [
+        (
+            vec!["cards\0ledger".to_string()],
+            "malformed: audience 0 contains control character U+0000",
+        ),
+        (
+            vec!["ok".to_string(), "del\u{7f}".to_string()],
+            "malformed: audience 1 contains control character U+007F",
+        ),
+        (
+            vec!["tab\there".to_string()],
+            "malformed: audience 0 contains control character U+0009",
+        ),
+    ] {
+        let st = client
+            .fetch_jwtsvid(with_header(tokend::pb::spiffe::JwtsvidRequest {
+                audience,
+                spiffe_id: String::new(),
+            }))
+            .await
+            .expect_err("refused");
+        assert_eq!(tokend::reason_of(&st), Some(tokend::Reason::Malformed));
+        assert_eq!(st.message(), expect);
     }
     let inbound = a.mint("payments").await.token;
     let req = tokend::pb::tokend::ExchangeRequest {

@@ -138,3 +138,147 @@ fn interrupted_write_leftovers_are_cleaned() {
     assert!(key.exists(), "real key kept");
     a.stop();
 }
+
+/// A start that must fail with exit 64 and a message naming `path` and `expect`.
+fn refused(root: &std::path::Path, cfg: &std::path::Path, path: &std::path::Path, expect: &str) {
+    let err = Sidecar::start_with(root, "payments", cfg)
+        .err()
+        .expect("start must fail");
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(err.status.code(), Some(64), "{stderr}");
+    let named = format!("{} (", path.display());
+    assert!(stderr.contains(&named), "names {named:?}: {stderr}");
+    assert!(stderr.contains(expect), "says {expect:?}: {stderr}");
+}
+
+/// A keys directory (or manifest) others could write to is refused, whatever
+/// the key files' own modes; a sticky world-writable parent (like /tmp) is
+/// accepted, a plain world-writable one is not.
+#[test]
+fn writable_keys_dir_or_parent_refused() {
+    let root = tmp();
+    let (a, key) = prepared(root.path());
+    chmod(&a.keys_dir, 0o770);
+    refused(
+        root.path(),
+        &a.config,
+        &a.keys_dir,
+        "(keys directory) has mode 0770: writable by group or others, so another user could plant or swap keys",
+    );
+    chmod(&a.keys_dir, 0o700);
+    let manifest = a.keys_dir.join("keys.json");
+    chmod(&manifest, 0o666);
+    refused(
+        root.path(),
+        &a.config,
+        &manifest,
+        "(key manifest) has mode 0666: writable by group or others",
+    );
+    chmod(&manifest, 0o600);
+    chmod(&a.dir, 0o777);
+    refused(
+        root.path(),
+        &a.config,
+        &a.dir,
+        &format!(
+            "(a directory above keys directory {}) has mode 0777: writable by group or others and not sticky",
+            a.keys_dir.display()
+        ),
+    );
+    chmod(&a.dir, 0o1777);
+    let mut a = Sidecar::start_with(root.path(), "payments", &a.config)
+        .unwrap_or_else(|o| panic!("sticky parent: {}", String::from_utf8_lossy(&o.stderr)));
+    assert!(key.exists());
+    a.stop();
+    chmod(&a.dir, 0o755);
+}
+
+/// A key file (or the keys directory) owned by a uid that is neither root nor
+/// the daemon's is refused: someone else planted it. Needs root to chown (CI
+/// runs as root); skipped with a note otherwise.
+#[test]
+fn key_file_owned_by_another_uid_refused() {
+    if !is_root() {
+        eprintln!("key_file_owned_by_another_uid_refused: skipped, needs root to chown");
+        return;
+    }
+    let root = tmp();
+    let (a, key) = prepared(root.path());
+    std::os::unix::fs::chown(&key, Some(1234), None).expect("chown");
+    refused(
+        root.path(),
+        &a.config,
+        &key,
+        "(key file) is owned by uid 1234, neither root nor the daemon's uid 0; refusing to trust it",
+    );
+    std::os::unix::fs::chown(&key, Some(0), None).expect("chown");
+    std::os::unix::fs::chown(&a.keys_dir, Some(1234), None).expect("chown");
+    refused(
+        root.path(),
+        &a.config,
+        &a.keys_dir,
+        "(keys directory) is owned by uid 1234",
+    );
+}
+
+/// `[peer_api]` files: a group-readable private key and a group-writable
+/// certificate directory are refused; the Kubernetes secret-volume layout
+/// (files behind `..data` symlinks in a sticky volume root) is accepted.
+#[test]
+fn peer_api_files_checked() {
+    let root = tmp();
+    ca_init(root.path());
+    let peer = ca_issue(&root.path().join("ca"), root.path(), "payments");
+    let cfg = write_config(root.path(), "payments", &peer_config(0, &[], ""));
+    let key = peer.join("key.pem");
+    chmod(&key, 0o640);
+    let err = Sidecar::start_with(root.path(), "payments", &cfg)
+        .err()
+        .expect("group-readable key");
+    let stderr = String::from_utf8_lossy(&err.stderr);
+    assert_eq!(err.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "peer_api.key: key file {} has mode 0640: private keys must not be accessible",
+            key.display()
+        )),
+        "{stderr}"
+    );
+    chmod(&key, 0o600);
+    chmod(&peer, 0o775);
+    refused(
+        root.path(),
+        &cfg,
+        &peer,
+        "(the directory of peer_api.cert) has mode 0775: writable by group or others",
+    );
+    chmod(&peer, 0o700);
+
+    // Kubernetes: vol/{key,cert}.pem -> ..data/… -> ..2024_01_01/…, vol sticky 1777.
+    let vol = root.path().join("payments/secret");
+    let ts = vol.join("..2024_01_01_00_00_00.1");
+    std::fs::create_dir_all(&ts).expect("mkdir");
+    for f in ["key.pem", "cert.pem"] {
+        std::fs::copy(peer.join(f), ts.join(f)).expect("copy");
+        std::os::unix::fs::symlink(format!("..data/{f}"), vol.join(f)).expect("link");
+    }
+    chmod(&ts.join("key.pem"), 0o400);
+    chmod(&ts.join("cert.pem"), 0o644);
+    chmod(&ts, 0o755);
+    std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", vol.join("..data")).expect("link");
+    chmod(&vol, 0o1777);
+    let text = std::fs::read_to_string(&cfg)
+        .expect("config")
+        .replace("peer/cert.pem", "secret/cert.pem")
+        .replace("peer/key.pem", "secret/key.pem");
+    std::fs::write(&cfg, text).expect("config");
+    let mut a = Sidecar::start_with(root.path(), "payments", &cfg)
+        .unwrap_or_else(|o| panic!("k8s layout: {}", String::from_utf8_lossy(&o.stderr)));
+    a.stop();
+}
+
+/// Whether the tests run as root (CI does): only root can chown a file to another uid.
+fn is_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}

@@ -442,6 +442,148 @@ async fn other_jws_types_are_refused() {
     }
 }
 
+/// Verifies over gRPC; the refusal's reason code and message.
+async fn refusal(a: &Sidecar, token: &str) -> (Option<tokend::Reason>, String) {
+    let req = tokend::pb::tokend::VerifyRequest {
+        token: token.into(),
+        audience: String::new(),
+    };
+    match a.tokens().await.verify(req).await {
+        Ok(r) => (None, format!("verified: {}", r.into_inner().claims_json)),
+        Err(s) => (tokend::reason_of(&s), s.message().to_owned()),
+    }
+}
+
+/// Duplicate members in a header or payload signed by a trusted key are
+/// `malformed`, never read last-wins; so is a payload nested past 32 levels.
+/// Minting refuses the same in caller claims, naming the member.
+#[tokio::test]
+async fn duplicate_members_and_deep_nesting_are_malformed() {
+    use tokend::Reason::Malformed;
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let key = a.signing_key();
+    let kid = key.kid().to_owned();
+    let (me, other) = (id("payments"), id("archive"));
+    let t = now();
+    let header = format!(r#"{{"alg":"RS256","typ":"JWT","kid":"{kid}"}}"#);
+    let body = |extra: &str| {
+        format!(
+            r#"{{"sub":"{me}","iat":{t},"nbf":{t},"exp":{},"jti":"j-{t}"{extra}}}"#,
+            t + 60
+        )
+    };
+    // The raw forger itself makes tokens that verify.
+    let good = forge_raw(
+        &key,
+        &header,
+        &body(&format!(r#","iss":"{me}","aud":"{me}""#)),
+    );
+    assert_eq!(refusal(&a, &good).await.0, None, "control token");
+    for (extra, name) in [
+        (
+            format!(r#","iss":"{other}","iss":"{me}","aud":"{me}""#),
+            "iss",
+        ),
+        (
+            format!(r#","iss":"{me}","aud":"{other}","aud":"{me}""#),
+            "aud",
+        ),
+        (
+            format!(r#","iss":"{me}","aud":"{me}","role":"teller","role":"admin""#),
+            "role",
+        ),
+    ] {
+        let token = forge_raw(&key, &header, &body(&extra));
+        assert_eq!(
+            refusal(&a, &token).await,
+            (
+                Some(Malformed),
+                format!("malformed: payload: duplicate member \"{name}\"")
+            ),
+            "{extra}"
+        );
+    }
+    let claims = body(&format!(r#","iss":"{me}","aud":"{me}""#));
+    let nested = claims.replacen('{', r#"{"ctx":{"k":1,"k":2},"#, 1);
+    let token = forge_raw(&key, &header, &nested);
+    assert_eq!(
+        refusal(&a, &token).await.1,
+        "malformed: payload: duplicate member \"k\" in /ctx"
+    );
+    for (h, name) in [
+        (
+            format!(r#"{{"alg":"none","alg":"RS256","typ":"JWT","kid":"{kid}"}}"#),
+            "alg",
+        ),
+        (
+            format!(r#"{{"alg":"RS256","typ":"JWT","kid":"other","kid":"{kid}"}}"#),
+            "kid",
+        ),
+    ] {
+        let token = forge_raw(&key, &h, &claims);
+        assert_eq!(
+            refusal(&a, &token).await,
+            (
+                Some(Malformed),
+                format!("malformed: header: duplicate member \"{name}\"")
+            ),
+            "{h}"
+        );
+    }
+    let deep = |d: usize| format!("{}1{}", r#"{"a":"#.repeat(d - 1), "}".repeat(d - 1));
+    let ok = claims.replacen('{', &format!(r#"{{"n":{},"#, deep(32)), 1);
+    assert_eq!(
+        refusal(&a, &forge_raw(&key, &header, &ok)).await.0,
+        None,
+        "32 deep"
+    );
+    let too_deep = claims.replacen('{', &format!(r#"{{"n":{},"#, deep(33)), 1);
+    assert_eq!(
+        refusal(&a, &forge_raw(&key, &header, &too_deep)).await,
+        (
+            Some(Malformed),
+            "malformed: payload: nested deeper than 32 levels".into()
+        )
+    );
+
+    let mut c = a.tokens().await;
+    for (claims_json, expect) in [
+        (
+            r#"{"role":"teller","role":"admin"}"#.to_owned(),
+            "malformed: caller claims: duplicate member \"role\"",
+        ),
+        (
+            format!(r#"{{"n":{}}}"#, deep(33)),
+            "malformed: caller claims: nested deeper than 32 levels",
+        ),
+    ] {
+        let req = tokend::pb::tokend::MintRequest {
+            audience: "ledger".into(),
+            claims_json,
+            ..Default::default()
+        };
+        let s = c.mint(req).await.expect_err("refused");
+        assert_eq!(tokend::reason_of(&s), Some(Malformed));
+        assert_eq!(s.message(), expect);
+    }
+    // The CLI does not collapse a repeated --claim into its last value either.
+    let out = a.cli(&[
+        "mint",
+        "--audience",
+        "ledger",
+        "--claim",
+        "role=teller",
+        "--claim",
+        "role=admin",
+    ]);
+    assert_eq!(out.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "tokend: --claim role is given twice; give each claim once"
+    );
+}
+
 /// SIGTERM the moment the socket answers (before the startup log line) still
 /// shuts down cleanly: signal handlers are installed before anything is built.
 #[test]

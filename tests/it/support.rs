@@ -281,6 +281,19 @@ pub fn forge(key: &tokend::SigningKey, kid: &str, claims: &serde_json::Value) ->
     jsonwebtoken::encode(&h, claims, key.encoding_key()).expect("encode")
 }
 
+/// Signs raw header and payload JSON text with `key` (RS256): for tokens
+/// serde_json would never write, such as ones with duplicate members.
+pub fn forge_raw(key: &tokend::SigningKey, header: &str, payload: &str) -> String {
+    let input = format!("{}.{}", B64.encode(header), B64.encode(payload));
+    let sig = jsonwebtoken::crypto::sign(
+        input.as_bytes(),
+        key.encoding_key(),
+        jsonwebtoken::Algorithm::RS256,
+    )
+    .expect("sign");
+    format!("{input}.{sig}")
+}
+
 /// Standard claims from `iss` to `aud`, valid now for `ttl` seconds.
 pub fn claims(iss: &str, aud: &str, ttl: i64) -> serde_json::Value {
     let t = now();

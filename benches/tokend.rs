@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokend::SpiffeId;
-use tokend::clock::{Clock, SystemClock};
-use tokend::keys::{KeyStore, Lifecycle};
-use tokend::mint::{MintPolicy, MintRequest, Minter};
-use tokend::verify::{Policy, TrustStore, Verifier};
+use tokend::{
+    Clock, Engine, KeyStore, Lifecycle, MintPolicy, MintRequest, SpiffeId, SystemClock, TrustSet,
+    TrustView, VerifyPolicy,
+};
 
 fn time_per_op(mut f: impl FnMut(), min: Duration) -> f64 {
     for _ in 0..20 {
@@ -31,32 +30,28 @@ fn main() {
     let dir = tempfile::tempdir().expect("tmp");
     let now = SystemClock.now();
     let lc = Lifecycle {
-        interval: 86_400,
-        publish_ahead: 600,
-        grace: 3630,
+        interval: Duration::from_secs(86_400),
+        publish_ahead: Duration::from_secs(600),
+        grace: Duration::from_secs(3_630),
     };
-    let (_store, view) = rt
+    let (mut store, view) = rt
         .block_on(KeyStore::open(dir.path(), lc, 2048, Arc::new(SystemClock)))
         .expect("keys");
-    let set = view.current();
+    rt.block_on(store.apply_plan(now)).expect("first key");
     let id = SpiffeId::parse("spiffe://bench/payments").expect("id");
-    let minter = Minter::new(
+    let engine = Engine::new(
         id.clone(),
-        view.clone(),
         MintPolicy {
-            default_ttl: 300,
-            max_ttl: 3600,
+            default_ttl: Duration::from_secs(300),
+            max_ttl: Duration::from_secs(3_600),
         },
-    );
-    let trust = Arc::new(TrustStore::new(std::time::Duration::from_secs(1)));
-    trust.install_own(id.as_str(), &set, now).expect("trust");
-    let verifier = Verifier::new(
-        id.clone(),
-        trust,
-        Policy {
-            max_ttl: 3600,
-            clock_skew: 30,
+        VerifyPolicy {
+            max_ttl: Duration::from_secs(3_600),
+            clock_skew: Duration::from_secs(30),
         },
+        view,
+        TrustView::fixed(TrustSet::default()),
+        Arc::new(SystemClock),
     );
 
     // Baselines: bare ring RSA-2048 PKCS#1 v1.5 SHA-256 sign and verify of a token-sized message.
@@ -118,18 +113,22 @@ fn main() {
         ..fresh.clone()
     };
     let mint_fresh = time_per_op(
-        || drop(minter.mint(&fresh, now).expect("mint")),
+        || drop(engine.mint(&fresh).expect("mint")),
         Duration::from_secs(2),
     );
     let mint_cached = time_per_op(
-        || drop(minter.mint(&cached, now).expect("mint")),
+        || drop(engine.mint(&cached).expect("mint")),
         Duration::from_secs(1),
     );
-    let token = minter.mint(&cached, now).expect("mint").token;
+    let token = engine.mint(&cached).expect("mint").token;
+    let verify_at = time_per_op(
+        || drop(engine.verify_at(&token, id.as_str(), now).expect("verify")),
+        Duration::from_secs(2),
+    );
     let verify = time_per_op(
         || {
             drop(
-                rt.block_on(verifier.verify(&token, id.as_str(), now))
+                rt.block_on(engine.verify(&token, id.as_str()))
                     .expect("verify"),
             )
         },
@@ -150,5 +149,6 @@ fn main() {
     row("mint (fresh signature)", mint_fresh, ring_sign);
     row("mint (cache hit)", mint_cached, ring_sign);
     row("baseline: ring verify", ring_verify, ring_verify);
-    row("verify (full checks)", verify, ring_verify);
+    row("verify_at (pure decision)", verify_at, ring_verify);
+    row("verify (engine: + metrics, replay)", verify, ring_verify);
 }

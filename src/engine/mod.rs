@@ -7,6 +7,8 @@
 //! keys (behind the `Refresh` trait, once per verification) and the replay
 //! store. Tests and benches build an `Engine` directly.
 
+#[cfg(test)]
+mod contract;
 mod delegation;
 mod mint;
 mod replay;

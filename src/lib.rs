@@ -13,8 +13,9 @@
 //!    delegation, one-time claims, and immutable `TrustSet` snapshots. Opens
 //!    no socket and no file.
 //! 5. `peers` (trust sources feeding one writer: mTLS peers, JWKS files; and
-//!    the peer-facing server) and `api` (the local gRPC services, each with
-//!    its own handles; the one refusal → status mapping).
+//!    the peer-facing server), `api` (the local gRPC services, each with
+//!    its own handles; the one refusal → status mapping) and `replay_log`
+//!    (the one-time claims journal that survives restarts).
 //! 6. `config` (TOML → typed sections that build their policies), `ca`
 //!    (the trust domain's CA), `telemetry`, `shutdown`.
 //! 7. `daemon`: the only module that knows every other; `Daemon` for the
@@ -33,6 +34,7 @@ mod keys;
 mod peers;
 mod proto;
 mod reason;
+mod replay_log;
 mod shutdown;
 mod telemetry;
 mod time;

@@ -14,6 +14,8 @@ mod cli;
 mod config;
 #[path = "it/exchange.rs"]
 mod exchange;
+#[path = "it/hardening.rs"]
+mod hardening;
 #[path = "it/interop.rs"]
 mod interop;
 #[path = "it/keyfiles.rs"]

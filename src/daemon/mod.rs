@@ -20,12 +20,13 @@ use tracing::Instrument;
 pub use self::sidecar::{RunningSidecar, Sidecar};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, PeerSource};
-use crate::engine::{Engine, TrustUpdate, TrustView};
+use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
 use crate::peers::{
     JwksFileSource, PeerClient, PeerError, PeerKeysApi, PeerTls, Refresher, TlsError, TrustFeed,
     TrustWriter,
 };
+use crate::replay_log::JournalReplay;
 use crate::time::SharedClock;
 
 /// Why the daemon could not start or stopped with an error.
@@ -61,6 +62,9 @@ pub enum DaemonError {
         /// Why.
         detail: String,
     },
+    /// The replay journal cannot be read or written.
+    #[error(transparent)]
+    Replay(#[from] crate::replay_log::JournalError),
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -139,6 +143,11 @@ impl Daemon {
                 .map_err(|detail| DaemonError::Metrics { addr, detail })?;
         }
         let (store, keys) = open_keys(&config, &clock).await?;
+        let replay = Arc::new(JournalReplay::open(
+            &config.keys_dir,
+            MemoryReplay::default(),
+            clock.now(),
+        )?);
         let peer_tls = match &config.peer_api {
             Some(p) => Some(PeerTls::load(
                 p,
@@ -161,7 +170,8 @@ impl Daemon {
             .with_refresher(
                 Arc::new(sources.refresher),
                 crate::engine::DEFAULT_REFRESH_WAIT,
-            ),
+            )
+            .with_replay(replay),
         );
         let shutdown = CancellationToken::new();
         let (peer_server, peer_addr) = match (&config.peer_api, &peer_tls) {

@@ -25,7 +25,9 @@ use serde_json::{Map, Value};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};
-pub(crate) use self::replay::{MemoryReplay, ReplayStore};
+pub(crate) use self::replay::{
+    ClaimFuture, MemoryReplay, OneTimeId, ReplayStore, digest as replay_digest,
+};
 pub(crate) use self::trust::{Anchors, MAX_KEYS_PER_ISSUER, SetError};
 pub use self::trust::{TrustSet, TrustUpdate, TrustView};
 pub use self::verify::{Unverified, Verified, VerifyPolicy, verify_at};

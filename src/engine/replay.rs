@@ -35,7 +35,7 @@ pub struct OneTimeId {
 }
 
 /// The boxed future a store answers with (stores may do I/O).
-pub(super) type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
+pub(crate) type ClaimFuture<'a> = Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>;
 
 /// Where one-time ids are claimed.
 pub trait ReplayStore: Send + Sync + 'static {
@@ -58,7 +58,8 @@ struct IssuerSeen {
     swept_at: UnixTime,
 }
 
-fn digest(jti: &str) -> [u8; 32] {
+/// The fixed-size form an id is remembered in.
+pub(crate) fn digest(jti: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, jti.as_bytes()).as_ref());
     out
@@ -113,6 +114,44 @@ impl MemoryReplay {
             entry.seen.insert(digest(&id.jti), id.forget_at);
         }
         Ok(())
+    }
+}
+
+// === what a persistent store built on this one needs ===
+
+impl MemoryReplay {
+    /// Remembers an id read back from a journal (no quota: it was admitted once).
+    pub(crate) fn restore(&self, issuer: &str, digest: [u8; 32], forget_at: UnixTime) {
+        let mut issuers = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
+        issuers
+            .entry(issuer.to_owned())
+            .or_default()
+            .seen
+            .insert(digest, forget_at);
+    }
+
+    /// Takes back a claim whose durable record could not be written.
+    pub(crate) fn forget(&self, ids: &[OneTimeId]) {
+        let mut issuers = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            if let Some(e) = issuers.get_mut(&id.issuer) {
+                e.seen.remove(&digest(&id.jti));
+            }
+        }
+    }
+
+    /// Every id still live at `now`, for rewriting a journal compactly.
+    pub(crate) fn live(&self, now: UnixTime) -> Vec<(String, [u8; 32], UnixTime)> {
+        let issuers = self.issuers.lock().unwrap_or_else(|p| p.into_inner());
+        issuers
+            .iter()
+            .flat_map(|(issuer, e)| {
+                e.seen
+                    .iter()
+                    .filter(move |(_, until)| **until >= now)
+                    .map(move |(d, until)| (issuer.clone(), *d, *until))
+            })
+            .collect()
     }
 }
 

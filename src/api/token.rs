@@ -41,6 +41,24 @@ impl TokenApi {
     }
 }
 
+/// Half of the caller's gRPC deadline (`grpc-timeout`), if it sent one: how
+/// long a verification may wait for a peer's keys and still answer in time.
+fn refresh_budget<T>(req: &Request<T>) -> Option<Duration> {
+    let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let d = match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    };
+    Some(d / 2)
+}
+
 fn ttl(seconds: u64) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }
@@ -73,6 +91,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         req: Request<pb::VerifyRequest>,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         self.callers.check(&req).map_err(status)?;
+        let wait = refresh_budget(&req);
         let r = req.into_inner();
         let aud = if r.audience.is_empty() {
             self.engine.own().clone()
@@ -84,7 +103,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         }
         let v = self
             .engine
-            .verify(&r.token, aud.as_str())
+            .verify_within(&r.token, aud.as_str(), wait)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::VerifyResponse {
@@ -101,6 +120,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         req: Request<pb::ExchangeRequest>,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
         self.callers.check(&req).map_err(status)?;
+        let wait = refresh_budget(&req);
         let r = req.into_inner();
         let aud = self.audience(&r.audience, "audience")?;
         if r.token.is_empty() {
@@ -108,7 +128,7 @@ impl pb::token_service_server::TokenService for TokenApi {
         }
         let m = self
             .engine
-            .exchange(&r.token, &aud, ttl(r.ttl_seconds))
+            .exchange(&r.token, &aud, ttl(r.ttl_seconds), wait)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ExchangeResponse {
@@ -117,5 +137,33 @@ impl pb::token_service_server::TokenService for TokenApi {
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The refresh budget is half the caller's deadline, in every unit gRPC
+    /// allows; a missing or garbled header leaves the engine's own bound.
+    #[test]
+    fn refresh_budget_is_half_the_deadline() {
+        let req = |v: &str| {
+            let mut r = Request::new(());
+            r.metadata_mut()
+                .insert("grpc-timeout", v.parse().expect("ascii"));
+            r
+        };
+        assert_eq!(refresh_budget(&req("2S")), Some(Duration::from_secs(1)));
+        assert_eq!(
+            refresh_budget(&req("300m")),
+            Some(Duration::from_millis(150))
+        );
+        assert_eq!(refresh_budget(&req("1H")), Some(Duration::from_secs(1800)));
+        assert_eq!(refresh_budget(&req("10u")), Some(Duration::from_micros(5)));
+        for bad in ["", "S", "5x", "-1S", "99999999999999999999S"] {
+            assert_eq!(refresh_budget(&req(bad)), None, "{bad:?}");
+        }
+        assert_eq!(refresh_budget(&Request::new(())), None);
     }
 }

@@ -154,8 +154,20 @@ impl Engine {
     /// Verifies `token` for `audience` now: one refresh of a peer on an
     /// unknown kid (or a failing signature), then the one-time claim.
     pub async fn verify(&self, token: &str, audience: &str) -> Result<Verified, Refusal> {
+        self.verify_within(token, audience, None).await
+    }
+
+    /// `verify`, waiting for a peer's keys at most `wait` (the caller's
+    /// deadline, when it is shorter than the engine's own bound).
+    pub async fn verify_within(
+        &self,
+        token: &str,
+        audience: &str,
+        wait: Option<Duration>,
+    ) -> Result<Verified, Refusal> {
         let started = std::time::Instant::now();
-        let result = self.verify_once_refreshed(token, audience).await;
+        let wait = wait.map_or(self.refresh_wait, |w| w.min(self.refresh_wait));
+        let result = self.verify_once_refreshed(token, audience, wait).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.reason.as_str(),
@@ -169,6 +181,7 @@ impl Engine {
         &self,
         token: &str,
         audience: &str,
+        wait: Duration,
     ) -> Result<Verified, Refusal> {
         let mut refreshed = false;
         loop {
@@ -185,7 +198,7 @@ impl Engine {
                         return Err(refusal);
                     };
                     refreshed = true;
-                    if tokio::time::timeout(self.refresh_wait, refresher.refresh(&issuer))
+                    if tokio::time::timeout(wait, refresher.refresh(&issuer))
                         .await
                         .is_err()
                     {
@@ -205,9 +218,10 @@ impl Engine {
         token: &str,
         audience: &SpiffeId,
         ttl: Option<Duration>,
+        wait: Option<Duration>,
     ) -> Result<Minted, Refusal> {
         let inbound = self
-            .verify(token, self.own.as_str())
+            .verify_within(token, self.own.as_str(), wait)
             .await
             .map_err(|r| r.context("received token"))?;
         if chain_depth(&inbound.claims) + 1 > MAX_DELEGATION_DEPTH {

@@ -194,3 +194,47 @@ async fn one_time_survives_sigkill() {
         "ordinary tokens still verify"
     );
 }
+
+/// A token naming an unknown kid of a peer that accepts connections but
+/// never answers is refused as `unknown_kid` within the caller's deadline:
+/// the refresh waits at most half of it (and at most 1 s), so the caller
+/// gets a reason, not DEADLINE_EXCEEDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_peer_does_not_outlast_the_callers_deadline() {
+    let bank = Bank::new();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = silent.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s); // accepted, never answered
+        }
+    });
+    let ledger = bank.start(bank.peer("ledger").peer("payments", addr)).await;
+    let stranger = tokend::SigningKey::from_pkcs8(&tokend::generate_pkcs8(2048).expect("keygen"))
+        .expect("key");
+    let now = bank.now();
+    let token = forge(
+        &stranger,
+        stranger.kid(),
+        &serde_json::json!({
+            "iss": id("payments"), "sub": id("payments"), "aud": id("ledger"),
+            "iat": now, "nbf": now, "exp": now + 60, "jti": "silent-1",
+        }),
+    );
+    let mut req = tonic::Request::new(pb::VerifyRequest {
+        token,
+        audience: String::new(),
+    });
+    req.set_timeout(std::time::Duration::from_millis(600));
+    let st = ledger
+        .tokens()
+        .await
+        .verify(req)
+        .await
+        .expect_err("refused");
+    assert_eq!(reason(&st), "unknown_kid", "{st:?}");
+    held.abort();
+}

@@ -90,6 +90,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// The peer API, bound and ready to serve.
 struct PeerServer {
+    addr: SocketAddr,
     tcp: TcpListener,
     tls: tonic::transport::ServerTlsConfig,
     api: PeerKeysApi,
@@ -174,52 +175,24 @@ impl Daemon {
             .with_replay(replay),
         );
         let shutdown = CancellationToken::new();
-        let (peer_server, peer_addr) = match (&config.peer_api, &peer_tls) {
+        let peer_server = match (&config.peer_api, &peer_tls) {
             (Some(p), Some(tls)) => {
-                let tcp =
-                    TcpListener::bind(p.listen)
-                        .await
-                        .map_err(|source| DaemonError::Listen {
-                            what: "peer_api.listen",
-                            addr: p.listen,
-                            source,
-                        })?;
-                let addr = tcp.local_addr().map_err(|source| DaemonError::Listen {
-                    what: "peer_api.listen",
-                    addr: p.listen,
-                    source,
-                })?;
-                let api = PeerKeysApi::new(
-                    config.id.clone(),
-                    config.trust_domain.clone(),
-                    keys.clone(),
-                    shutdown.clone(),
-                );
-                let server = PeerServer {
-                    tcp,
-                    tls: tls.server_config(),
-                    api,
-                };
-                (Some(server), Some(addr))
+                Some(bind_peer_api(&config, p.listen, tls, &keys, &shutdown).await?)
             }
-            _ => (None, None),
+            _ => None,
         };
+        let peer_addr = peer_server.as_ref().map(|p| p.addr);
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
-        let callers = Callers::new(config.allowed_uids.clone());
-        let api = LocalApi {
-            token: TokenApi::new(engine.clone(), config.trust_domain.clone(), callers.clone()),
-            admin: AdminApi::new(
-                config.id.clone(),
-                keys.clone(),
-                sources.view.clone(),
-                commands_tx,
-                clock.clone(),
-                callers.clone(),
-                config.admin_uids.clone(),
-            ),
-            spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
-        };
+        let api = local_api(
+            &config,
+            engine,
+            &keys,
+            &sources.view,
+            commands_tx,
+            &clock,
+            &shutdown,
+        );
         Ok(Self {
             id: config.id.to_string(),
             store,
@@ -260,7 +233,7 @@ impl Daemon {
                 .instrument(tracing::info_span!("rotation", id = %self.id)),
         );
         tracker.spawn(self.writer.run(cancel.clone()));
-        if let Some(PeerServer { tcp, tls, api }) = self.peer_server {
+        if let Some(PeerServer { tcp, tls, api, .. }) = self.peer_server {
             let stop = cancel.clone();
             tracker.spawn(async move {
                 if let Err(e) = crate::peers::serve(tcp, tls, api, stop.cancelled_owned()).await {
@@ -317,6 +290,61 @@ impl Daemon {
         }
         tracing::info!("tokend stopped");
         Ok(result?)
+    }
+}
+
+/// Binds the peer API's listener; its service serves the own keys.
+async fn bind_peer_api(
+    config: &Config,
+    listen: SocketAddr,
+    tls: &PeerTls,
+    keys: &KeyView,
+    shutdown: &CancellationToken,
+) -> Result<PeerServer, DaemonError> {
+    let err = |source| DaemonError::Listen {
+        what: "peer_api.listen",
+        addr: listen,
+        source,
+    };
+    let tcp = TcpListener::bind(listen).await.map_err(err)?;
+    let addr = tcp.local_addr().map_err(err)?;
+    let api = PeerKeysApi::new(
+        config.id.clone(),
+        config.trust_domain.clone(),
+        keys.clone(),
+        shutdown.clone(),
+    );
+    Ok(PeerServer {
+        addr,
+        tcp,
+        tls: tls.server_config(),
+        api,
+    })
+}
+
+/// The local services, each with only the handles it uses.
+fn local_api(
+    config: &Config,
+    engine: Arc<Engine>,
+    keys: &KeyView,
+    trust: &TrustView,
+    commands: mpsc::Sender<Command>,
+    clock: &SharedClock,
+    shutdown: &CancellationToken,
+) -> LocalApi {
+    let callers = Callers::new(config.allowed_uids.clone());
+    LocalApi {
+        token: TokenApi::new(engine.clone(), config.trust_domain.clone(), callers.clone()),
+        admin: AdminApi::new(
+            config.id.clone(),
+            keys.clone(),
+            trust.clone(),
+            commands,
+            clock.clone(),
+            callers.clone(),
+            config.admin_uids.clone(),
+        ),
+        spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
     }
 }
 

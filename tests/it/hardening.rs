@@ -238,3 +238,197 @@ async fn silent_peer_does_not_outlast_the_callers_deadline() {
     assert_eq!(reason(&st), "unknown_kid", "{st:?}");
     held.abort();
 }
+
+/// A peer that answers with whatever the test scripts: a key-set stream
+/// (then an error status), or an error at once.
+#[derive(Clone)]
+struct HostilePeer {
+    sets: usize,
+    set: pb::PeerKeySet,
+    end: tonic::Status,
+}
+
+type SetStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::PeerKeySet, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl pb::peer_service_server::PeerService for HostilePeer {
+    async fn get_keys(
+        &self,
+        _: tonic::Request<pb::GetKeysRequest>,
+    ) -> Result<tonic::Response<pb::PeerKeySet>, tonic::Status> {
+        Err(self.end.clone())
+    }
+    type WatchKeysStream = SetStream;
+    async fn watch_keys(
+        &self,
+        _: tonic::Request<pb::GetKeysRequest>,
+    ) -> Result<tonic::Response<SetStream>, tonic::Status> {
+        use tokio_stream::StreamExt;
+        let sets = std::iter::repeat_n(Ok(self.set.clone()), self.sets);
+        let s = tokio_stream::iter(sets).chain(tokio_stream::once(Err(self.end.clone())));
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+}
+
+/// Serves `peer` over mTLS as `name` with a certificate from `root/ca`.
+async fn serve_hostile(
+    root: &std::path::Path,
+    name: &str,
+    peer: HostilePeer,
+) -> std::net::SocketAddr {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let dir = ca_issue(&root.join("ca"), &root.join("hostile"), name);
+    let read = |p: std::path::PathBuf| std::fs::read(p).expect("pem");
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(dir.join("cert.pem")),
+            read(dir.join("key.pem")),
+        ))
+        .client_ca_root(Certificate::from_pem(read(root.join("ca/ca.pem"))));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .expect("tls")
+        .add_service(pb::peer_service_server::PeerServiceServer::new(peer));
+    tokio::spawn(
+        server.serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    addr
+}
+
+/// A peer's text never forges a line in the victim's log: a newline in its
+/// status message is escaped; and a peer flooding invalid key sets gets at
+/// most about one warning a second, the rest counted as suppressed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_peer_cannot_forge_or_flood_the_log() {
+    let root = tmp();
+    ca_init(root.path());
+    const FORGED: &str = "2026-01-01T00:00:00.000000Z  INFO tokend: FORGED LINE";
+    let forger = serve_hostile(
+        root.path(),
+        "payments",
+        HostilePeer {
+            sets: 0,
+            set: pb::PeerKeySet::default(),
+            end: tonic::Status::internal(format!("nope\n{FORGED}")),
+        },
+    )
+    .await;
+    let flooder = serve_hostile(
+        root.path(),
+        "cards",
+        HostilePeer {
+            sets: 20_000,
+            set: pb::PeerKeySet {
+                issuer: id("cards"),
+                jwks_json: "not a key set".into(),
+                ..Default::default()
+            },
+            end: tonic::Status::unavailable("done"),
+        },
+    )
+    .await;
+    ca_issue(&root.path().join("ca"), root.path(), "ledger");
+    let mut ledger = Sidecar::start(
+        root.path(),
+        "ledger",
+        &peer_config(0, &[("payments", forger), ("cards", flooder)], ""),
+    );
+    let log_has = |needle: &'static str| {
+        let ledger = &ledger;
+        async move { ledger.stderr().contains(needle) }
+    };
+    assert!(
+        eventually(20, || log_has("FORGED")).await,
+        "the message reached the log"
+    );
+    assert!(eventually(20, || log_has("suppressed=")).await);
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    ledger.stop();
+    let log = ledger.stderr();
+    assert!(
+        !log.lines().any(|l| l.starts_with(FORGED)),
+        "a peer forged a log line:\n{log}"
+    );
+    assert!(
+        log.contains("\\n2026-01-01"),
+        "the newline is shown escaped"
+    );
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("refused peer key set"))
+        .count();
+    let suppressed: u64 = log
+        .lines()
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    eprintln!("refusal warnings: {refusals}, suppressed: {suppressed}");
+    assert!(
+        suppressed > 1_000,
+        "the flood was counted, not logged: {suppressed}"
+    );
+    assert!(refusals < 60, "{refusals} warnings for a 20,000-set flood");
+}
+
+/// A peer pushing valid key sets as fast as it can does not make every
+/// FetchJWTBundles watcher spin: updates reach a watcher at most about four
+/// times a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_sets_are_coalesced_for_bundle_watchers() {
+    use tokio_stream::StreamExt;
+    let bank = Bank::new();
+    let key = tokend::SigningKey::from_pkcs8(&tokend::generate_pkcs8(2048).expect("keygen"))
+        .expect("key");
+    let jwks = serde_json::json!({ "keys": [key.public().to_jwk()] }).to_string();
+    let flooder = serve_hostile(
+        bank.root(),
+        "cards",
+        HostilePeer {
+            sets: 200_000,
+            set: pb::PeerKeySet {
+                issuer: id("cards"),
+                jwks_json: jwks,
+                ..Default::default()
+            },
+            end: tonic::Status::unavailable("done"),
+        },
+    )
+    .await;
+    let ledger = bank.start(bank.peer("ledger").peer("cards", flooder)).await;
+    let mut spiffe = spb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        tokend::connect(&ledger.socket()).await.expect("connect"),
+    );
+    let mut stream = spiffe
+        .fetch_jwt_bundles(spiffe_request(spb::JwtBundlesRequest {}))
+        .await
+        .expect("bundles")
+        .into_inner();
+    let window = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let mut updates = 0;
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(window.saturating_sub(started.elapsed()), stream.next()).await
+    {
+        updates += 1;
+    }
+    let applied = ledger
+        .trusted()
+        .await
+        .into_iter()
+        .find(|i| i.issuer == id("cards"))
+        .map(|i| i.updated_at)
+        .unwrap_or_default();
+    eprintln!("bundle updates seen in {window:?}: {updates}");
+    assert!(applied > 0, "the flood's sets were applied");
+    assert!(updates >= 1, "the watcher gets the current bundle");
+    assert!(
+        updates <= 12,
+        "{updates} updates in {window:?}: not coalesced"
+    );
+}

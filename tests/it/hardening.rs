@@ -245,7 +245,8 @@ async fn silent_peer_does_not_outlast_the_callers_deadline() {
 struct HostilePeer {
     sets: usize,
     set: pb::PeerKeySet,
-    end: tonic::Status,
+    /// How the stream ends after its sets (`None`: it stays open).
+    end: Option<tonic::Status>,
 }
 
 type SetStream = std::pin::Pin<
@@ -258,7 +259,10 @@ impl pb::peer_service_server::PeerService for HostilePeer {
         &self,
         _: tonic::Request<pb::GetKeysRequest>,
     ) -> Result<tonic::Response<pb::PeerKeySet>, tonic::Status> {
-        Err(self.end.clone())
+        match &self.end {
+            Some(e) => Err(e.clone()),
+            None => Ok(tonic::Response::new(self.set.clone())),
+        }
     }
     type WatchKeysStream = SetStream;
     async fn watch_keys(
@@ -267,8 +271,11 @@ impl pb::peer_service_server::PeerService for HostilePeer {
     ) -> Result<tonic::Response<SetStream>, tonic::Status> {
         use tokio_stream::StreamExt;
         let sets = std::iter::repeat_n(Ok(self.set.clone()), self.sets);
-        let s = tokio_stream::iter(sets).chain(tokio_stream::once(Err(self.end.clone())));
-        Ok(tonic::Response::new(Box::pin(s)))
+        let s = tokio_stream::iter(sets);
+        Ok(tonic::Response::new(match &self.end {
+            Some(e) => Box::pin(s.chain(tokio_stream::once(Err(e.clone())))),
+            None => Box::pin(s.chain(tokio_stream::pending())),
+        }))
     }
 }
 
@@ -315,7 +322,7 @@ async fn hostile_peer_cannot_forge_or_flood_the_log() {
         HostilePeer {
             sets: 0,
             set: pb::PeerKeySet::default(),
-            end: tonic::Status::internal(format!("nope\n{FORGED}")),
+            end: Some(tonic::Status::internal(format!("nope\n{FORGED}"))),
         },
     )
     .await;
@@ -329,7 +336,7 @@ async fn hostile_peer_cannot_forge_or_flood_the_log() {
                 jwks_json: "not a key set".into(),
                 ..Default::default()
             },
-            end: tonic::Status::unavailable("done"),
+            end: Some(tonic::Status::unavailable("done")),
         },
     )
     .await;
@@ -396,7 +403,7 @@ async fn pushed_sets_are_coalesced_for_bundle_watchers() {
                 jwks_json: jwks,
                 ..Default::default()
             },
-            end: tonic::Status::unavailable("done"),
+            end: Some(tonic::Status::unavailable("done")),
         },
     )
     .await;
@@ -431,4 +438,64 @@ async fn pushed_sets_are_coalesced_for_bundle_watchers() {
         updates <= 12,
         "{updates} updates in {window:?}: not coalesced"
     );
+}
+
+/// A relay that proves identity payments (it holds a payments certificate)
+/// poisons payments' set with payments' real kid and its own modulus:
+/// honest payments tokens then fail their signature, which refreshes
+/// payments from its own address, and they verify again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoned_key_set_is_replaced_by_the_issuers_own() {
+    let bank = Bank::new();
+    let payments = bank.start(bank.peer("payments")).await;
+    let real_kid = payments.mint("ledger").await.kid;
+    let stranger = tokend::SigningKey::from_pkcs8(&tokend::generate_pkcs8(2048).expect("keygen"))
+        .expect("key");
+    let mut poisoned = stranger.public().to_jwk();
+    poisoned.kid = Some(real_kid.clone());
+    let relay = serve_hostile(
+        bank.root(),
+        "payments",
+        HostilePeer {
+            sets: 1,
+            set: pb::PeerKeySet {
+                issuer: id("payments"),
+                jwks_json: serde_json::json!({ "keys": [poisoned] }).to_string(),
+                ..Default::default()
+            },
+            end: None,
+        },
+    )
+    .await;
+    // ledger trusts payments at its address, and "cards" at the relay's.
+    let ledger = bank
+        .start(
+            bank.peer("ledger")
+                .peer("payments", payments.peer_addr())
+                .peer("cards", relay),
+        )
+        .await;
+    let token = payments.mint("ledger").await.token;
+    let bogus_n = poisoned_n(&stranger);
+    let (l, bogus) = (&ledger, &bogus_n);
+    assert!(
+        eventually(10, || async move { payments_jwks(l).await.contains(bogus) }).await,
+        "the relay's set was filed under payments (the identity its certificate proves)"
+    );
+    let v = ledger.verify(&token).await;
+    assert!(v.is_ok(), "honest payments token after the refresh: {v:?}");
+    assert!(!payments_jwks(&ledger).await.contains(&bogus_n));
+}
+
+async fn payments_jwks(l: &Node) -> String {
+    l.trusted()
+        .await
+        .into_iter()
+        .find(|i| i.issuer == id("payments"))
+        .map(|i| i.jwks_json)
+        .unwrap_or_default()
+}
+
+fn poisoned_n(key: &tokend::SigningKey) -> String {
+    key.public().to_jwk().n
 }

@@ -634,3 +634,121 @@ async fn one_time_ids_and_replay() {
             .is_empty()
     );
 }
+
+/// The verify cache: a hit for the same bytes, audience and keys; a miss for
+/// other bytes, an expired token, another audience, a revoked or replaced
+/// key; warm across an unrelated key-set update; one-time ids still handed
+/// to the caller on a hit (so the replay claim is never skipped).
+#[tokio::test]
+async fn verify_cache_rules() {
+    use super::cache::VerifyCache;
+    let w = World::new().await;
+    let cache = VerifyCache::new(8);
+    let now = UnixTime::from_secs(NOW);
+    fn anchors<'a>(w: &'a World, peers: &'a TrustSet) -> Anchors<'a> {
+        Anchors {
+            own_id: OWN,
+            own: &w.own,
+            peers,
+        }
+    }
+    let token = w.peer(&claims(PEER, OWN, 10, 300));
+    let v = verify_at(&token, OWN, now, &POLICY, &anchors(&w, &w.peers)).expect("verifies");
+    cache.put(&token, Arc::new(v), now);
+    let hit = |t: &str, aud: &str, at: i64, peers: &TrustSet| {
+        cache
+            .get(
+                t,
+                aud,
+                UnixTime::from_secs(at),
+                &POLICY,
+                &anchors(&w, peers),
+            )
+            .is_some()
+    };
+    assert!(hit(&token, OWN, NOW, &w.peers), "hit");
+    assert!(
+        !hit(&format!("{token} "), OWN, NOW, &w.peers),
+        "other bytes"
+    );
+    assert!(!hit(&token, MIDDLE, NOW, &w.peers), "another audience");
+    assert!(hit(&token, OWN, NOW, &w.peers), "kept for its own audience");
+    // An unrelated issuer's update leaves it warm.
+    let (other, r) = w.peers.apply(TrustUpdate::Replace {
+        issuer: MIDDLE.into(),
+        keys: vec![w.stranger.public().clone()],
+        revoked: vec![],
+        expires: Default::default(),
+        at: now,
+    });
+    r.expect("unrelated update");
+    assert!(
+        hit(&token, OWN, NOW, &other),
+        "warm after an unrelated update"
+    );
+    // Its kid revoked: a miss, at once.
+    let (revoked, r) = w.peers.apply(TrustUpdate::Replace {
+        issuer: PEER.into(),
+        keys: vec![w.peer_key.public().clone()],
+        revoked: vec![w.peer_key.kid().to_owned()],
+        expires: Default::default(),
+        at: now,
+    });
+    r.expect("revocation");
+    assert!(!hit(&token, OWN, NOW, &revoked), "revoked key");
+    // Re-cache, then its kid now names other material (a poisoned set).
+    let v = verify_at(&token, OWN, now, &POLICY, &anchors(&w, &w.peers)).expect("verifies");
+    cache.put(&token, Arc::new(v), now);
+    let mut swapped = w.stranger.public().to_jwk();
+    swapped.kid = Some(w.peer_key.kid().to_owned());
+    let (poisoned, r) = w.peers.apply(TrustUpdate::Replace {
+        issuer: PEER.into(),
+        keys: vec![crate::jose::PublicKey::from_jwk(&swapped).expect("jwk")],
+        revoked: vec![],
+        expires: Default::default(),
+        at: now,
+    });
+    r.expect("poison");
+    assert!(!hit(&token, OWN, NOW, &poisoned), "same kid, other key");
+    // Expiry: past exp + skew, a miss, and the entry is gone.
+    let v = verify_at(&token, OWN, now, &POLICY, &anchors(&w, &w.peers)).expect("verifies");
+    cache.put(&token, Arc::new(v), now);
+    assert!(
+        hit(&token, OWN, NOW - 10 + 300 + SKEW, &w.peers),
+        "at exp + skew"
+    );
+    assert!(
+        !hit(&token, OWN, NOW - 10 + 300 + SKEW + 1, &w.peers),
+        "expired"
+    );
+    assert_eq!(cache.len(), 0, "an expired entry is dropped");
+    // One-time: the hit still carries the id to claim.
+    let once = w.peer(&with(claims(PEER, OWN, 10, 300), "one_time", true.into()));
+    let v = verify_at(&once, OWN, now, &POLICY, &anchors(&w, &w.peers)).expect("verifies");
+    cache.put(&once, Arc::new(v), now);
+    let cached = cache
+        .get(&once, OWN, now, &POLICY, &anchors(&w, &w.peers))
+        .expect("hit");
+    assert_eq!(cached.one_time.len(), 1, "the caller still claims the jti");
+    // A delegated token's hit rests on its link's key too.
+    let chain = w.chain(|l| l, |o| o);
+    let v = verify_at(&chain, OWN, now, &POLICY, &anchors(&w, &w.peers)).expect("chain");
+    assert_eq!(v.keys.len(), 2, "outer and link keys");
+    cache.put(&chain, Arc::new(v), now);
+    assert!(hit(&chain, OWN, NOW, &w.peers));
+    assert!(
+        !hit(&chain, OWN, NOW, &revoked),
+        "the link's key was revoked"
+    );
+    // Bounded.
+    for i in 0..20 {
+        let t = w.peer(&with(
+            claims(PEER, OWN, 10, 300),
+            "jti",
+            format!("b{i}").into(),
+        ));
+        let v = verify_at(&t, OWN, now, &POLICY, &anchors(&w, &w.peers)).expect("ok");
+        cache.put(&t, Arc::new(v), now);
+        assert!(cache.len() <= 8);
+    }
+}

@@ -19,7 +19,8 @@ use serde_json::{Map, Value};
 use super::replay::OneTimeId;
 use super::trust::Anchors;
 use super::verify::{
-    Signed, Times, Unverified, VerifyPolicy, check_lifetime, check_signed, check_times, is_one_time,
+    KeyUse, Signed, Times, Unverified, VerifyPolicy, check_lifetime, check_signed, check_times,
+    is_one_time,
 };
 use crate::jose::{self, PREV_TOKEN, REGISTERED_CLAIMS, names_audience, str_claim};
 use crate::reason::{Reason, Refusal};
@@ -38,6 +39,15 @@ pub(super) struct Outer<'a> {
     pub(super) times: Times,
     /// Its claims.
     pub(super) claims: &'a Map<String, Value>,
+}
+
+/// What a chain's links add to the outer token's verification.
+#[derive(Default)]
+pub(super) struct Links {
+    /// One-time ids of one-time links.
+    pub(super) one_time: Vec<OneTimeId>,
+    /// The keys the links were signed with.
+    pub(super) keys: Vec<KeyUse>,
 }
 
 /// The claims a caller set: everything but the registered claims tokend owns.
@@ -139,8 +149,8 @@ pub(super) fn check_chain(
     now: UnixTime,
     policy: &VerifyPolicy,
     anchors: &Anchors<'_>,
-) -> Result<Vec<OneTimeId>, Unverified> {
-    let mut one_time = Vec::new();
+) -> Result<Links, Unverified> {
+    let mut links = Links::default();
     let (mut actor, mut times, mut claims) =
         (outer.actor.to_owned(), outer.times, outer.claims.clone());
     let mut act = act.clone();
@@ -154,9 +164,10 @@ pub(super) fn check_chain(
             claims: &claims,
         };
         let p_times = check_link(&here, &p, policy).map_err(|e| e.context(ctx))?;
+        links.keys.push(p.key_use());
         if is_one_time(&p.claims) {
             let jti = str_claim(&p.claims, "jti").map_err(|e| e.context(ctx))?;
-            one_time.push(OneTimeId {
+            links.one_time.push(OneTimeId {
                 issuer: p.issuer.clone(),
                 jti: jti.to_owned(),
                 forget_at: p_times.exp + policy.clock_skew,
@@ -164,7 +175,7 @@ pub(super) fn check_chain(
         }
         let Some(next) = p.claims.get("act").cloned() else {
             if str_claim(&p.claims, "sub").ok() == Some(p.issuer.as_str()) {
-                return Ok(one_time);
+                return Ok(links);
             }
             return Err(Refusal::new(
                 Reason::Malformed,

@@ -7,6 +7,7 @@
 //! keys (behind the `Refresh` trait, once per verification) and the replay
 //! store. Tests and benches build an `Engine` directly.
 
+mod cache;
 #[cfg(test)]
 mod contract;
 mod delegation;
@@ -58,6 +59,7 @@ pub struct Engine {
     refresher: Option<Arc<dyn Refresh>>,
     refresh_wait: Duration,
     replay: Arc<dyn ReplayStore>,
+    cache: cache::VerifyCache,
     clock: SharedClock,
 }
 
@@ -91,8 +93,15 @@ impl Engine {
             refresher: None,
             refresh_wait: DEFAULT_REFRESH_WAIT,
             replay: Arc::new(MemoryReplay::default()),
+            cache: cache::VerifyCache::new(cache::DEFAULT_CAPACITY),
             clock,
         }
+    }
+
+    /// Remembers at most `entries` verified tokens (0: no verify cache).
+    pub fn with_verify_cache(mut self, entries: usize) -> Self {
+        self.cache = cache::VerifyCache::new(entries);
+        self
     }
 
     /// Fetches peers' keys again on an unknown kid, waiting at most `wait`.
@@ -186,12 +195,29 @@ impl Engine {
         let mut refreshed = false;
         loop {
             let now = self.clock.now();
-            match self.verify_at(token, audience, now) {
+            let own = self.keys.current();
+            let peers = self.trust.current();
+            let anchors = Anchors {
+                own_id: self.own.as_str(),
+                own: &own,
+                peers: &peers,
+            };
+            if let Some(hit) = self.cache.get(token, audience, now, &self.policy, &anchors) {
+                metrics::counter!("tokend_verify_cache_total", "result" => "hit").increment(1);
+                if !hit.one_time.is_empty() {
+                    self.replay.claim(&hit.one_time, now).await?;
+                }
+                return Ok(Verified::clone(&hit));
+            }
+            match verify_at(token, audience, now, &self.policy, &anchors) {
                 Ok(v) => {
+                    metrics::counter!("tokend_verify_cache_total", "result" => "miss").increment(1);
                     if !v.one_time.is_empty() {
                         self.replay.claim(&v.one_time, now).await?;
                     }
-                    return Ok(v);
+                    let v = Arc::new(v);
+                    self.cache.put(token, v.clone(), now);
+                    return Ok(Arc::unwrap_or_clone(v));
                 }
                 Err(Unverified::NeedKeys { issuer, refusal }) if !refreshed => {
                     let Some(refresher) = &self.refresher else {

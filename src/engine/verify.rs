@@ -42,6 +42,22 @@ pub struct Verified {
     pub claims: Map<String, Value>,
     /// One-time ids in the token and its links, to claim before accepting.
     pub one_time: Vec<OneTimeId>,
+    /// Every key the decision rested on (the token's and its links'): a
+    /// remembered result holds only while each is still in its issuer's set.
+    pub keys: Vec<KeyUse>,
+    /// The earliest instant it is valid (nbf and iat, before skew).
+    pub not_before: UnixTime,
+}
+
+/// One key a verification used: whose, which kid, and which material.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUse {
+    /// The issuer whose set held it.
+    pub issuer: String,
+    /// Its kid.
+    pub kid: String,
+    /// Its `PublicKey::fingerprint`.
+    pub fingerprint: [u8; 32],
 }
 
 /// Why `verify_at` did not verify.
@@ -89,6 +105,18 @@ pub(super) struct Signed {
     pub(super) issuer: String,
     pub(super) kid: String,
     pub(super) claims: Map<String, Value>,
+    /// The fingerprint of the key that verified it.
+    pub(super) key: [u8; 32],
+}
+
+impl Signed {
+    pub(super) fn key_use(&self) -> KeyUse {
+        KeyUse {
+            issuer: self.issuer.clone(),
+            kid: self.kid.clone(),
+            fingerprint: self.key,
+        }
+    }
 }
 
 /// Validity times of a token.
@@ -96,6 +124,8 @@ pub(super) struct Signed {
 pub(super) struct Times {
     pub(super) exp: UnixTime,
     pub(super) iat: UnixTime,
+    /// The later of nbf and iat.
+    pub(super) not_before: UnixTime,
 }
 
 /// Verifies `token` for `audience` at `now` against `anchors`. Pure.
@@ -107,11 +137,14 @@ pub fn verify_at(
     anchors: &Anchors<'_>,
 ) -> Result<Verified, Unverified> {
     // 1-5. structure, algorithm, issuer, kid in that issuer's set, signature
+    let signed = check_signed(token, now, anchors)?;
+    let mut keys = vec![signed.key_use()];
     let Signed {
         issuer,
         kid,
         claims,
-    } = check_signed(token, now, anchors)?;
+        ..
+    } = signed;
     // 6. time
     let times = check_times(&claims, now, policy)?;
     // 7. audience
@@ -159,7 +192,9 @@ pub fn verify_at(
                 times,
                 claims: &claims,
             };
-            one_time.extend(delegation::check_chain(outer, act, now, policy, anchors)?);
+            let links = delegation::check_chain(outer, act, now, policy, anchors)?;
+            one_time.extend(links.one_time);
+            keys.extend(links.keys);
         }
     }
     Ok(Verified {
@@ -167,8 +202,10 @@ pub fn verify_at(
         issuer,
         kid,
         expires_at: times.exp,
+        not_before: times.not_before,
         claims,
         one_time,
+        keys,
     })
 }
 
@@ -241,10 +278,12 @@ pub(super) fn check_signed(
             format!("signature does not verify under {issuer} key {kid}"),
         )));
     }
+    let key = key.fingerprint();
     Ok(Signed {
         issuer,
         kid,
         claims,
+        key,
     })
 }
 
@@ -264,7 +303,8 @@ pub(super) fn check_times(
             format!("expired at {exp}, now {at} (skew {}s)", skew.as_secs()),
         );
     }
-    if let Some(nbf) = int_claim(claims, "nbf")?.map(UnixTime::from_secs)
+    let nbf = int_claim(claims, "nbf")?.map(UnixTime::from_secs);
+    if let Some(nbf) = nbf
         && at + skew < nbf
     {
         return refuse(
@@ -284,7 +324,11 @@ pub(super) fn check_times(
             ),
         );
     }
-    Ok(Times { exp, iat })
+    Ok(Times {
+        exp,
+        iat,
+        not_before: nbf.map_or(iat, |n| n.max(iat)),
+    })
 }
 
 /// Step 8: the lifetime `exp - iat` within `max_ttl`.

@@ -79,6 +79,8 @@ pub struct PublicKey {
     kid: String,
     n: Vec<u8>,
     e: Vec<u8>,
+    /// SHA-256 over the modulus and exponent: tells two keys under one kid apart.
+    fingerprint: [u8; 32],
     decoding: DecodingKey,
 }
 
@@ -117,10 +119,17 @@ impl PublicKey {
         }
         let kid = kid.unwrap_or_else(|| thumbprint(&n, &e));
         let decoding = DecodingKey::from_rsa_raw_components(&n, &e);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&(n.len() as u64).to_be_bytes());
+        ctx.update(&n);
+        ctx.update(&e);
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(ctx.finish().as_ref());
         Ok(Self {
             kid,
             n,
             e,
+            fingerprint,
             decoding,
         })
     }
@@ -152,6 +161,11 @@ impl PublicKey {
     /// The key id tokens name in their header.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+
+    /// A digest of the key material, whatever its kid.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        self.fingerprint
     }
 
     /// Modulus size in bits.

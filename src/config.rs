@@ -356,11 +356,7 @@ fn identity(
     trust_domain: Option<String>,
     ov: &Overrides,
 ) -> Result<Identity, ConfigError> {
-    let name = ov
-        .name
-        .clone()
-        .or(name)
-        .unwrap_or_else(|| "default".into());
+    let name = ov.name.clone().or(name).unwrap_or_else(|| "default".into());
     let td_text = ov
         .trust_domain
         .clone()
@@ -680,7 +676,8 @@ fn limits(f: LimitsFile) -> Result<LimitsConfig, ConfigError> {
         )?,
         peer_watches_per_caller: within(
             "limits.peer_watches_per_caller",
-            f.peer_watches_per_caller.unwrap_or(d.peer_watches_per_caller),
+            f.peer_watches_per_caller
+                .unwrap_or(d.peer_watches_per_caller),
             1,
             1024,
         )?,
@@ -824,9 +821,15 @@ mod tests {
             ("handshake_timeout = \"10ms\"", "limits.handshake_timeout"),
             ("idle_timeout = \"2d\"", "limits.idle_timeout"),
             ("request_timeout = \"1h\"", "limits.request_timeout"),
-            ("max_streams_per_connection = 0", "limits.max_streams_per_connection"),
+            (
+                "max_streams_per_connection = 0",
+                "limits.max_streams_per_connection",
+            ),
             ("max_request_bytes = 4096", "limits.max_request_bytes"),
-            ("peer_watches_per_caller = 0", "limits.peer_watches_per_caller"),
+            (
+                "peer_watches_per_caller = 0",
+                "limits.peer_watches_per_caller",
+            ),
         ] {
             let e = parse(&format!("[limits]\n{text}"))
                 .expect_err(text)

@@ -16,6 +16,7 @@ use crate::clock::SharedClock;
 use crate::config::Config;
 use crate::config::PeerSource;
 use crate::keys::{KeyError, KeyStore, KeyView, Lifecycle, rotation};
+use crate::listen::{FdCaps, ListenLimits};
 use crate::mint::{MintPolicy, Minter};
 use crate::peers::{JwksFileSource, PeerClient, PeerKeysApi, PeerTls};
 use crate::verify::{Policy, TrustStore, Verifier};
@@ -83,7 +84,8 @@ pub struct Daemon {
     commands: mpsc::Receiver<rotation::Command>,
     listener: UnixListener,
     socket: PathBuf,
-    peer_server: Option<(tokio::net::TcpListener, tonic::transport::ServerTlsConfig)>,
+    peer_server: Option<(tokio::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    caps: FdCaps,
     peer_addr: Option<std::net::SocketAddr>,
     peer_clients: Vec<Arc<PeerClient>>,
     file_peers: Vec<Arc<JwksFileSource>>,
@@ -118,6 +120,7 @@ impl Daemon {
         if let Some(addr) = config.metrics_listen {
             crate::telemetry::serve_metrics(addr).map_err(DaemonError::Metrics)?;
         }
+        let caps = fd_caps(&config);
         let now = clock.now();
         let lifecycle = Lifecycle {
             interval: secs(config.rotation.interval),
@@ -202,7 +205,8 @@ impl Daemon {
                 let addr = listener
                     .local_addr()
                     .map_err(|e| DaemonError::Socket(e.to_string()))?;
-                (Some((listener, tls.server_config())), Some(addr))
+                let server = tls.rustls_server_config().map_err(DaemonError::Peers)?;
+                (Some((listener, server)), Some(addr))
             }
             _ => (None, None),
         };
@@ -226,6 +230,7 @@ impl Daemon {
             listener,
             socket,
             peer_server,
+            caps,
             peer_addr,
             peer_clients,
             file_peers,
@@ -252,10 +257,17 @@ impl Daemon {
             listener,
             socket,
             peer_server,
+            caps,
             peer_addr,
             peer_clients,
             file_peers,
         } = self;
+        let limits = core.config.limits;
+        let listen = |max_connections| ListenLimits {
+            max_connections,
+            handshake_timeout: limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
+        };
         let cancel = core.shutdown.clone();
         let tracker = TaskTracker::new();
         let id = core.config.id.to_string();
@@ -272,10 +284,20 @@ impl Daemon {
                 core.keys.clone(),
                 core.clock.clone(),
                 cancel.clone(),
+                limits.peer_watches_per_caller,
             );
             let stop = cancel.clone();
+            let peer_listen = listen(caps.peer);
             tracker.spawn(async move {
-                if let Err(e) = crate::peers::serve(tcp, tls, api, stop.cancelled_owned()).await {
+                let served = crate::peers::serve(
+                    tcp,
+                    tls,
+                    api,
+                    &limits,
+                    peer_listen,
+                    stop.cancelled_owned(),
+                );
+                if let Err(e) = served.await {
                     tracing::error!(error = %e, "peer API server failed");
                 }
             });
@@ -296,7 +318,7 @@ impl Daemon {
             "tokend serving"
         );
         let stop = cancel.clone();
-        let serve = crate::api::serve(listener, core, async move {
+        let serve = crate::api::serve(listener, core, listen(caps.local), async move {
             tokio::select! {
                 _ = shutdown => {}
                 _ = stop.cancelled() => {}
@@ -330,6 +352,44 @@ impl Daemon {
         tracing::info!("tokend stopped");
         Ok(result?)
     }
+}
+
+/// Raises the NOFILE soft limit and fits both listeners' caps under it.
+fn fd_caps(config: &Config) -> FdCaps {
+    let limits = &config.limits;
+    let peer = if config.peer_api.is_some() {
+        limits.peer_connections
+    } else {
+        0
+    };
+    let nofile = match crate::listen::raise_nofile() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file descriptor limit; caps kept as configured");
+            return FdCaps {
+                local: limits.local_connections,
+                peer,
+                scaled: false,
+            };
+        }
+    };
+    let caps = crate::listen::fit_to_fds(nofile, limits.local_connections, peer);
+    if caps.scaled {
+        tracing::warn!(
+            nofile,
+            reserved = crate::listen::RESERVED_FDS,
+            local_connections = caps.local,
+            peer_connections = caps.peer,
+            "connection caps lowered to fit the file descriptor limit"
+        );
+    }
+    tracing::debug!(
+        nofile,
+        local = caps.local,
+        peer = caps.peer,
+        "connection caps"
+    );
+    caps
 }
 
 fn install_own_keys(trust: &TrustStore, keys: &KeyView, own: &str, now: i64) {

@@ -12,7 +12,8 @@
 //! refusal codes; `identity` the SPIFFE names; `clock` the only wall-clock
 //! reader; `crypto` the ring provider for jsonwebtoken; `jwk` public keys and
 //! thumbprints; `telemetry` logs and metrics; `shutdown` signals and
-//! stream cancellation; `proto` the generated code.
+//! stream cancellation; `listen` the connection caps, handshake and idle
+//! deadlines and accept back-off of both listeners; `proto` the generated code.
 
 pub mod api;
 pub mod ca;
@@ -25,6 +26,7 @@ pub mod exchange;
 pub mod identity;
 pub mod jwk;
 pub mod keys;
+pub mod listen;
 pub mod mint;
 pub mod peers;
 pub mod proto;

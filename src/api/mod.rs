@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::UdsConnectInfo;
 
 pub use self::spiffe::{MAX_AUDIENCE_LEN, MAX_AUDIENCES, SECURITY_HEADER, SpiffeApi, bundles};
 pub use self::status::{REASON_KEY, detail_of, reason_of, reject, reject_with};
@@ -38,12 +38,16 @@ pub async fn connect(socket: &std::path::Path) -> Result<tonic::transport::Chann
 }
 
 /// Serves every local service on `listener` until `shutdown` completes, then
-/// finishes in-flight calls and returns.
+/// finishes in-flight calls and returns. `listen` caps connections and closes
+/// idle ones; `[limits]` bounds streams, request size and time.
 pub async fn serve(
     listener: UnixListener,
     core: Arc<Core>,
+    listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
+    let limits = core.config.limits;
+    let max = limits.max_request_bytes;
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
@@ -54,19 +58,23 @@ pub async fn serve(
     reporter
         .set_serving::<crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer<SpiffeApi>>()
         .await;
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(pb::token_service_server::TokenServiceServer::new(TokenApi(
-            core.clone(),
-        )))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(AdminApi(
-            core.clone(),
-        )))
+    crate::listen::server(&limits)
+        .layer(crate::listen::TrackLayer::<UdsConnectInfo>::new())
+        .add_service(health.max_decoding_message_size(max))
+        .add_service(
+            pb::token_service_server::TokenServiceServer::new(TokenApi(core.clone()))
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(AdminApi(core.clone()))
+                .max_decoding_message_size(max),
+        )
         .add_service(
             crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
                 SpiffeApi(core),
-            ),
+            )
+            .max_decoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(crate::listen::unix(listener, listen), shutdown)
         .await
 }

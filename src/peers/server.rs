@@ -6,12 +6,17 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 
 use crate::clock::SharedClock;
+use crate::config::LimitsConfig;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::keys::{KeySet, KeyView, retires_at};
 use crate::proto::tokend::v1 as pb;
@@ -24,6 +29,54 @@ pub struct PeerKeysApi {
     keys: KeyView,
     clock: SharedClock,
     shutdown: tokio_util::sync::CancellationToken,
+    watches: Arc<WatchSlots>,
+}
+
+/// Open `WatchKeys` streams per caller identity, so that one certificate of
+/// the trust domain cannot hold an unbounded number of them.
+#[derive(Debug)]
+struct WatchSlots {
+    max: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl WatchSlots {
+    fn take(self: &Arc<Self>, caller: &str) -> Option<WatchSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(caller.to_owned()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            slots: self.clone(),
+            caller: caller.to_owned(),
+        })
+    }
+
+    fn open_for(&self, caller: &str) -> usize {
+        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.get(caller).copied().unwrap_or(0)
+    }
+}
+
+/// One open watch; dropping it (the stream ends or is cancelled) frees the slot.
+#[derive(Debug)]
+struct WatchSlot {
+    slots: Arc<WatchSlots>,
+    caller: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PeerKeysApi {
@@ -59,13 +112,15 @@ pub fn key_set_message(id: &SpiffeId, set: &KeySet, _now: i64) -> pb::PeerKeySet
 }
 
 impl PeerKeysApi {
-    /// The service for sidecar `id`; its watch streams end when `shutdown` is cancelled.
+    /// The service for sidecar `id`; its watch streams end when `shutdown`
+    /// is cancelled; each caller identity may hold `watches_per_caller` at once.
     pub fn new(
         id: SpiffeId,
         td: TrustDomain,
         keys: KeyView,
         clock: SharedClock,
         shutdown: tokio_util::sync::CancellationToken,
+        watches_per_caller: usize,
     ) -> Self {
         Self {
             id,
@@ -73,7 +128,16 @@ impl PeerKeysApi {
             keys,
             clock,
             shutdown,
+            watches: Arc::new(WatchSlots {
+                max: watches_per_caller,
+                open: Mutex::default(),
+            }),
         }
+    }
+
+    /// How many `WatchKeys` streams `caller` (a SPIFFE ID) holds open now.
+    pub fn watches_of(&self, caller: &str) -> usize {
+        self.watches.open_for(caller)
     }
 
     fn caller<T>(&self, req: &Request<T>) -> String {
@@ -109,27 +173,49 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         &self,
         req: Request<pb::GetKeysRequest>,
     ) -> Result<Response<KeyStream>, Status> {
-        tracing::info!(peer = %self.caller(&req), "peer watching keys");
+        let caller = self.caller(&req);
+        let Some(slot) = self.watches.take(&caller) else {
+            tracing::warn!(peer = %caller, max = self.watches.max, "too many key watches; refused");
+            return Err(Status::resource_exhausted(format!(
+                "at most {} concurrent WatchKeys per peer identity",
+                self.watches.max
+            )));
+        };
+        tracing::info!(peer = %caller, "peer watching keys");
         let id = self.id.clone();
         let clock = self.clock.clone();
-        let stream = WatchStream::new(self.keys.subscribe())
-            .map(move |set| Ok(key_set_message(&id, &set, clock.now())));
+        let stream = WatchStream::new(self.keys.subscribe()).map(move |set| {
+            let _held = &slot;
+            Ok(key_set_message(&id, &set, clock.now()))
+        });
         let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Serves `api` with mTLS on `listener` until `shutdown`.
+/// The largest request a peer may send (GetKeysRequest is empty).
+pub const MAX_PEER_REQUEST: usize = 4 * 1024;
+
+/// Serves `api` with mTLS on `listener` until `shutdown`. The TLS handshake
+/// (client certificate required by `tls`) runs under `listen`'s deadline and
+/// connection cap; `limits` bounds streams and time; HTTP/2 keepalive pings
+/// free the slots of peers that vanished without closing.
 pub async fn serve(
     listener: TcpListener,
-    tls: tonic::transport::ServerTlsConfig,
+    tls: Arc<rustls::ServerConfig>,
     api: PeerKeysApi,
+    limits: &LimitsConfig,
+    listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tls_config(tls)?
-        .timeout(std::time::Duration::from_secs(30))
-        .add_service(pb::peer_service_server::PeerServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+    crate::listen::server(limits)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(crate::listen::TrackLayer::<TlsConnectInfo<TcpConnectInfo>>::new())
+        .add_service(
+            pb::peer_service_server::PeerServiceServer::new(api)
+                .max_decoding_message_size(MAX_PEER_REQUEST),
+        )
+        .serve_with_incoming_shutdown(crate::listen::tls(listener, tls, listen), shutdown)
         .await
 }

@@ -151,6 +151,28 @@ impl PeerTls {
             .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
     }
 
+    /// The server side as a rustls config, for the peer listener that runs
+    /// the handshake itself (under a deadline): our chain, a client
+    /// certificate from the CA required, ALPN h2.
+    pub fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| format!("peer_api.ca: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| e.to_string())?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(clients)
+            .with_single_cert(self.chain.clone(), key)
+            .map_err(|e| format!("peer_api.cert: {e}"))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+
     fn verifier(&self) -> SpiffeServerVerifier {
         SpiffeServerVerifier {
             roots: self.roots.clone(),

@@ -210,7 +210,7 @@ impl Default for LimitsConfig {
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             request_timeout: Duration::from_secs(30),
-            max_streams_per_connection: 16,
+            max_streams_per_connection: 8,
             max_request_bytes: 16 * 1024,
             peer_watches_per_caller: 16,
         }

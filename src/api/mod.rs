@@ -58,7 +58,7 @@ pub async fn serve(
     reporter
         .set_serving::<crate::proto::spiffe::spiffe_workload_api_server::SpiffeWorkloadApiServer<SpiffeApi>>()
         .await;
-    crate::listen::server(&limits)
+    crate::listen::server(&limits, limits.max_streams_per_connection)
         .layer(crate::listen::TrackLayer::<UdsConnectInfo>::new())
         .add_service(health.max_decoding_message_size(max))
         .add_service(

@@ -51,14 +51,25 @@ pub const STREAM_WINDOW_BYTES: u32 = 64 * 1024;
 /// buffered unread across all its streams (hyper's default is 1 MiB).
 pub const CONNECTION_WINDOW_BYTES: u32 = 256 * 1024;
 
-/// A tonic server builder with the HTTP/2 limits of `[limits]`: concurrent
-/// streams per connection, header list size, receive windows and the
-/// request timeout. Used by both the local and the peer server.
-pub fn server(limits: &crate::config::LimitsConfig) -> tonic::transport::Server {
+/// Streams a client may open beyond the limit (each refused) before its
+/// connection is closed with ENHANCE_YOUR_CALM. hyper's default; tonic
+/// passes "no limit" unless it is set (RUSTSEC-2024-0003).
+pub const MAX_REFUSED_STREAMS: usize = 1024;
+/// Streams a client may reset before the server accepted them (rapid reset,
+/// CVE-2023-44487) before its connection is closed: h2's default, made explicit.
+pub const MAX_PENDING_RESETS: usize = 20;
+
+/// A tonic server builder with HTTP/2 limits: `max_streams` concurrent
+/// streams per connection, header list size, receive windows, refused and
+/// reset stream limits, and the request timeout of `[limits]`. Used by both
+/// the local and the peer server.
+pub fn server(limits: &crate::config::LimitsConfig, max_streams: u32) -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_concurrent_streams(max_streams)
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .http2_max_local_error_reset_streams(Some(MAX_REFUSED_STREAMS))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
         .timeout(limits.request_timeout)
 }

@@ -10,5 +10,5 @@ mod tls;
 
 pub use self::client::{MAX_PEER_MESSAGE, PeerClient, backoff};
 pub use self::file::{JwksFileSource, MAX_JWKS_BYTES};
-pub use self::server::{MAX_PEER_REQUEST, PeerKeysApi, key_set_message, serve};
+pub use self::server::{MAX_PEER_REQUEST, MAX_PEER_STREAMS, PeerKeysApi, key_set_message, serve};
 pub use self::tls::{PeerTls, spiffe_id_of, uri_sans};

@@ -195,10 +195,14 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
 
 /// The largest request a peer may send (GetKeysRequest is empty).
 pub const MAX_PEER_REQUEST: usize = 4 * 1024;
+/// Concurrent streams per peer connection: a peer client uses one watch and
+/// an occasional GetKeys (`limits.max_streams_per_connection` if lower).
+pub const MAX_PEER_STREAMS: u32 = 4;
 
 /// Serves `api` with mTLS on `listener` until `shutdown`. The TLS handshake
 /// (client certificate required by `tls`) runs under `listen`'s deadline and
-/// connection cap; `limits` bounds streams and time; HTTP/2 keepalive pings
+/// connection cap; `limits` bounds time, `MAX_PEER_STREAMS` streams and
+/// `MAX_PEER_REQUEST` request size; HTTP/2 keepalive pings
 /// free the slots of peers that vanished without closing.
 pub async fn serve(
     listener: TcpListener,
@@ -208,14 +212,17 @@ pub async fn serve(
     listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    crate::listen::server(limits)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .layer(crate::listen::TrackLayer::<TlsConnectInfo<TcpConnectInfo>>::new())
-        .add_service(
-            pb::peer_service_server::PeerServiceServer::new(api)
-                .max_decoding_message_size(MAX_PEER_REQUEST),
-        )
-        .serve_with_incoming_shutdown(crate::listen::tls(listener, tls, listen), shutdown)
-        .await
+    crate::listen::server(
+        limits,
+        MAX_PEER_STREAMS.min(limits.max_streams_per_connection),
+    )
+    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    .layer(crate::listen::TrackLayer::<TlsConnectInfo<TcpConnectInfo>>::new())
+    .add_service(
+        pb::peer_service_server::PeerServiceServer::new(api)
+            .max_decoding_message_size(MAX_PEER_REQUEST),
+    )
+    .serve_with_incoming_shutdown(crate::listen::tls(listener, tls, listen), shutdown)
+    .await
 }

@@ -116,34 +116,42 @@ impl<IO> Conn<IO> {
         }
     }
 
-    /// Polls the watchdog: Ready(error) once the connection is idle past its deadline.
+    /// Polls the watchdog: Ready(error) once the connection is idle past its
+    /// deadline. Re-arms it on every call so that it never sleeps past the
+    /// current deadline: while a call is in flight it looks again within one
+    /// idle period (a call ending wakes nothing here).
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
+            let now = Instant::now();
+            let armed = self.watchdog.deadline();
+            let target = match self.state.idle_deadline(&self.limits) {
+                Some(deadline) if deadline <= now => return Poll::Ready(self.idle_error()),
+                Some(deadline) => deadline,
+                None if armed > now => armed.min(now + self.limits.idle_timeout),
+                None => now + self.limits.idle_timeout,
+            };
+            if target != armed {
+                self.watchdog.as_mut().reset(target);
+            }
             if self.watchdog.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let now = Instant::now();
-            let next = match self.state.idle_deadline(&self.limits) {
-                Some(deadline) if deadline <= now => {
-                    let first = !self.state.served.load(Ordering::SeqCst);
-                    metrics::counter!("tokend_connections_idle_closed_total", "listener" => self.label)
-                        .increment(1);
-                    tracing::debug!(listener = self.label, first, "closing an idle connection");
-                    return Poll::Ready(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        if first {
-                            "no call within the handshake timeout"
-                        } else {
-                            "no call within the idle timeout"
-                        },
-                    ));
-                }
-                Some(deadline) => deadline,
-                // Calls in flight: look again one idle period from now.
-                None => now + self.limits.idle_timeout,
-            };
-            self.watchdog.as_mut().reset(next);
         }
+    }
+
+    fn idle_error(&self) -> io::Error {
+        let first = !self.state.served.load(Ordering::SeqCst);
+        metrics::counter!("tokend_connections_idle_closed_total", "listener" => self.label)
+            .increment(1);
+        tracing::debug!(listener = self.label, first, "closing an idle connection");
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            if first {
+                "no call within the handshake timeout"
+            } else {
+                "no call within the idle timeout"
+            },
+        )
     }
 }
 
@@ -280,6 +288,29 @@ mod tests {
         };
         assert_eq!(kind, io::ErrorKind::TimedOut);
         writer.abort();
+    }
+
+    /// An idle timeout shorter than the handshake timeout applies from the
+    /// end of the first call, not from the handshake deadline.
+    #[tokio::test(start_paused = true)]
+    async fn short_idle_timeout_after_a_call() {
+        let limits = ListenLimits {
+            max_connections: 1,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(1),
+        };
+        let slots = Arc::new(Semaphore::new(1));
+        let (ours, _peer) = tokio::io::duplex(64);
+        let slot = slots.clone().try_acquire_owned().expect("slot");
+        let mut c = Conn::new(ours, slot, Instant::now(), limits, "test");
+        let mut b = [0u8; 8];
+        let call = c.state.begin();
+        let polled = tokio::time::timeout(Duration::from_millis(100), c.read(&mut b)).await;
+        assert!(polled.is_err());
+        let ended = Instant::now();
+        drop(call);
+        assert_eq!(read_err(&mut c).await, io::ErrorKind::TimedOut);
+        assert_eq!(ended.elapsed(), limits.idle_timeout);
     }
 
     /// A call in flight keeps the connection however long it lasts; once it

@@ -661,3 +661,45 @@ async fn watch_keys_is_capped_per_peer_and_freed_on_cancel() {
         "cancelled watches held memory: {base:?} → {after:?}"
     );
 }
+
+/// `idle_timeout`: a connection with no call in flight is closed (its fd
+/// released), a connection with a stream open is kept, and a tonic client
+/// holding the closed channel reconnects on its next call without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_clients_reconnect() {
+    let root = tmp();
+    let s = Sidecar::start(root.path(), "ledger", "[limits]\nidle_timeout = \"1s\"");
+    let pid = s.pid();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let base = Probe::of(pid).fds;
+    let mut tokens = s.tokens().await;
+    let channel = tokend::api::connect(&s.socket).await.expect("connect");
+    let mut spiffe = spb::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
+    let mut bundles = spiffe
+        .fetch_jwt_bundles(spiffe_request(spb::JwtBundlesRequest {}))
+        .await
+        .expect("bundles")
+        .into_inner();
+    bundles.next().await.expect("first").expect("ok");
+    let mint = |t: &mut pb::token_service_client::TokenServiceClient<_>| {
+        let mut t = t.clone();
+        async move {
+            t.mint(pb::MintRequest {
+                audience: "ledger".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+        }
+    };
+    mint(&mut tokens).await.expect("first call");
+    let open = Probe::of(pid).fds;
+    assert!(open >= base + 2, "two connections open: {base} → {open}");
+    let closed = eventually(10, || async { Probe::of(pid).fds < open }).await;
+    assert!(closed, "the idle connection was not closed");
+    mint(&mut tokens)
+        .await
+        .expect("the client reconnects transparently");
+    let streamed = tokio::time::timeout(Duration::from_millis(100), bundles.next()).await;
+    assert!(streamed.is_err(), "the bundle stream ended: {streamed:?}");
+}

@@ -53,11 +53,6 @@ impl WatchSlots {
             caller: caller.to_owned(),
         })
     }
-
-    fn open_for(&self, caller: &str) -> usize {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(caller).copied().unwrap_or(0)
-    }
 }
 
 /// One open watch; dropping it (the stream ends or is cancelled) frees the slot.
@@ -133,11 +128,6 @@ impl PeerKeysApi {
                 open: Mutex::default(),
             }),
         }
-    }
-
-    /// How many `WatchKeys` streams `caller` (a SPIFFE ID) holds open now.
-    pub fn watches_of(&self, caller: &str) -> usize {
-        self.watches.open_for(caller)
     }
 
     fn caller<T>(&self, req: &Request<T>) -> String {

@@ -84,6 +84,8 @@ struct FileConfig {
     #[serde(default)]
     peers: Vec<PeerFile>,
     metrics: Option<MetricsFile>,
+    #[serde(default)]
+    limits: LimitsFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +127,19 @@ struct MetricsFile {
     listen: String,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsFile {
+    local_connections: Option<usize>,
+    peer_connections: Option<usize>,
+    handshake_timeout: Option<HumanDuration>,
+    idle_timeout: Option<HumanDuration>,
+    request_timeout: Option<HumanDuration>,
+    max_streams_per_connection: Option<u32>,
+    max_request_bytes: Option<usize>,
+    peer_watches_per_caller: Option<usize>,
+}
+
 /// Token lifetimes.
 #[derive(Clone, Copy, Debug)]
 pub struct TokensConfig {
@@ -158,6 +173,48 @@ pub struct PeerApiConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+}
+
+/// The smallest `limits.max_request_bytes`: a largest token (8 KiB) with an
+/// audience and framing must still fit.
+pub(crate) const MIN_REQUEST_BYTES: usize = 10 * 1024;
+
+/// Resource limits of the two listeners, so that neither a local caller nor
+/// anyone who can reach the peer port can exhaust file descriptors, memory or
+/// tasks (`[limits]`; see the README's security section for the ceilings).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitsConfig {
+    /// Open connections on the Unix socket; more wait in the kernel's queue.
+    pub local_connections: usize,
+    /// Open connections (handshaking included) on the peer port.
+    pub peer_connections: usize,
+    /// Time from accept to the first request (TLS handshake included).
+    pub handshake_timeout: Duration,
+    /// A connection with no call in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Longest a unary call (or a stream's opening) may take.
+    pub request_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Largest request message on the Unix socket, in bytes.
+    pub max_request_bytes: usize,
+    /// Concurrent `WatchKeys` streams per peer identity.
+    pub peer_watches_per_caller: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            local_connections: 128,
+            peer_connections: 256,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(30),
+            max_streams_per_connection: 8,
+            max_request_bytes: 16 * 1024,
+            peer_watches_per_caller: 16,
+        }
+    }
 }
 
 /// Where a peer's keys come from.
@@ -209,6 +266,8 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     /// Prometheus listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// Connection, stream, size and time limits of the listeners.
+    pub limits: LimitsConfig,
 }
 
 /// `serve` flags that override the file.
@@ -292,199 +351,369 @@ impl Config {
         })?;
         let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
-        let name = ov
-            .name
-            .clone()
-            .or(f.name)
-            .unwrap_or_else(|| "default".into());
-        let td_text = ov
-            .trust_domain
-            .clone()
-            .or(f.trust_domain)
-            .unwrap_or_else(|| "local".into());
-        let trust_domain =
-            TrustDomain::new(&td_text).map_err(|e| invalid("trust_domain", e.to_string()))?;
-        let id = trust_domain
-            .id(&name)
-            .map_err(|e| invalid("name", e.to_string()))?;
-
-        let socket = ov
-            .socket
-            .clone()
-            .or(f.socket.map(rel))
-            .unwrap_or_else(|| PathBuf::from("tokend.sock"));
-        let socket_mode = match f.socket_mode.as_deref() {
-            None => 0o600,
-            Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
-                Ok(v @ (0o600 | 0o660)) => v,
-                _ => {
-                    return Err(invalid(
-                        "socket_mode",
-                        format!("{m:?} must be \"0600\" or \"0660\""),
-                    ));
-                }
-            },
-        };
-        let keys_dir = match ov.keys_dir.clone().or(f.keys_dir.map(rel)) {
-            Some(dir) => dir,
-            None => match state_keys_dir(ov.state_directory.as_deref())? {
-                Some(dir) => dir,
-                None => PathBuf::from("keys"),
-            },
-        };
-
-        let secs = |d: Option<HumanDuration>, default: u64| {
-            d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
-        };
-        let tokens = TokensConfig {
-            default_ttl: secs(f.tokens.default_ttl, 300),
-            max_ttl: secs(f.tokens.max_ttl, 3600),
-            clock_skew: secs(f.tokens.clock_skew, 30),
-        };
-        if tokens.default_ttl.as_secs() == 0 {
-            return Err(invalid("tokens.default_ttl", "must be at least 1s"));
-        }
-        if tokens.default_ttl > tokens.max_ttl {
-            return Err(invalid(
-                "tokens.default_ttl",
-                format!(
-                    "{} exceeds tokens.max_ttl {}",
-                    humantime::format_duration(tokens.default_ttl),
-                    humantime::format_duration(tokens.max_ttl)
-                ),
-            ));
-        }
-        if tokens.max_ttl > Duration::from_secs(86_400) {
-            return Err(invalid(
-                "tokens.max_ttl",
-                "must be at most 24h: tokens are short-lived",
-            ));
-        }
-        if tokens.clock_skew > Duration::from_secs(600) {
-            return Err(invalid("tokens.clock_skew", "must be at most 10m"));
-        }
-        let rotation = RotationConfig {
-            interval: secs(f.rotation.interval, 86_400),
-            publish_ahead: secs(f.rotation.publish_ahead, 600),
-            key_bits: f.rotation.key_bits.unwrap_or(2048),
-        };
-        if !matches!(rotation.key_bits, 2048 | 3072 | 4096) {
-            return Err(invalid(
-                "rotation.key_bits",
-                format!("{} must be 2048, 3072 or 4096", rotation.key_bits),
-            ));
-        }
-        if rotation.interval.as_secs() == 0 || rotation.interval > Duration::from_secs(366 * 86_400)
-        {
-            return Err(invalid("rotation.interval", "must be between 1s and 366d"));
-        }
-        if rotation.publish_ahead >= rotation.interval {
-            return Err(invalid(
-                "rotation.publish_ahead",
-                "must be shorter than rotation.interval",
-            ));
-        }
-
-        let peer_api = match (f.peer_api, &ov.peer_listen) {
-            (None, None) => None,
-            (None, Some(_)) => {
-                return Err(invalid(
-                    "peer_api",
-                    "--peer-listen needs a [peer_api] section with ca, cert and key",
-                ));
-            }
-            (Some(p), listen_ov) => {
-                let listen_text = listen_ov.clone().unwrap_or(p.listen);
-                let listen = listen_text.parse().map_err(|_| {
-                    invalid(
-                        "peer_api.listen",
-                        format!("{listen_text:?} is not an address like 127.0.0.1:7443"),
-                    )
-                })?;
-                Some(PeerApiConfig {
-                    listen,
-                    ca: rel(p.ca),
-                    cert: rel(p.cert),
-                    key: rel(p.key),
-                })
-            }
-        };
-
-        let mut peers = Vec::new();
-        for (i, p) in f.peers.into_iter().enumerate() {
-            let key = format!("peers[{i}]");
-            let pid = trust_domain
-                .id(&p.name)
-                .map_err(|e| invalid(&format!("{key}.name"), e.to_string()))?;
-            if pid == id {
-                return Err(invalid(
-                    &format!("{key}.name"),
-                    "a sidecar cannot list itself as a peer",
-                ));
-            }
-            if peers.iter().any(|q: &PeerConfig| q.id == pid) {
-                return Err(invalid(
-                    &format!("{key}.name"),
-                    format!("peer {:?} is listed twice", p.name),
-                ));
-            }
-            let source = match (p.address, p.jwks_file) {
-                (Some(a), None) => {
-                    if !(a.starts_with("https://")) {
-                        return Err(invalid(
-                            &format!("{key}.address"),
-                            format!("{a:?} must be an https:// URL"),
-                        ));
-                    }
-                    PeerSource::Address(a)
-                }
-                (None, Some(f)) => PeerSource::JwksFile(rel(f)),
-                _ => return Err(invalid(&key, "give exactly one of address or jwks_file")),
-            };
-            peers.push(PeerConfig {
-                name: p.name,
-                id: pid,
-                source,
-            });
-        }
-        if peers
-            .iter()
-            .any(|p| matches!(p.source, PeerSource::Address(_)))
-            && peer_api.is_none()
-        {
-            return Err(invalid(
-                "peer_api",
-                "peers with an address need [peer_api] (ca, cert, key) for mTLS",
-            ));
-        }
-
-        let metrics_text = ov.metrics_listen.clone().or(f.metrics.map(|m| m.listen));
-        let metrics_listen = match metrics_text {
-            None => None,
-            Some(t) => Some(t.parse().map_err(|_| {
-                invalid(
-                    "metrics.listen",
-                    format!("{t:?} is not an address like 127.0.0.1:9464"),
-                )
-            })?),
-        };
-
+        let who = identity(f.name, f.trust_domain, ov)?;
+        let local = local_socket(f.socket, f.socket_mode, f.keys_dir, ov, &rel)?;
+        let peer_api = peer_api(f.peer_api, ov, &rel)?;
+        let peers = peers(f.peers, &who, peer_api.is_some(), &rel)?;
         Ok(Self {
-            name,
-            trust_domain,
-            id,
-            socket,
-            socket_mode,
+            name: who.name,
+            trust_domain: who.trust_domain,
+            id: who.id,
+            socket: local.socket,
+            socket_mode: local.socket_mode,
             allowed_uids: f.allowed_uids,
             admin_uids: f.admin_uids,
-            keys_dir,
-            tokens,
-            rotation,
+            keys_dir: local.keys_dir,
+            tokens: tokens(f.tokens)?,
+            rotation: rotation(f.rotation)?,
             peer_api,
             peers,
-            metrics_listen,
+            metrics_listen: metrics(f.metrics, ov)?,
+            limits: limits(f.limits)?,
         })
     }
+}
+
+/// Who this sidecar is: `name` in `trust_domain`.
+struct Identity {
+    name: String,
+    trust_domain: TrustDomain,
+    id: SpiffeId,
+}
+
+fn identity(
+    name: Option<String>,
+    trust_domain: Option<String>,
+    ov: &Overrides,
+) -> Result<Identity, ConfigError> {
+    let name = ov.name.clone().or(name).unwrap_or_else(|| "default".into());
+    let td_text = ov
+        .trust_domain
+        .clone()
+        .or(trust_domain)
+        .unwrap_or_else(|| "local".into());
+    let trust_domain =
+        TrustDomain::new(&td_text).map_err(|e| invalid("trust_domain", e.to_string()))?;
+    let id = trust_domain
+        .id(&name)
+        .map_err(|e| invalid("name", e.to_string()))?;
+    Ok(Identity {
+        name,
+        trust_domain,
+        id,
+    })
+}
+
+/// Where the local API listens and where the keys live.
+struct LocalSocket {
+    socket: PathBuf,
+    socket_mode: u32,
+    keys_dir: PathBuf,
+}
+
+fn local_socket(
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    keys_dir: Option<PathBuf>,
+    ov: &Overrides,
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<LocalSocket, ConfigError> {
+    let socket = ov
+        .socket
+        .clone()
+        .or(socket.map(rel))
+        .unwrap_or_else(|| PathBuf::from("tokend.sock"));
+    let socket_mode = match socket_mode.as_deref() {
+        None => 0o600,
+        Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+            Ok(v @ (0o600 | 0o660)) => v,
+            _ => {
+                return Err(invalid(
+                    "socket_mode",
+                    format!("{m:?} must be \"0600\" or \"0660\""),
+                ));
+            }
+        },
+    };
+    let keys_dir = match ov.keys_dir.clone().or(keys_dir.map(rel)) {
+        Some(dir) => dir,
+        None => match state_keys_dir(ov.state_directory.as_deref())? {
+            Some(dir) => dir,
+            None => PathBuf::from("keys"),
+        },
+    };
+    Ok(LocalSocket {
+        socket,
+        socket_mode,
+        keys_dir,
+    })
+}
+
+fn or_secs(d: Option<HumanDuration>, default: u64) -> Duration {
+    d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+}
+
+fn tokens(f: TokensFile) -> Result<TokensConfig, ConfigError> {
+    let tokens = TokensConfig {
+        default_ttl: or_secs(f.default_ttl, 300),
+        max_ttl: or_secs(f.max_ttl, 3600),
+        clock_skew: or_secs(f.clock_skew, 30),
+    };
+    if tokens.default_ttl.as_secs() == 0 {
+        return Err(invalid("tokens.default_ttl", "must be at least 1s"));
+    }
+    if tokens.default_ttl > tokens.max_ttl {
+        return Err(invalid(
+            "tokens.default_ttl",
+            format!(
+                "{} exceeds tokens.max_ttl {}",
+                humantime::format_duration(tokens.default_ttl),
+                humantime::format_duration(tokens.max_ttl)
+            ),
+        ));
+    }
+    if tokens.max_ttl > Duration::from_secs(86_400) {
+        return Err(invalid(
+            "tokens.max_ttl",
+            "must be at most 24h: tokens are short-lived",
+        ));
+    }
+    if tokens.clock_skew > Duration::from_secs(600) {
+        return Err(invalid("tokens.clock_skew", "must be at most 10m"));
+    }
+    Ok(tokens)
+}
+
+fn rotation(f: RotationFile) -> Result<RotationConfig, ConfigError> {
+    let rotation = RotationConfig {
+        interval: or_secs(f.interval, 86_400),
+        publish_ahead: or_secs(f.publish_ahead, 600),
+        key_bits: f.key_bits.unwrap_or(2048),
+    };
+    if !matches!(rotation.key_bits, 2048 | 3072 | 4096) {
+        return Err(invalid(
+            "rotation.key_bits",
+            format!("{} must be 2048, 3072 or 4096", rotation.key_bits),
+        ));
+    }
+    if rotation.interval.as_secs() == 0 || rotation.interval > Duration::from_secs(366 * 86_400) {
+        return Err(invalid("rotation.interval", "must be between 1s and 366d"));
+    }
+    if rotation.publish_ahead >= rotation.interval {
+        return Err(invalid(
+            "rotation.publish_ahead",
+            "must be shorter than rotation.interval",
+        ));
+    }
+    Ok(rotation)
+}
+
+fn peer_api(
+    f: Option<PeerApiFile>,
+    ov: &Overrides,
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<Option<PeerApiConfig>, ConfigError> {
+    match (f, &ov.peer_listen) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err(invalid(
+            "peer_api",
+            "--peer-listen needs a [peer_api] section with ca, cert and key",
+        )),
+        (Some(p), listen_ov) => {
+            let listen_text = listen_ov.clone().unwrap_or(p.listen);
+            let listen = listen_text.parse().map_err(|_| {
+                invalid(
+                    "peer_api.listen",
+                    format!("{listen_text:?} is not an address like 127.0.0.1:7443"),
+                )
+            })?;
+            Ok(Some(PeerApiConfig {
+                listen,
+                ca: rel(p.ca),
+                cert: rel(p.cert),
+                key: rel(p.key),
+            }))
+        }
+    }
+}
+
+fn peers(
+    f: Vec<PeerFile>,
+    who: &Identity,
+    have_peer_api: bool,
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<Vec<PeerConfig>, ConfigError> {
+    let mut peers = Vec::new();
+    for (i, p) in f.into_iter().enumerate() {
+        let peer = one_peer(&format!("peers[{i}]"), p, who, &peers, rel)?;
+        peers.push(peer);
+    }
+    if peers
+        .iter()
+        .any(|p| matches!(p.source, PeerSource::Address(_)))
+        && !have_peer_api
+    {
+        return Err(invalid(
+            "peer_api",
+            "peers with an address need [peer_api] (ca, cert, key) for mTLS",
+        ));
+    }
+    Ok(peers)
+}
+
+fn one_peer(
+    key: &str,
+    p: PeerFile,
+    who: &Identity,
+    earlier: &[PeerConfig],
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<PeerConfig, ConfigError> {
+    let pid = who
+        .trust_domain
+        .id(&p.name)
+        .map_err(|e| invalid(&format!("{key}.name"), e.to_string()))?;
+    if pid == who.id {
+        return Err(invalid(
+            &format!("{key}.name"),
+            "a sidecar cannot list itself as a peer",
+        ));
+    }
+    if earlier.iter().any(|q| q.id == pid) {
+        return Err(invalid(
+            &format!("{key}.name"),
+            format!("peer {:?} is listed twice", p.name),
+        ));
+    }
+    let source = match (p.address, p.jwks_file) {
+        (Some(a), None) => {
+            if !(a.starts_with("https://")) {
+                return Err(invalid(
+                    &format!("{key}.address"),
+                    format!("{a:?} must be an https:// URL"),
+                ));
+            }
+            PeerSource::Address(a)
+        }
+        (None, Some(f)) => PeerSource::JwksFile(rel(f)),
+        _ => return Err(invalid(key, "give exactly one of address or jwks_file")),
+    };
+    Ok(PeerConfig {
+        name: p.name,
+        id: pid,
+        source,
+    })
+}
+
+fn metrics(f: Option<MetricsFile>, ov: &Overrides) -> Result<Option<SocketAddr>, ConfigError> {
+    match ov.metrics_listen.clone().or(f.map(|m| m.listen)) {
+        None => Ok(None),
+        Some(t) => Ok(Some(t.parse().map_err(|_| {
+            invalid(
+                "metrics.listen",
+                format!("{t:?} is not an address like 127.0.0.1:9464"),
+            )
+        })?)),
+    }
+}
+
+/// Checks `value` is within `lo..=hi`, naming `key` otherwise.
+fn within<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    lo: T,
+    hi: T,
+) -> Result<T, ConfigError> {
+    if value < lo || value > hi {
+        return Err(invalid(
+            key,
+            format!("{value} must be between {lo} and {hi}"),
+        ));
+    }
+    Ok(value)
+}
+
+/// Checks a duration is within `lo..=hi`, naming `key` otherwise.
+fn within_duration(
+    key: &str,
+    value: Option<HumanDuration>,
+    default: Duration,
+    lo: Duration,
+    hi: Duration,
+) -> Result<Duration, ConfigError> {
+    let d = value.map(|d| d.0).unwrap_or(default);
+    if d < lo || d > hi {
+        return Err(invalid(
+            key,
+            format!(
+                "{} must be between {} and {}",
+                humantime::format_duration(d),
+                humantime::format_duration(lo),
+                humantime::format_duration(hi)
+            ),
+        ));
+    }
+    Ok(d)
+}
+
+fn limits(f: LimitsFile) -> Result<LimitsConfig, ConfigError> {
+    let d = LimitsConfig::default();
+    let ms = Duration::from_millis;
+    let s = Duration::from_secs;
+    Ok(LimitsConfig {
+        local_connections: within(
+            "limits.local_connections",
+            f.local_connections.unwrap_or(d.local_connections),
+            1,
+            1_000_000,
+        )?,
+        peer_connections: within(
+            "limits.peer_connections",
+            f.peer_connections.unwrap_or(d.peer_connections),
+            1,
+            1_000_000,
+        )?,
+        handshake_timeout: within_duration(
+            "limits.handshake_timeout",
+            f.handshake_timeout,
+            d.handshake_timeout,
+            ms(100),
+            s(300),
+        )?,
+        idle_timeout: within_duration(
+            "limits.idle_timeout",
+            f.idle_timeout,
+            d.idle_timeout,
+            s(1),
+            s(86_400),
+        )?,
+        request_timeout: within_duration(
+            "limits.request_timeout",
+            f.request_timeout,
+            d.request_timeout,
+            ms(100),
+            s(600),
+        )?,
+        max_streams_per_connection: within(
+            "limits.max_streams_per_connection",
+            f.max_streams_per_connection
+                .unwrap_or(d.max_streams_per_connection),
+            1,
+            1024,
+        )?,
+        max_request_bytes: within(
+            "limits.max_request_bytes",
+            f.max_request_bytes.unwrap_or(d.max_request_bytes),
+            MIN_REQUEST_BYTES,
+            4 << 20,
+        )?,
+        peer_watches_per_caller: within(
+            "limits.peer_watches_per_caller",
+            f.peer_watches_per_caller
+                .unwrap_or(d.peer_watches_per_caller),
+            1,
+            1024,
+        )?,
+    })
 }
 
 // === the policies each section builds ===
@@ -627,5 +856,82 @@ mod tests {
             .expect_err("bits")
             .to_string();
         assert!(e.contains("rotation.key_bits"), "{e}");
+    }
+
+    /// `[limits]` is optional: every key has its documented default, and
+    /// each can be set.
+    #[test]
+    fn limits_defaults_and_values() {
+        let c = parse("").expect("defaults");
+        assert_eq!(c.limits, LimitsConfig::default());
+        assert_eq!(c.limits.local_connections, 128);
+        assert_eq!(c.limits.max_request_bytes, 16 * 1024);
+        let c = parse(
+            "[limits]\nlocal_connections = 8\npeer_connections = 4\nhandshake_timeout = \"500ms\"\n\
+             idle_timeout = \"2m\"\nrequest_timeout = \"5s\"\nmax_streams_per_connection = 2\n\
+             max_request_bytes = 20000\npeer_watches_per_caller = 3",
+        )
+        .expect("limits");
+        assert_eq!(
+            c.limits,
+            LimitsConfig {
+                local_connections: 8,
+                peer_connections: 4,
+                handshake_timeout: Duration::from_millis(500),
+                idle_timeout: Duration::from_secs(120),
+                request_timeout: Duration::from_secs(5),
+                max_streams_per_connection: 2,
+                max_request_bytes: 20_000,
+                peer_watches_per_caller: 3,
+            }
+        );
+    }
+
+    /// An unknown key of `[limits]` is refused and named.
+    #[test]
+    fn limits_unknown_key_named() {
+        let e = parse("[limits]\nlocal_conections = 3")
+            .expect_err("unknown")
+            .to_string();
+        assert!(e.contains("local_conections"), "{e}");
+    }
+
+    /// A bad duration in `[limits]` is refused with its text and key.
+    #[test]
+    fn limits_bad_duration_named() {
+        let e = parse("[limits]\nhandshake_timeout = \"soon\"")
+            .expect_err("bad")
+            .to_string();
+        assert!(e.contains("soon") && e.contains("handshake_timeout"), "{e}");
+    }
+
+    /// Out-of-range limits are refused, naming the key and the range.
+    #[test]
+    fn limits_invalid_values_named() {
+        for (text, key) in [
+            ("local_connections = 0", "limits.local_connections"),
+            ("peer_connections = 0", "limits.peer_connections"),
+            ("handshake_timeout = \"10ms\"", "limits.handshake_timeout"),
+            ("idle_timeout = \"2d\"", "limits.idle_timeout"),
+            ("request_timeout = \"1h\"", "limits.request_timeout"),
+            (
+                "max_streams_per_connection = 0",
+                "limits.max_streams_per_connection",
+            ),
+            ("max_request_bytes = 4096", "limits.max_request_bytes"),
+            (
+                "peer_watches_per_caller = 0",
+                "limits.peer_watches_per_caller",
+            ),
+        ] {
+            let e = parse(&format!("[limits]\n{text}"))
+                .expect_err(text)
+                .to_string();
+            assert!(e.contains(key) && e.contains("between"), "{text}: {e}");
+        }
+        let e = parse("[limits]\nlocal_connections = -1")
+            .expect_err("negative")
+            .to_string();
+        assert!(e.contains("local_connections"), "{e}");
     }
 }

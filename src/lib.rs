@@ -14,8 +14,9 @@
 //!    no socket and no file.
 //! 5. `peers` (trust sources feeding one writer: mTLS peers, JWKS files; and
 //!    the peer-facing server), `api` (the local gRPC services, each with
-//!    its own handles; the one refusal → status mapping) and `replay_log`
-//!    (the one-time claims journal that survives restarts).
+//!    its own handles; the one refusal → status mapping), `listen` (both
+//!    listeners' connection caps, handshake and idle deadlines, accept
+//!    back-off, NOFILE) and `replay_log` (the one-time claims journal).
 //! 6. `config` (TOML → typed sections that build their policies), `ca`
 //!    (the trust domain's CA), `telemetry`, `shutdown`.
 //! 7. `daemon`: the only module that knows every other; `Daemon` for the
@@ -31,6 +32,7 @@ mod engine;
 mod identity;
 mod jose;
 mod keys;
+mod listen;
 mod peers;
 mod proto;
 mod reason;

@@ -22,6 +22,8 @@ mod hardening;
 mod interop;
 #[path = "it/keyfiles.rs"]
 mod keyfiles;
+#[path = "it/limits.rs"]
+mod limits;
 #[path = "it/mint_verify.rs"]
 mod mint_verify;
 #[path = "it/observability.rs"]

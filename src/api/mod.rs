@@ -12,7 +12,7 @@ mod uds;
 use std::future::Future;
 
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::UdsConnectInfo;
 
 pub(crate) use self::admin::AdminApi;
 pub(crate) use self::spiffe::SpiffeApi;
@@ -36,10 +36,13 @@ pub(crate) struct LocalApi {
 }
 
 /// Serves every local service on `listener` until `shutdown` completes, then
-/// finishes in-flight calls and returns.
+/// finishes in-flight calls and returns. `listen` caps connections and closes
+/// idle ones; `limits` bounds streams, request size and time.
 pub(crate) async fn serve(
     listener: UnixListener,
     api: LocalApi,
+    limits: crate::config::LimitsConfig,
+    listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -52,11 +55,19 @@ pub(crate) async fn serve(
     reporter
         .set_serving::<SpiffeWorkloadApiServer<SpiffeApi>>()
         .await;
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(pb::token_service_server::TokenServiceServer::new(api.token))
-        .add_service(pb::admin_service_server::AdminServiceServer::new(api.admin))
-        .add_service(SpiffeWorkloadApiServer::new(api.spiffe))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+    let max = limits.max_request_bytes;
+    crate::listen::server(&limits, limits.max_streams_per_connection)
+        .layer(crate::listen::TrackLayer::<UdsConnectInfo>::new())
+        .add_service(health.max_decoding_message_size(max))
+        .add_service(
+            pb::token_service_server::TokenServiceServer::new(api.token)
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            pb::admin_service_server::AdminServiceServer::new(api.admin)
+                .max_decoding_message_size(max),
+        )
+        .add_service(SpiffeWorkloadApiServer::new(api.spiffe).max_decoding_message_size(max))
+        .serve_with_incoming_shutdown(crate::listen::unix(listener, listen), shutdown)
         .await
 }

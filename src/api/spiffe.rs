@@ -188,7 +188,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         self.admit(&req)?;
         let engine = self.engine.clone();
         let own = WatchStream::new(engine.keys().subscribe()).map(|_| ());
-        let peers = WatchStream::new(engine.trust().subscribe()).map(|_| ());
+        // One opening bundle: the peers stream only adds changes.
+        let peers = WatchStream::from_changes(engine.trust().subscribe()).map(|_| ());
         // WatchStream keeps only the latest change; the throttle bounds how
         // often a watcher is woken, however fast sets arrive.
         let stream = own

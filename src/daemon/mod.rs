@@ -19,9 +19,10 @@ use tracing::Instrument;
 
 pub use self::sidecar::{RunningSidecar, Sidecar};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
-use crate::config::{Config, PeerSource};
+use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
+use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
     JwksFileSource, PeerClient, PeerError, PeerKeysApi, PeerTls, Refresher, TlsError, TrustFeed,
     TrustWriter,
@@ -92,7 +93,7 @@ const DRAIN_GRACE: Duration = Duration::from_secs(10);
 struct PeerServer {
     addr: SocketAddr,
     tcp: TcpListener,
-    tls: tonic::transport::ServerTlsConfig,
+    tls: Arc<rustls::ServerConfig>,
     api: PeerKeysApi,
 }
 
@@ -118,6 +119,8 @@ pub struct Daemon {
     listener: UnixListener,
     socket: PathBuf,
     keys_dir: PathBuf,
+    limits: LimitsConfig,
+    caps: FdCaps,
     peer_server: Option<PeerServer>,
     peer_addr: Option<SocketAddr>,
     clock: SharedClock,
@@ -143,6 +146,7 @@ impl Daemon {
             crate::telemetry::serve_metrics(addr)
                 .map_err(|detail| DaemonError::Metrics { addr, detail })?;
         }
+        let caps = fd_caps(&config);
         let (store, keys) = open_keys(&config, &clock).await?;
         let replay = Arc::new(JournalReplay::open(
             &config.keys_dir,
@@ -205,6 +209,8 @@ impl Daemon {
             listener,
             socket: config.socket,
             keys_dir: config.keys_dir,
+            limits: config.limits,
+            caps,
             peer_server,
             peer_addr,
             clock,
@@ -222,6 +228,12 @@ impl Daemon {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
         let cancel = self.shutdown.clone();
         let tracker = TaskTracker::new();
+        let limits = self.limits;
+        let listen = |max_connections| ListenLimits {
+            max_connections,
+            handshake_timeout: limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
+        };
         let kid = self
             .keys
             .current()
@@ -235,8 +247,17 @@ impl Daemon {
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(PeerServer { tcp, tls, api, .. }) = self.peer_server {
             let stop = cancel.clone();
+            let peer_listen = listen(self.caps.peer);
             tracker.spawn(async move {
-                if let Err(e) = crate::peers::serve(tcp, tls, api, stop.cancelled_owned()).await {
+                let served = crate::peers::serve(
+                    tcp,
+                    tls,
+                    api,
+                    &limits,
+                    peer_listen,
+                    stop.cancelled_owned(),
+                );
+                if let Err(e) = served.await {
                     tracing::error!(error = %e, "peer API server failed");
                 }
             });
@@ -257,15 +278,21 @@ impl Daemon {
             "tokend serving"
         );
         let stop = cancel.clone();
-        let serve = crate::api::serve(self.listener, self.api, async move {
-            tokio::select! {
-                _ = shutdown => {}
-                _ = stop.cancelled() => {}
-            }
-            // Ends the long-lived streams (SPIFFE bundles, peer watches) so the
-            // graceful drain below only waits for ordinary calls.
-            stop.cancel();
-        });
+        let serve = crate::api::serve(
+            self.listener,
+            self.api,
+            limits,
+            listen(self.caps.local),
+            async move {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = stop.cancelled() => {}
+                }
+                // Ends the long-lived streams (SPIFFE bundles, peer watches) so the
+                // graceful drain below only waits for ordinary calls.
+                stop.cancel();
+            },
+        );
         let drained = cancel.clone();
         let result = tokio::select! {
             r = serve => r,
@@ -293,6 +320,44 @@ impl Daemon {
     }
 }
 
+/// Raises the NOFILE soft limit and fits both listeners' caps under it.
+fn fd_caps(config: &Config) -> FdCaps {
+    let limits = &config.limits;
+    let peer = if config.peer_api.is_some() {
+        limits.peer_connections
+    } else {
+        0
+    };
+    let nofile = match crate::listen::raise_nofile() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the file descriptor limit; caps kept as configured");
+            return FdCaps {
+                local: limits.local_connections,
+                peer,
+                scaled: false,
+            };
+        }
+    };
+    let caps = crate::listen::fit_to_fds(nofile, limits.local_connections, peer);
+    if caps.scaled {
+        tracing::warn!(
+            nofile,
+            reserved = crate::listen::RESERVED_FDS,
+            local_connections = caps.local,
+            peer_connections = caps.peer,
+            "connection caps lowered to fit the file descriptor limit"
+        );
+    }
+    tracing::debug!(
+        nofile,
+        local = caps.local,
+        peer = caps.peer,
+        "connection caps"
+    );
+    caps
+}
+
 /// Binds the peer API's listener; its service serves the own keys.
 async fn bind_peer_api(
     config: &Config,
@@ -313,11 +378,12 @@ async fn bind_peer_api(
         config.trust_domain.clone(),
         keys.clone(),
         shutdown.clone(),
+        config.limits.peer_watches_per_caller,
     );
     Ok(PeerServer {
         addr,
         tcp,
-        tls: tls.server_config(),
+        tls: tls.rustls_server_config()?,
         api,
     })
 }

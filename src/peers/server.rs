@@ -6,11 +6,16 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 
+use crate::config::LimitsConfig;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::keys::{KeySet, KeyView, retires_at};
 use crate::proto::tokend::v1 as pb;
@@ -22,6 +27,49 @@ pub(crate) struct PeerKeysApi {
     td: TrustDomain,
     keys: KeyView,
     shutdown: tokio_util::sync::CancellationToken,
+    watches: Arc<WatchSlots>,
+}
+
+/// Open `WatchKeys` streams per caller identity, so that one certificate of
+/// the trust domain cannot hold an unbounded number of them.
+#[derive(Debug)]
+struct WatchSlots {
+    max: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl WatchSlots {
+    fn take(self: &Arc<Self>, caller: &str) -> Option<WatchSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let n = open.entry(caller.to_owned()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(WatchSlot {
+            slots: self.clone(),
+            caller: caller.to_owned(),
+        })
+    }
+}
+
+/// One open watch; dropping it (the stream ends or is cancelled) frees the slot.
+#[derive(Debug)]
+struct WatchSlot {
+    slots: Arc<WatchSlots>,
+    caller: String,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        let mut open = self.slots.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.caller);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PeerKeysApi {
@@ -57,18 +105,24 @@ fn key_set_message(id: &SpiffeId, set: &KeySet) -> pb::PeerKeySet {
 }
 
 impl PeerKeysApi {
-    /// The service for sidecar `id`; its watch streams end when `shutdown` is cancelled.
+    /// The service for sidecar `id`; its watch streams end when `shutdown`
+    /// is cancelled; each caller identity may hold `watches_per_caller` at once.
     pub(crate) fn new(
         id: SpiffeId,
         td: TrustDomain,
         keys: KeyView,
         shutdown: tokio_util::sync::CancellationToken,
+        watches_per_caller: usize,
     ) -> Self {
         Self {
             id,
             td,
             keys,
             shutdown,
+            watches: Arc::new(WatchSlots {
+                max: watches_per_caller,
+                open: Mutex::default(),
+            }),
         }
     }
 
@@ -104,26 +158,55 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         &self,
         req: Request<pb::GetKeysRequest>,
     ) -> Result<Response<KeyStream>, Status> {
-        tracing::info!(peer = %self.caller(&req), "peer watching keys");
+        let caller = self.caller(&req);
+        let Some(slot) = self.watches.take(&caller) else {
+            tracing::warn!(peer = %caller, max = self.watches.max, "too many key watches; refused");
+            return Err(Status::resource_exhausted(format!(
+                "at most {} concurrent WatchKeys per peer identity",
+                self.watches.max
+            )));
+        };
+        tracing::info!(peer = %caller, "peer watching keys");
         let id = self.id.clone();
-        let stream =
-            WatchStream::new(self.keys.subscribe()).map(move |set| Ok(key_set_message(&id, &set)));
+        let stream = WatchStream::new(self.keys.subscribe()).map(move |set| {
+            let _held = &slot;
+            Ok(key_set_message(&id, &set))
+        });
         let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))
     }
 }
 
-/// Serves `api` with mTLS on `listener` until `shutdown`.
+/// The largest request a peer may send (GetKeysRequest is empty).
+pub(crate) const MAX_PEER_REQUEST: usize = 4 * 1024;
+/// Concurrent streams per peer connection: a peer client uses one watch and
+/// an occasional GetKeys (`limits.max_streams_per_connection` if lower).
+pub(crate) const MAX_PEER_STREAMS: u32 = 4;
+
+/// Serves `api` with mTLS on `listener` until `shutdown`. The TLS handshake
+/// (client certificate required by `tls`) runs under `listen`'s deadline and
+/// connection cap; `limits` bounds time, `MAX_PEER_STREAMS` streams and
+/// `MAX_PEER_REQUEST` request size; HTTP/2 keepalive pings
+/// free the slots of peers that vanished without closing.
 pub(crate) async fn serve(
     listener: TcpListener,
-    tls: tonic::transport::ServerTlsConfig,
+    tls: Arc<rustls::ServerConfig>,
     api: PeerKeysApi,
+    limits: &LimitsConfig,
+    listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .tls_config(tls)?
-        .timeout(std::time::Duration::from_secs(30))
-        .add_service(pb::peer_service_server::PeerServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+    crate::listen::server(
+        limits,
+        MAX_PEER_STREAMS.min(limits.max_streams_per_connection),
+    )
+    .http2_keepalive_interval(Some(Duration::from_secs(30)))
+    .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    .layer(crate::listen::TrackLayer::<TlsConnectInfo<TcpConnectInfo>>::new())
+    .add_service(
+        pb::peer_service_server::PeerServiceServer::new(api)
+            .max_decoding_message_size(MAX_PEER_REQUEST),
+    )
+    .serve_with_incoming_shutdown(crate::listen::tls(listener, tls, listen), shutdown)
+    .await
 }

@@ -102,8 +102,6 @@ pub(crate) fn spiffe_id_of(der: &[u8], td: &TrustDomain) -> Result<SpiffeId, Str
 /// The loaded CA, certificate and key of this sidecar.
 #[derive(Clone)]
 pub(crate) struct PeerTls {
-    ca_pem: Vec<u8>,
-    cert_pem: Vec<u8>,
     key_pem: Vec<u8>,
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
@@ -186,8 +184,6 @@ impl PeerTls {
             });
         }
         let tls = Self {
-            ca_pem,
-            cert_pem,
             key_pem,
             roots: Arc::new(roots),
             chain,
@@ -205,14 +201,28 @@ impl PeerTls {
         Ok(tls)
     }
 
-    /// The server side: present our certificate, require a client certificate from the CA.
-    pub(crate) fn server_config(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
-            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+    /// The server side as a rustls config, for the peer listener that runs
+    /// the handshake itself (under a deadline): our chain, a client
+    /// certificate from the CA required, ALPN h2.
+    pub(crate) fn rustls_server_config(&self) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = |e: String| TlsError::Config(e);
+        let clients = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .map_err(|e| config(format!("peer_api.ca: {e}")))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| config(e.to_string()))?;
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| config(e.to_string()))?
+            .with_client_cert_verifier(clients)
+            .with_single_cert(self.chain.clone(), key)
+            .map_err(|e| config(format!("peer_api.cert: {e}")))?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(cfg))
     }
 
     fn verifier(&self) -> SpiffeServerVerifier {

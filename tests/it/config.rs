@@ -90,3 +90,16 @@ fn inconsistent_values() {
         &["rotation.publish_ahead"],
     );
 }
+
+/// A `[limits]` value out of range stops the start, naming the key and range.
+#[test]
+fn limits_out_of_range() {
+    start_fails(
+        "[limits]\nmax_request_bytes = 100",
+        &["limits.max_request_bytes", "between"],
+    );
+    start_fails(
+        "[limits]\nidle_timeout = \"forever\"",
+        &["forever", "idle_timeout"],
+    );
+}

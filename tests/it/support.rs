@@ -35,6 +35,8 @@ pub struct Sidecar {
     pub config: PathBuf,
     child: Option<Child>,
     stderr_path: PathBuf,
+    /// A command the sidecar runs under (e.g. `prlimit --nofile=N:N`), or empty.
+    wrapper: Vec<String>,
 }
 
 /// Writes a config for `name` under `root/name/` with `extra` TOML appended.
@@ -73,14 +75,52 @@ impl Sidecar {
             dir,
             child: None,
             stderr_path: root.join(format!("{name}.stderr")),
+            wrapper: Vec::new(),
         };
         s.spawn()?;
         Ok(s)
     }
 
+    /// Configures and starts `name` under `wrapper` (a command that execs
+    /// its arguments, so the pid stays the sidecar's), e.g. `prlimit`.
+    pub fn start_under(root: &Path, name: &str, extra: &str, wrapper: &[&str]) -> Sidecar {
+        let cfg = write_config(root, name, extra);
+        let dir = root.join(name);
+        let mut s = Sidecar {
+            name: name.to_owned(),
+            socket: dir.join("tokend.sock"),
+            keys_dir: dir.join("keys"),
+            config: cfg,
+            dir,
+            child: None,
+            stderr_path: root.join(format!("{name}.stderr")),
+            wrapper: wrapper.iter().map(|w| (*w).to_owned()).collect(),
+        };
+        s.spawn().unwrap_or_else(|out| {
+            panic!(
+                "sidecar {name} did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        s
+    }
+
+    /// The process id of the running sidecar.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     fn spawn(&mut self) -> Result<(), Output> {
         let stderr = std::fs::File::create(&self.stderr_path).expect("stderr file");
-        let mut child = Command::new(bin())
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(bin()),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin());
+                c
+            }
+        };
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("TOKEND_LOG", "info")
@@ -523,4 +563,49 @@ pub fn wait_for_socket(sock: &Path) {
 pub fn sigterm(child: &Child) {
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+}
+
+/// What a process holds, from /proc: open fds, resident memory, CPU time.
+#[derive(Clone, Copy, Debug)]
+pub struct Probe {
+    pub fds: usize,
+    pub rss_kib: u64,
+    pub cpu_ticks: u64,
+    pub threads: u64,
+}
+
+impl Probe {
+    /// Reads /proc/<pid>.
+    pub fn of(pid: u32) -> Probe {
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the ")" of the command name: state is #3; utime #14, stime #15.
+        let after: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let tick = |i: usize| {
+            after
+                .get(i - 3)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Probe {
+            fds,
+            rss_kib: field("VmRSS:"),
+            cpu_ticks: tick(14) + tick(15),
+            threads: field("Threads:"),
+        }
+    }
 }

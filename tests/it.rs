@@ -1,6 +1,8 @@
 #![allow(unreachable_pub, missing_docs, clippy::unwrap_used)]
-//! The one integration-test binary: real `tokend` processes on temp sockets,
-//! driven through the CLI and over gRPC, plus the published test vectors.
+//! The one integration-test binary: sidecars in-process on a shared manual
+//! clock (`inproc`) or as real `tokend` processes (`support`, for what only a
+//! process shows), on temp sockets, driven through the CLI and over gRPC,
+//! plus the published test vectors.
 
 #[path = "it/support.rs"]
 mod support;

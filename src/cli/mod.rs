@@ -156,7 +156,8 @@ pub enum KeysCommand {
         /// The sidecar's socket.
         #[command(flatten)]
         socket: SocketArg,
-        /// The key id.
+        /// The key id (a base64url thumbprint: it may start with `-`).
+        #[arg(allow_hyphen_values = true)]
         kid: String,
     },
 }

@@ -60,6 +60,22 @@ impl Bank {
         self.clock.advance(Duration::from_secs(secs));
     }
 
+    /// Sets the bank's clock to `secs` (forward only).
+    pub fn advance_to(&self, secs: i64) {
+        assert!(secs >= self.now(), "the bank's clock only moves forward");
+        self.clock.set(at(secs));
+    }
+
+    /// Standard claims from `iss` to `aud`, valid for `ttl` seconds from
+    /// now by the bank's clock.
+    pub fn claims(&self, iss: &str, aud: &str, ttl: i64) -> serde_json::Value {
+        let t = self.now();
+        serde_json::json!({
+            "iss": id(iss), "sub": id(iss), "aud": id(aud),
+            "iat": t, "nbf": t, "exp": t + ttl, "jti": format!("jti-{iss}-{t}"),
+        })
+    }
+
     /// A builder for sidecar `name` on the bank's clock (no peer API).
     pub fn sidecar(&self, name: &str) -> Sidecar {
         Sidecar::new(self.root.path(), name).clock(Arc::new(self.clock.clone()))
@@ -101,9 +117,9 @@ impl Node {
         self.running().socket().to_owned()
     }
 
-    /// Its keys directory.
+    /// Its keys directory (also while it is stopped).
     pub fn keys_dir(&self) -> PathBuf {
-        self.running().dir().join("keys")
+        self.builder.dir().join("keys")
     }
 
     /// Its peer API address.
@@ -111,24 +127,44 @@ impl Node {
         self.running().peer_addr().expect("peer api")
     }
 
-    /// Stops it as SIGTERM would.
+    /// Stops it as SIGTERM would (a no-op if it is stopped). A later
+    /// `start` listens on the same peer port.
     pub async fn stop(&mut self) {
         if let Some(r) = self.running.take() {
+            if let Some(a) = r.peer_addr() {
+                self.builder = self.builder.clone().peer_listen(a);
+            }
             r.stop().await.expect("clean stop");
         }
+    }
+
+    /// Starts it again after `stop`, with the same directory and peer port.
+    pub async fn start(&mut self) {
+        assert!(
+            self.running.is_none(),
+            "{} is running",
+            self.builder.dir().display()
+        );
+        self.running = Some(self.builder.start().await.expect("sidecar restarts"));
     }
 
     /// Stops and starts it again with the same directory (and, if it serves
     /// one, the same peer port).
     pub async fn restart(&mut self) {
-        let addr = self.running().peer_addr();
         self.stop().await;
-        let mut b = self.builder.clone();
-        if let Some(a) = addr {
-            b = b.peer_listen(a);
-        }
-        self.running = Some(b.start().await.expect("sidecar restarts"));
-        self.builder = b;
+        self.start().await;
+    }
+
+    /// Runs the `tokend` CLI with `args` against its socket (on the blocking
+    /// pool, so the sidecar keeps serving on any runtime flavour).
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = std::process::Command::new(crate::support::bin());
+        cmd.args(args)
+            .env("TOKEND_SOCKET", self.socket())
+            .stdin(std::process::Stdio::null());
+        tokio::task::spawn_blocking(move || cmd.output().expect("run the tokend CLI"))
+            .await
+            .expect("cli task")
     }
 
     /// A token client.
@@ -218,6 +254,17 @@ impl Node {
             .issuers
     }
 
+    /// What this sidecar holds for `issuer` (a service name): source, keys,
+    /// last error; empty if it holds nothing.
+    pub async fn issuer(&self, issuer: &str) -> pb::IssuerKeys {
+        let want = id(issuer);
+        self.trusted()
+            .await
+            .into_iter()
+            .find(|i| i.issuer == want)
+            .unwrap_or_default()
+    }
+
     /// The kids this sidecar trusts for `issuer` (a service name).
     pub async fn kids_of(&self, issuer: &str) -> Vec<String> {
         let want = id(issuer);
@@ -248,4 +295,39 @@ impl Node {
 /// The wall-clock instant of `secs`, for building claims at the bank's time.
 pub fn at(secs: i64) -> UnixTime {
     UnixTime::from_secs(secs)
+}
+
+/// Everything in-process sidecars log (INFO and above, plain text), from the
+/// moment the first test asks for it: one global subscriber for the whole
+/// test binary, so a test picks its own lines out by something unique to it
+/// (a port, a kid).
+pub fn logs() -> String {
+    static LOGS: std::sync::OnceLock<Arc<std::sync::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    let buf = LOGS.get_or_init(|| {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("the only global subscriber");
+        buf
+    });
+    String::from_utf8_lossy(&buf.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+struct Sink(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

@@ -1,8 +1,9 @@
-//! Peers over mTLS: real sidecars of one trust domain on 127.0.0.1, plus
-//! in-process impostor and malicious peers holding real CA-issued certificates.
+//! Peers over mTLS: in-process sidecars of one trust domain on 127.0.0.1
+//! (real sockets, TLS and gRPC), plus impostor and malicious peers holding
+//! real CA-issued certificates.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 
 use tokend::SigningKey;
@@ -10,7 +11,8 @@ use tokend::pb::tokend as pb;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use crate::support::*;
+use crate::inproc::{Bank, logs};
+use crate::support::{eventually, forge, id};
 
 /// A peer that serves whatever the test scripts.
 #[derive(Clone)]
@@ -40,16 +42,23 @@ impl pb::peer_service_server::PeerService for FakePeer {
     }
 }
 
-/// Serves `fake` with mTLS as `name`, using the CA under `ca_root/ca` and a certificate it issues.
-async fn serve_fake(ca_root: &Path, name: &str, fake: FakePeer) -> SocketAddr {
-    let peer_dir = ca_issue(&ca_root.join("ca"), ca_root, name);
+/// Issues `<bank>/<name>/peer/{cert,key}.pem` from the bank's CA.
+fn issue(bank: &Bank, name: &str) -> PathBuf {
+    let dir = bank.root().join(name).join("peer");
+    tokend::ca_issue(&bank.ca(), name, &dir, &[], 1).expect("ca issue");
+    dir
+}
+
+/// Serves `fake` with mTLS as `name`, with a certificate from `bank`'s CA.
+async fn serve_fake(bank: &Bank, name: &str, fake: FakePeer) -> SocketAddr {
+    let peer_dir = issue(bank, name);
     let read = |p: &Path| std::fs::read(p).expect("read pem");
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(Identity::from_pem(
             read(&peer_dir.join("cert.pem")),
             read(&peer_dir.join("key.pem")),
         ))
-        .client_ca_root(Certificate::from_pem(read(&ca_root.join("ca/ca.pem"))));
+        .client_ca_root(Certificate::from_pem(read(&bank.ca().join("ca.pem"))));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -84,18 +93,18 @@ fn set_of(claimed: &str, keys: &[&SigningKey]) -> pb::PeerKeySet {
 
 /// The core guarantee: A's token is accepted by B as A; C's private key cannot
 /// produce a token B accepts as A (with C's kid or A's); C's own token is C's.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stolen_peer_key_cannot_impersonate_another() {
-    let root = tmp();
-    ca_init(root.path());
-    let a = Sidecar::start_peer(root.path(), "payments", &[], "");
-    let c = Sidecar::start_peer(root.path(), "archive", &[], "");
-    let b = Sidecar::start_peer(
-        root.path(),
-        "ledger",
-        &[("payments", a.peer_addr()), ("archive", c.peer_addr())],
-        "",
-    );
+    let bank = Bank::new();
+    let a = bank.start(bank.peer("payments")).await;
+    let c = bank.start(bank.peer("archive")).await;
+    let b = bank
+        .start(
+            bank.peer("ledger")
+                .peer("payments", a.peer_addr())
+                .peer("archive", c.peer_addr()),
+        )
+        .await;
 
     let m = a.mint("ledger").await;
     let v = b.verify(&m.token).await.expect("B accepts A's token");
@@ -105,7 +114,7 @@ async fn stolen_peer_key_cannot_impersonate_another() {
     );
 
     let stolen = c.signing_key();
-    let claims = claims("payments", "ledger", 60);
+    let claims = bank.claims("payments", "ledger", 60);
     assert_eq!(
         b.verify(&forge(&stolen, stolen.kid(), &claims))
             .await
@@ -121,7 +130,7 @@ async fn stolen_peer_key_cannot_impersonate_another() {
         Some("bad_signature")
     );
     // C may not claim to act for A either: sub must equal iss without delegation.
-    let mut c_as_a = claims_from("archive", "ledger");
+    let mut c_as_a = bank.claims("archive", "ledger", 60);
     c_as_a["sub"] = id("payments").into();
     assert_eq!(
         b.verify(&forge(&stolen, stolen.kid(), &c_as_a))
@@ -135,53 +144,50 @@ async fn stolen_peer_key_cannot_impersonate_another() {
     let v = b.verify(&own.token).await.expect("C's own token");
     assert_eq!(v.issuer, id("archive"));
     assert_eq!(
-        b.issuer_entry("payments")["source"],
+        b.issuer("payments").await.source,
         format!("peer:https://{}", a.peer_addr())
     );
 }
 
-fn claims_from(iss: &str, aud: &str) -> serde_json::Value {
-    claims(iss, aud, 60)
-}
-
 /// An address configured as A serves a certificate saying C and a message
 /// claiming to be A's keys: B files those keys under C, never under A.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_are_bound_to_the_certificate_not_the_message() {
-    let root = tmp();
-    ca_init(root.path());
+    let bank = Bank::new();
+    logs();
     let x = new_key();
     let fake = FakePeer {
         watch: vec![set_of("payments", &[&x])],
         unary: set_of("payments", &[&x]),
     };
-    let impostor = serve_fake(root.path(), "archive", fake).await;
+    let impostor = serve_fake(&bank, "archive", fake).await;
     let dead: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-    let b = Sidecar::start_peer(
-        root.path(),
-        "ledger",
-        &[("payments", impostor), ("archive", dead)],
-        "",
-    );
+    let b = bank
+        .start(
+            bank.peer("ledger")
+                .peer("payments", impostor)
+                .peer("archive", dead),
+        )
+        .await;
 
     assert!(
-        eventually(15, || async {
-            b.kids_of("archive").contains(&x.kid().to_owned())
+        eventually(5, || async {
+            b.kids_of("archive").await.contains(&x.kid().to_owned())
         })
         .await,
-        "keys filed under the certificate's identity: {}",
-        b.jwks_all()
+        "keys filed under the certificate's identity: {:?}",
+        b.trusted().await
     );
     assert!(
-        b.kids_of("payments").is_empty(),
+        b.kids_of("payments").await.is_empty(),
         "nothing filed under the claimed identity"
     );
-    let as_payments = forge(&x, x.kid(), &claims("payments", "ledger", 60));
+    let as_payments = forge(&x, x.kid(), &bank.claims("payments", "ledger", 60));
     assert_eq!(
         b.verify(&as_payments).await.err().as_deref(),
         Some("unknown_kid")
     );
-    let as_archive = forge(&x, x.kid(), &claims("archive", "ledger", 60));
+    let as_archive = forge(&x, x.kid(), &bank.claims("archive", "ledger", 60));
     assert_eq!(
         b.verify(&as_archive)
             .await
@@ -189,9 +195,17 @@ async fn keys_are_bound_to_the_certificate_not_the_message() {
             .issuer,
         id("archive")
     );
+    // B's line for this peer (its span names the address it dialled).
+    let logged = logs();
+    let mismatch = logged
+        .lines()
+        .filter(|l| l.contains("peer address serves another identity"))
+        .find(|l| l.contains(&format!("authority: \"{impostor}\"")));
+    let mismatch = mismatch.unwrap_or_else(|| panic!("the mismatch is logged"));
     assert!(
-        b.stderr().contains("peer address serves another identity"),
-        "the mismatch is logged"
+        mismatch.contains(&format!("configured={}", id("payments")))
+            && mismatch.contains(&format!("presented={}", id("archive"))),
+        "{mismatch}"
     );
 }
 
@@ -230,16 +244,14 @@ fn identity_of(dir: &Path) -> Identity {
 /// A client certificate from another CA, or none, is refused at the handshake;
 /// one from the trust domain's CA is served. B, as a client, refuses a server
 /// whose certificate comes from another CA.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_ca_and_missing_certificates_are_refused() {
-    let root = tmp();
-    ca_init(root.path());
-    let other = tmp();
-    ca_init(other.path());
-    let ca_pem = std::fs::read(root.path().join("ca/ca.pem")).expect("ca");
+    let bank = Bank::new();
+    let other = Bank::new();
+    let ca_pem = std::fs::read(bank.ca().join("ca.pem")).expect("ca");
 
     let foreign_fake = serve_fake(
-        other.path(),
+        &other,
         "payments",
         FakePeer {
             watch: vec![],
@@ -247,10 +259,12 @@ async fn foreign_ca_and_missing_certificates_are_refused() {
         },
     )
     .await;
-    let b = Sidecar::start_peer(root.path(), "ledger", &[("payments", foreign_fake)], "");
+    let b = bank
+        .start(bank.peer("ledger").peer("payments", foreign_fake))
+        .await;
     let addr = b.peer_addr();
 
-    let foreign = ca_issue(&other.path().join("ca"), other.path(), "auditor");
+    let foreign = issue(&other, "auditor");
     assert!(
         get_keys(addr, &ca_pem, Some(identity_of(&foreign)))
             .await
@@ -261,7 +275,7 @@ async fn foreign_ca_and_missing_certificates_are_refused() {
         get_keys(addr, &ca_pem, None).await.is_err(),
         "no client certificate refused"
     );
-    let ours = ca_issue(&root.path().join("ca"), root.path(), "auditor");
+    let ours = issue(&bank, "auditor");
     let set = get_keys(addr, &ca_pem, Some(identity_of(&ours)))
         .await
         .expect("own CA served");
@@ -269,73 +283,75 @@ async fn foreign_ca_and_missing_certificates_are_refused() {
     assert!(set.jwks_json.contains(&b.signing_key().kid().to_owned()));
 
     assert!(
-        eventually(15, || async {
-            !b.issuer_entry("payments")["last_error"].is_null()
+        eventually(5, || async {
+            !b.issuer("payments").await.last_error.is_empty()
         })
         .await,
         "B records the refused server"
     );
-    let err = b.issuer_entry("payments")["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let err = b.issuer("payments").await.last_error;
     assert!(
         err.to_lowercase().contains("certificate") || err.contains("UnknownIssuer"),
         "{err}"
     );
     assert!(
-        b.kids_of("payments").is_empty(),
+        b.kids_of("payments").await.is_empty(),
         "no keys from a foreign-CA server"
     );
 }
 
 /// A stops and restarts: B verifies A's tokens throughout. A's keys wiped and
 /// regenerated: B learns the new key when a token names it.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_restart_and_brand_new_key() {
-    let root = tmp();
-    ca_init(root.path());
-    let mut a = Sidecar::start_peer(root.path(), "payments", &[], "");
-    let b = Sidecar::start_peer(root.path(), "ledger", &[("payments", a.peer_addr())], "");
+    let bank = Bank::new();
+    let mut a = bank.start(bank.peer("payments")).await;
+    let b = bank
+        .start(bank.peer("ledger").peer("payments", a.peer_addr()))
+        .await;
     assert!(
-        eventually(10, || async { !b.kids_of("payments").is_empty() }).await,
+        eventually(5, || async { !b.kids_of("payments").await.is_empty() }).await,
         "initial set over the watch"
     );
     let first = a.mint("ledger").await;
     assert!(b.verify(&first.token).await.is_ok());
 
-    a.stop();
+    a.stop().await;
     for _ in 0..3 {
         assert!(
             b.verify(&first.token).await.is_ok(),
             "A down: its last keys stay in use"
         );
     }
-    a.restart();
+    a.start().await;
     let again = a.mint("ledger").await;
     assert_eq!(again.kid, first.kid);
     assert!(b.verify(&again.token).await.is_ok());
 
-    a.stop();
-    std::fs::remove_dir_all(&a.keys_dir).expect("wipe keys");
-    a.restart();
+    a.stop().await;
+    std::fs::remove_dir_all(a.keys_dir()).expect("wipe keys");
+    a.start().await;
     let fresh = a.mint("ledger").await;
     assert_ne!(fresh.kid, first.kid, "a brand-new key");
     let v = b
         .verify(&fresh.token)
         .await
-        .unwrap_or_else(|e| panic!("new kid learnt on demand: {e}\n{}", b.stderr()));
+        .unwrap_or_else(|e| panic!("new kid learnt on demand: {e}"));
     assert_eq!(v.kid, fresh.kid);
+    assert_eq!(
+        b.kids_of("payments").await,
+        vec![fresh.kid.clone()],
+        "A's new set replaced the old one"
+    );
 }
 
 /// Malicious peers: one sends a 10 MB key set, one sends 10,000 keys. Both are
 /// refused with a recorded reason, their previous (valid) sets stay in use,
 /// and B keeps verifying everyone else.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_key_sets_are_refused() {
-    let root = tmp();
-    ca_init(root.path());
-    let a = Sidecar::start_peer(root.path(), "payments", &[], "");
+    let bank = Bank::new();
+    let a = bank.start(bank.peer("payments")).await;
 
     let m_key = new_key();
     let many = pb::PeerKeySet {
@@ -348,7 +364,7 @@ async fn oversized_key_sets_are_refused() {
         ..Default::default()
     };
     let mallory = serve_fake(
-        root.path(),
+        &bank,
         "mallory",
         FakePeer {
             watch: vec![set_of("mallory", &[&m_key]), many.clone()],
@@ -365,7 +381,7 @@ async fn oversized_key_sets_are_refused() {
         ..Default::default()
     };
     let bulk = serve_fake(
-        root.path(),
+        &bank,
         "bulk",
         FakePeer {
             watch: vec![set_of("bulk", &[&k_key]), huge.clone()],
@@ -374,44 +390,37 @@ async fn oversized_key_sets_are_refused() {
     )
     .await;
 
-    let b = Sidecar::start_peer(
-        root.path(),
-        "ledger",
-        &[
-            ("payments", a.peer_addr()),
-            ("mallory", mallory),
-            ("bulk", bulk),
-        ],
-        "",
-    );
+    let b = bank
+        .start(
+            bank.peer("ledger")
+                .peer("payments", a.peer_addr())
+                .peer("mallory", mallory)
+                .peer("bulk", bulk),
+        )
+        .await;
     assert!(
-        eventually(20, || async {
-            let e = b.issuer_entry("mallory");
-            e["last_error"]
-                .as_str()
-                .is_some_and(|s| s.contains("10000 keys"))
+        eventually(5, || async {
+            b.issuer("mallory").await.last_error.contains("10000 keys")
         })
         .await,
-        "10,000 keys refused: {}",
-        b.issuer_entry("mallory")
+        "10,000 keys refused: {:?}",
+        b.issuer("mallory").await
     );
     assert!(
-        eventually(20, || async {
-            b.issuer_entry("bulk")["last_error"]
-                .as_str()
-                .is_some_and(|s| s.contains("too large"))
+        eventually(5, || async {
+            b.issuer("bulk").await.last_error.contains("too large")
         })
         .await,
-        "10 MB refused: {}",
-        b.issuer_entry("bulk")
+        "10 MB refused: {:?}",
+        b.issuer("bulk").await.last_error
     );
     assert_eq!(
-        b.kids_of("mallory"),
+        b.kids_of("mallory").await,
         vec![m_key.kid().to_owned()],
         "previous set stays"
     );
     assert_eq!(
-        b.kids_of("bulk"),
+        b.kids_of("bulk").await,
         vec![k_key.kid().to_owned()],
         "previous set stays"
     );
@@ -419,7 +428,7 @@ async fn oversized_key_sets_are_refused() {
         b.verify(&a.mint("ledger").await.token).await.is_ok(),
         "other issuers unaffected"
     );
-    let t = forge(&m_key, m_key.kid(), &claims("mallory", "ledger", 60));
+    let t = forge(&m_key, m_key.kid(), &bank.claims("mallory", "ledger", 60));
     assert_eq!(
         b.verify(&t)
             .await

@@ -175,7 +175,7 @@ async fn no_failed_call_across_five_rotations() {
                     track(&mut kids, &m.kid);
                 }
                 calls += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             (calls, kids)
         })

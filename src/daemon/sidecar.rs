@@ -133,6 +133,9 @@ impl Sidecar {
             "name = \"{}\"\ntrust_domain = \"{}\"\nsocket = \"tokend.sock\"\nkeys_dir = \"keys\"\n",
             self.name, self.trust_domain
         );
+        // The caller's TOML first, so its top-level keys (admin_uids...)
+        // come before any table this builder adds.
+        toml.push_str(&self.extra);
         if let Some(ca) = &self.ca {
             let peer_dir = dir.join("peer");
             if !peer_dir.join(crate::ca::PEER_CERT).exists() {
@@ -151,7 +154,6 @@ impl Sidecar {
                 "[[peers]]\nname = \"{peer}\"\naddress = \"https://{addr}\"\n"
             ));
         }
-        toml.push_str(&self.extra);
         Ok(toml)
     }
 

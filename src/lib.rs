@@ -1,27 +1,29 @@
 //! tokend: a service-to-service token sidecar.
 //!
-//! The crate is layered; a module only uses modules of the layers below it.
+//! The crate is layered; a module only uses modules of the layers below it
+//! (`.ci/check-layers` checks every `crate::` path).
 //!
-//! 1. Vocabulary (pure): `reason` (the stable refusal codes and `Refusal`),
+//! 0. Vocabulary (pure): `reason` (the stable refusal codes and `Refusal`),
 //!    `time` (`UnixTime`, the `Clock`: the only wall-clock reader),
-//!    `identity` (trust domains, SPIFFE IDs, audiences), `proto` (generated).
-//! 2. `jose`: the token format (claim names and limits, compact JWS, JWK
-//!    import, the ring provider for jsonwebtoken). Pure.
-//! 3. `keys`: this sidecar's signing keys, their crash-safe directory, the
+//!    `identity` (trust domains, SPIFFE IDs, audiences), `proto`
+//!    (generated), `shutdown` (signals, stream cancellation).
+//! 1. `jose`: the token format (claim names and limits, compact JWS, strict
+//!    JSON, JWK import, the ring provider for jsonwebtoken). Pure.
+//! 2. `keys`: this sidecar's signing keys, their crash-safe directory, the
 //!    rotation planner (pure) and its loop; published as `KeySet` snapshots.
-//! 4. `engine`: mint, verify (`verify_at`, pure, at an explicit `now`),
-//!    delegation, one-time claims, and immutable `TrustSet` snapshots. Opens
-//!    no socket and no file.
-//! 5. `peers` (trust sources feeding one writer: mTLS peers, JWKS files; and
-//!    the peer-facing server), `api` (the local gRPC services, each with
-//!    its own handles; the one refusal → status mapping), `listen` (both
-//!    listeners' connection caps, handshake and idle deadlines, accept
-//!    back-off, NOFILE) and `replay_log` (the one-time claims journal).
-//! 6. `config` (TOML → typed sections that build their policies), `ca`
-//!    (the trust domain's CA), `telemetry`, `shutdown`.
-//! 7. `daemon`: the only module that knows every other; `Daemon` for the
+//! 3. `engine`: mint, verify (`verify_at`, pure, at an explicit `now`), the
+//!    verify cache, delegation, one-time claims, immutable `TrustSet`
+//!    snapshots. Opens no socket and no file.
+//! 4. `config`: TOML → typed sections that build their policies.
+//! 5. `listen`: both listeners' caps, deadlines and accept back-off.
+//! 6. `peers` (trust sources feeding one writer; the peer-facing server),
+//!    `api` (the local gRPC services, each with its own handles; the one
+//!    refusal → status mapping), `telemetry`, `replay_log` (the one-time
+//!    claims journal).
+//! 7. `ca`: the trust domain's CA and peer certificates.
+//! 8. `daemon`: the only module that knows every other; `Daemon` for the
 //!    binary, `Sidecar` in-process for tests and the demo.
-//! 8. `cli`: the command line, on top.
+//! 9. `cli`: the command line, on top.
 
 mod api;
 mod ca;

@@ -170,7 +170,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             claims: Default::default(),
             one_time: false,
         };
-        let m = self.engine.mint(&request).map_err(status)?;
+        let m = self.engine.mint_off_thread(request).await.map_err(status)?;
         Ok(Response::new(pb::JwtsvidResponse {
             svids: vec![pb::Jwtsvid {
                 spiffe_id: own.to_string(),

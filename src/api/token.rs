@@ -77,7 +77,7 @@ impl pb::token_service_server::TokenService for TokenApi {
             claims: parse_claims(&r.claims_json).map_err(|e| status(e.into()))?,
             one_time: r.one_time,
         };
-        let m = self.engine.mint(&request).map_err(status)?;
+        let m = self.engine.mint_off_thread(request).await.map_err(status)?;
         Ok(Response::new(pb::MintResponse {
             token: m.token,
             kid: m.kid,

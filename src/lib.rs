@@ -46,7 +46,7 @@ mod time;
 pub use crate::api::{REASON_KEY, connect, detail_of, reason_of};
 pub use crate::ca::{init as ca_init, issue as ca_issue};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
-pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar};
+pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar, SidecarError};
 pub use crate::engine::{
     Engine, MintPolicy, MintRequest, Minted, TrustSet, TrustUpdate, TrustView, Unverified,
     Verified, VerifyPolicy, verify_at,

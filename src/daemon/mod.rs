@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use self::sidecar::{RunningSidecar, Sidecar};
+pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};

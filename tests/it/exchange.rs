@@ -1,73 +1,55 @@
-//! Token exchange (RFC 8693 delegation) across real sidecars: the delegated
-//! token keeps the original subject, every link is verified, and a
-//! compromised middle service cannot fabricate a link.
+//! Token exchange (RFC 8693 delegation) across in-process sidecars talking
+//! mTLS to each other: the delegated token keeps the original subject, every
+//! link is verified, and a compromised middle service cannot fabricate a link.
 
 use tokend::pb::tokend as pb;
 
-use crate::support::*;
+use crate::inproc::{Bank, Node};
+use crate::support::{forge, id, payload, with_payload};
 
 /// payments → ledger → archive, with ledger and archive trusting each other
 /// and payments.
-fn bank(root: &std::path::Path) -> (Sidecar, Sidecar, Sidecar) {
-    ca_init(root);
-    let a = Sidecar::start_peer(root, "payments", &[], "");
+async fn bank() -> (Bank, Node, Node, Node) {
+    let bank = Bank::new();
+    let a = bank.start(bank.peer("payments")).await;
     // archive's address is needed by ledger and vice versa: reserve archive's port first.
-    let archive_port = std::net::TcpListener::bind("127.0.0.1:0")
+    let archive_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr");
-    let b = Sidecar::start_peer(
-        root,
-        "ledger",
-        &[("payments", a.peer_addr()), ("archive", archive_port)],
-        "",
-    );
-    ca_issue(&root.join("ca"), root, "archive");
-    let cfg = write_config(
-        root,
-        "archive",
-        &peer_config(
-            archive_port.port(),
-            &[("payments", a.peer_addr()), ("ledger", b.peer_addr())],
-            "",
-        ),
-    );
-    let c = Sidecar::start_with(root, "archive", &cfg)
-        .unwrap_or_else(|o| panic!("{}", String::from_utf8_lossy(&o.stderr)));
-    (a, b, c)
-}
-
-async fn exchange(
-    s: &Sidecar,
-    token: &str,
-    audience: &str,
-) -> Result<pb::ExchangeResponse, String> {
-    let req = pb::ExchangeRequest {
-        token: token.into(),
-        audience: audience.into(),
-        ttl_seconds: 0,
-    };
-    s.tokens()
-        .await
-        .exchange(req)
-        .await
-        .map(|r| r.into_inner())
-        .map_err(|st| {
-            tokend::reason_of(&st)
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| st.to_string())
-        })
+    let b = bank
+        .start(
+            bank.peer("ledger")
+                .peer("payments", a.peer_addr())
+                .peer("archive", archive_addr),
+        )
+        .await;
+    let c = bank
+        .start(
+            bank.peer("archive")
+                .peer_listen(archive_addr)
+                .peer("payments", a.peer_addr())
+                .peer("ledger", b.peer_addr()),
+        )
+        .await;
+    // Ready when each has its peers' keys: a token arriving earlier waits at
+    // most one second for an on-demand fetch, which a loaded machine can miss.
+    b.learns(&["payments", "archive"]).await;
+    c.learns(&["payments", "ledger"]).await;
+    (bank, a, b, c)
 }
 
 /// A delegated token names the original subject, the actor, and verifies
 /// through every link; the chain is capped at three links.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delegation_chain_verifies_and_is_bounded() {
-    let root = tmp();
-    let (a, b, c) = bank(root.path());
+    let (bank, a, b, c) = bank().await;
     let t1 = a.mint("ledger").await.token;
 
-    let out = b.cli_stdin(&["exchange", "--audience", "archive", "-"], Some(&t1));
+    // The first link through the CLI (`exchange -` reads the token on stdin).
+    let out = b
+        .cli_stdin(&["exchange", "--audience", "archive", "-"], Some(&t1))
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -92,18 +74,12 @@ async fn delegation_chain_verifies_and_is_bounded() {
     );
 
     // archive → ledger → archive: links 2 and 3 verify; a fourth is refused.
-    let t3 = exchange(&c, &t2, "ledger")
-        .await
-        .expect("second link")
-        .token;
+    let t3 = c.exchange(&t2, "ledger").await.expect("second link").token;
     assert_eq!(
         b.verify(&t3).await.expect("ledger accepts 2 links").subject,
         id("payments")
     );
-    let t4 = exchange(&b, &t3, "archive")
-        .await
-        .expect("third link")
-        .token;
+    let t4 = b.exchange(&t3, "archive").await.expect("third link").token;
     assert_eq!(
         c.verify(&t4)
             .await
@@ -112,33 +88,43 @@ async fn delegation_chain_verifies_and_is_bounded() {
         id("payments")
     );
     assert_eq!(
-        exchange(&c, &t4, "ledger").await.err().as_deref(),
+        c.exchange(&t4, "ledger").await.err().as_deref(),
         Some("permission_denied")
     );
 
     // Only tokens addressed to the exchanging sidecar can be exchanged.
     let not_for_b = a.mint("archive").await.token;
     assert_eq!(
-        exchange(&b, &not_for_b, "archive").await.err().as_deref(),
+        b.exchange(&not_for_b, "archive").await.err().as_deref(),
         Some("wrong_audience")
     );
     assert_eq!(
-        exchange(&b, "garbage", "archive").await.err().as_deref(),
+        b.exchange("garbage", "archive").await.err().as_deref(),
         Some("malformed")
+    );
+
+    // A link dies with the token it was made from: one second past t1's exp
+    // and the default 30 s skew (by the bank's clock), the delegated token
+    // is expired and t1 can no longer be exchanged.
+    let t1_exp = payload(&t1)["exp"].as_i64().expect("exp");
+    bank.advance(u64::try_from(t1_exp + 30 + 1 - bank.now()).expect("exp ahead"));
+    assert_eq!(c.verify(&t2).await.err().as_deref(), Some("expired"));
+    assert_eq!(
+        b.exchange(&t1, "archive").await.err().as_deref(),
+        Some("expired")
     );
 }
 
 /// ledger is compromised: with its own key it signs tokens claiming to act for
 /// payments. Every fabricated link is refused by archive with its reason.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compromised_actor_cannot_fabricate_a_link() {
-    let root = tmp();
-    let (a, b, c) = bank(root.path());
+    let (bank, a, b, c) = bank().await;
     let key = b.signing_key();
     let t1 = a.mint("ledger").await.token;
     let for_archive = a.mint("archive").await.token;
     let forged = |act: serde_json::Value, sub: &str| {
-        let mut claims = claims("ledger", "archive", 60);
+        let mut claims = bank.claims("ledger", "archive", 60);
         claims["sub"] = id(sub).into();
         claims["act"] = act;
         forge(&key, key.kid(), &claims)
@@ -210,7 +196,7 @@ async fn compromised_actor_cannot_fabricate_a_link() {
 
     // Adding a claim the subject never had (privilege escalation).
     let escalated = {
-        let mut claims = claims("ledger", "archive", 60);
+        let mut claims = bank.claims("ledger", "archive", 60);
         claims["sub"] = id("payments").into();
         claims["role"] = "admin".into();
         claims["act"] = serde_json::json!({"sub": id("ledger"), "prev_token": t1});
@@ -224,7 +210,7 @@ async fn compromised_actor_cannot_fabricate_a_link() {
     // One second past the received token, within clock skew: still refused
     // (an allowance per link would add up along a chain).
     let t1_exp = payload(&t1)["exp"].as_i64().expect("exp");
-    let mut late = claims("ledger", "archive", 60);
+    let mut late = bank.claims("ledger", "archive", 60);
     late["sub"] = id("payments").into();
     late["exp"] = (t1_exp + 1).into();
     late["act"] = serde_json::json!({"sub": id("ledger"), "prev_token": t1});
@@ -234,6 +220,12 @@ async fn compromised_actor_cannot_fabricate_a_link() {
             .err()
             .as_deref(),
         Some("lifetime_too_long")
+    );
+    // Exactly the received token's exp: accepted (the bound is exact, not off by one).
+    late["exp"] = t1_exp.into();
+    assert!(
+        c.verify(&forge(&key, key.kid(), &late)).await.is_ok(),
+        "a link ending with the received token verifies"
     );
 
     // Outliving the received token.
@@ -251,7 +243,7 @@ async fn compromised_actor_cannot_fabricate_a_link() {
             .into_inner()
             .token
     };
-    let mut claims = claims("ledger", "archive", 120);
+    let mut claims = bank.claims("ledger", "archive", 120);
     claims["sub"] = id("payments").into();
     claims["act"] = serde_json::json!({"sub": id("ledger"), "prev_token": short});
     assert_eq!(

@@ -155,18 +155,6 @@ impl Node {
         self.start().await;
     }
 
-    /// Runs the `tokend` CLI with `args` against its socket (on the blocking
-    /// pool, so the sidecar keeps serving on any runtime flavour).
-    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = std::process::Command::new(crate::support::bin());
-        cmd.args(args)
-            .env("TOKEND_SOCKET", self.socket())
-            .stdin(std::process::Stdio::null());
-        tokio::task::spawn_blocking(move || cmd.output().expect("run the tokend CLI"))
-            .await
-            .expect("cli task")
-    }
-
     /// A token client.
     pub async fn tokens(&self) -> pb::token_service_client::TokenServiceClient<Channel> {
         pb::token_service_client::TokenServiceClient::new(
@@ -329,5 +317,138 @@ impl std::io::Write for Sink {
     }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+// === For the exchange, mint_verify and interop ports ===
+// (kept in one block at the end of the file; other ports add their own)
+
+impl Bank {
+    /// Starts `builder`, or says why it could not start.
+    pub async fn try_start(&self, builder: Sidecar) -> Result<Node, tokend::SidecarError> {
+        let running = builder.start().await?;
+        Ok(Node {
+            builder,
+            running: Some(running),
+        })
+    }
+}
+
+impl Node {
+    /// Its public JWKS, as `tokend jwks` fetches it.
+    pub async fn jwks(&self) -> String {
+        self.admin()
+            .await
+            .get_jwks(pb::GetJwksRequest { all: false })
+            .await
+            .expect("jwks")
+            .into_inner()
+            .issuers
+            .into_iter()
+            .next()
+            .expect("own issuer")
+            .jwks_json
+    }
+
+    /// The issuer set it holds for `issuer` (a service name), as `jwks --all`
+    /// shows it, if it holds one.
+    pub async fn holds(&self, issuer: &str) -> Option<pb::IssuerKeys> {
+        let want = id(issuer);
+        self.trusted().await.into_iter().find(|i| i.issuer == want)
+    }
+
+    /// Exchanges `token` for one to `audience`: the response, or the refusal's reason code.
+    pub async fn exchange(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<pb::ExchangeResponse, String> {
+        let req = pb::ExchangeRequest {
+            token: token.into(),
+            audience: audience.into(),
+            ttl_seconds: 0,
+        };
+        self.tokens()
+            .await
+            .exchange(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| {
+                tokend::reason_of(&s)
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| format!("no reason: {s}"))
+            })
+    }
+
+    /// Verifies for this sidecar: `None` and the claims if verified, else the
+    /// refusal's reason and its whole message.
+    pub async fn refusal(&self, token: &str) -> (Option<tokend::Reason>, String) {
+        let req = pb::VerifyRequest {
+            token: token.into(),
+            audience: String::new(),
+        };
+        match self.tokens().await.verify(req).await {
+            Ok(r) => (None, format!("verified: {}", r.into_inner().claims_json)),
+            Err(s) => (tokend::reason_of(&s), s.message().to_owned()),
+        }
+    }
+
+    /// Runs the `tokend ARGS` CLI against this sidecar's socket (a client
+    /// process; the sidecar keeps serving meanwhile).
+    pub async fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_stdin(args, None).await
+    }
+
+    /// Same, feeding `stdin`.
+    pub async fn cli_stdin(&self, args: &[&str], stdin: Option<&str>) -> std::process::Output {
+        let socket = self.socket();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let stdin = stdin.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            use std::process::{Command, Stdio};
+            let mut child = Command::new(crate::support::bin())
+                .args(&args)
+                .env("TOKEND_SOCKET", &socket)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn cli");
+            {
+                let mut pipe = child.stdin.take().expect("stdin");
+                if let Some(s) = stdin {
+                    pipe.write_all(s.as_bytes()).expect("write stdin");
+                }
+            }
+            child.wait_with_output().expect("cli output")
+        })
+        .await
+        .expect("cli task")
+    }
+
+    /// Waits (up to 10 s) until it holds keys for each of `issuers` (service names).
+    pub async fn learns(&self, issuers: &[&str]) {
+        for issuer in issuers {
+            assert!(
+                crate::support::eventually(10, || async { !self.kids_of(issuer).await.is_empty() })
+                    .await,
+                "{} never learnt {issuer}'s keys: {:?}",
+                self.name(),
+                self.issuer(issuer).await
+            );
+        }
+    }
+
+    /// Stops it as SIGTERM would, failing if that takes longer than `limit`.
+    pub async fn stop_within(&mut self, limit: Duration) {
+        tokio::time::timeout(limit, self.stop())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "{} did not stop within {limit:?}",
+                    self.builder.dir().display()
+                )
+            });
     }
 }

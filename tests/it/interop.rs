@@ -1,11 +1,15 @@
 //! Interoperability with PyJWT and the PyPI `spiffe` client: a PyJWT verifier accepts tokend's tokens with
 //! the JWKS tokend publishes, and tokend accepts PyJWT-signed tokens from a
-//! JWKS file. Python comes from TOKEND_PYTHON (set by .ci/run) or a venv this
-//! test makes under target/ from tests/interop/requirements.txt.
+//! JWKS file. The sidecars run in-process (real Unix sockets); the Python
+//! clients run as processes. Python comes from TOKEND_PYTHON (set by
+//! .ci/run) or a venv this test makes under target/ from
+//! tests/interop/requirements.txt.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
+use crate::inproc::Bank;
 use crate::support::*;
 
 fn python() -> PathBuf {
@@ -39,44 +43,56 @@ fn python() -> PathBuf {
     .clone()
 }
 
-/// Runs `tests/interop/SCRIPT ARGS` with the interop Python; its stdout, trimmed.
-fn run_script(script: &str, args: &[&str]) -> String {
+/// Runs `tests/interop/SCRIPT ARGS` with the interop Python; its stdout,
+/// trimmed. Off the runtime's threads, so in-process sidecars keep serving.
+async fn run_script(script: &str, args: &[&str]) -> String {
     let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(python())
-        .arg(path)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let (script, args): (String, Vec<String>) = (
+        script.to_owned(),
+        args.iter().map(|a| (*a).to_owned()).collect(),
     );
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_owned()
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(python())
+            .arg(path)
+            .args(&args)
+            .output()
+            .expect("run python");
+        assert!(
+            out.status.success(),
+            "{script} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf8")
+            .trim()
+            .to_owned()
+    })
+    .await
+    .expect("python task")
 }
 
-fn py(args: &[&str]) -> String {
-    run_script("pyjwt_interop.py", args)
+async fn py(args: &[&str]) -> String {
+    run_script("pyjwt_interop.py", args).await
 }
 
 /// PyJWT verifies a tokend token (RS256, kid, registered claims) with the published JWKS.
 #[tokio::test]
 async fn pyjwt_verifies_tokend_tokens() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
-    let jwks = root.path().join("payments.jwks.json");
-    std::fs::write(&jwks, a.jwks()).expect("jwks");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
+    let jwks = bank.root().join("payments.jwks.json");
+    std::fs::write(&jwks, a.jwks().await).expect("jwks");
     let token = a.mint("ledger").await.token;
-    let claims: serde_json::Value = serde_json::from_str(&py(&[
-        "verify",
-        jwks.to_str().expect("utf8"),
-        &token,
-        &id("ledger"),
-        &id("payments"),
-    ]))
+    let claims: serde_json::Value = serde_json::from_str(
+        &py(&[
+            "verify",
+            jwks.to_str().expect("utf8"),
+            &token,
+            &id("ledger"),
+            &id("payments"),
+        ])
+        .await,
+    )
     .expect("claims");
     assert_eq!(claims["sub"], id("payments"));
     assert_eq!(claims["aud"], id("ledger"));
@@ -86,19 +102,23 @@ async fn pyjwt_verifies_tokend_tokens() {
 /// refuses it once tampered.
 #[tokio::test]
 async fn tokend_verifies_pyjwt_tokens() {
-    let root = tmp();
-    let jwks = root.path().join("archive.jwks.json");
+    let bank = Bank::new();
+    let jwks = bank.root().join("archive.jwks.json");
     let token = py(&[
         "sign",
         jwks.to_str().expect("utf8"),
         &id("archive"),
         &id("ledger"),
-    ]);
-    let b = Sidecar::start(
-        root.path(),
-        "ledger",
-        "[[peers]]\nname = \"archive\"\njwks_file = \"../archive.jwks.json\"",
-    );
+    ])
+    .await;
+    // The sidecar's clock reads the wall time after PyJWT signed (with time.time()).
+    bank.clock().set(tokend::Clock::now(&tokend::SystemClock));
+    let b = bank
+        .start(
+            bank.sidecar("ledger")
+                .config("[[peers]]\nname = \"archive\"\njwks_file = \"../archive.jwks.json\""),
+        )
+        .await;
     let v = b.verify(&token).await.expect("accepted");
     assert_eq!(v.issuer, id("archive"));
     assert!(v.claims_json.contains("read:ledger"));
@@ -110,8 +130,8 @@ async fn tokend_verifies_pyjwt_tokens() {
     );
 }
 
-fn run_json(script: &str, args: &[&str]) -> serde_json::Value {
-    serde_json::from_str(&run_script(script, args)).expect("json")
+async fn run_json(script: &str, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&run_script(script, args).await).expect("json")
 }
 
 /// The stock PyPI `spiffe` client, unchanged, fetches a JWT-SVID, validates it
@@ -119,12 +139,14 @@ fn run_json(script: &str, args: &[&str]) -> serde_json::Value {
 /// sees tampered and wrong-audience tokens refused.
 #[tokio::test]
 async fn pyspiffe_client_works_unchanged() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
+    let socket = a.socket();
     let out = run_json(
         "spiffe_interop.py",
-        &[a.socket.to_str().expect("utf8"), "ledger-api", TD],
-    );
+        &[socket.to_str().expect("utf8"), "ledger-api", TD],
+    )
+    .await;
     assert_eq!(out["spiffe_id"], id("payments"));
     assert_eq!(
         out["audience"],
@@ -164,9 +186,9 @@ async fn pyspiffe_client_works_unchanged() {
 /// Workload API calls without the `workload.spiffe.io` header are refused, as the spec requires.
 #[tokio::test]
 async fn spiffe_security_header_required() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
-    let channel = tokend::connect(&a.socket).await.expect("connect");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
+    let channel = tokend::connect(&a.socket()).await.expect("connect");
     let mut client =
         tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let req = tokend::pb::spiffe::JwtsvidRequest {
@@ -214,13 +236,15 @@ fn with_header<T>(msg: T) -> tonic::Request<T> {
 }
 
 /// An open FetchJWTBundles stream (SPIFFE JWT sources hold one forever) does
-/// not stop SIGTERM from shutting the sidecar down cleanly: the stream ends.
+/// not stop a shutdown (the path SIGTERM takes) from finishing cleanly and at
+/// once, without waiting out the 10 s drain grace: the stream ends.
 #[tokio::test]
 async fn open_bundle_stream_does_not_block_shutdown() {
     use tokio_stream::StreamExt;
-    let root = tmp();
-    let mut a = Sidecar::start(root.path(), "payments", "");
-    let channel = tokend::connect(&a.socket).await.expect("connect");
+    let bank = Bank::new();
+    let mut a = bank.start(bank.sidecar("payments")).await;
+    let socket = a.socket();
+    let channel = tokend::connect(&socket).await.expect("connect");
     let mut client =
         tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     let mut stream = client
@@ -230,20 +254,14 @@ async fn open_bundle_stream_does_not_block_shutdown() {
         .into_inner();
     let first = stream.next().await.expect("a message").expect("ok");
     assert!(first.bundles.contains_key(TD));
-    let status = tokio::task::spawn_blocking(move || {
-        let st = a.stop();
-        (st, a)
-    })
-    .await
-    .expect("join");
-    assert!(
-        status.0.expect("was running").success(),
-        "exited by itself, not killed after the 20 s wait"
-    );
-    assert!(
-        stream.next().await.is_none_or(|r| r.is_err()),
-        "stream ended"
-    );
+    // Under the daemon's 10 s drain grace, which a stream holding the drain
+    // would run out (stop also waits for the standby key being generated).
+    a.stop_within(Duration::from_secs(9)).await;
+    assert!(!socket.exists(), "socket removed");
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the stream ends, not hangs");
+    assert!(end.is_none_or(|r| r.is_err()), "stream ended");
 }
 
 /// FetchJWTSVID bounds audiences and refuses control characters in them;
@@ -251,9 +269,9 @@ async fn open_bundle_stream_does_not_block_shutdown() {
 /// (SPIFFE clients would take the original subject for the presenter).
 #[tokio::test]
 async fn spiffe_bounds_and_delegated_tokens() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
-    let channel = tokend::connect(&a.socket).await.expect("connect");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
+    let channel = tokend::connect(&a.socket()).await.expect("connect");
     let mut client =
         tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
     for audience in [

@@ -1,41 +1,47 @@
-//! Minting and verification through real sidecars, each refusal asserted by its reason code.
+//! Minting and verification through in-process sidecars (real sockets, the
+//! bank's clock), each refusal asserted by its reason code; the CLI runs as a
+//! client process against them. Only SIGTERM is tested on `tokend serve`
+//! processes.
 
+use crate::inproc::{Bank, Node};
 use crate::support::*;
 
 /// Two sidecars: `a` (payments) and `b` (ledger) which trusts a's JWKS file.
-async fn pair(root: &std::path::Path, b_extra: &str) -> (Sidecar, Sidecar) {
-    let a = Sidecar::start(root, "payments", "");
-    std::fs::write(root.join("payments.jwks.json"), a.jwks()).expect("write jwks");
-    let b = Sidecar::start(
-        root,
-        "ledger",
-        &format!(
-            "{b_extra}\n[[peers]]\nname = \"payments\"\njwks_file = \"../payments.jwks.json\"\n"
-        ),
-    );
+async fn pair(bank: &Bank, b_extra: &str) -> (Node, Node) {
+    let a = bank.start(bank.sidecar("payments")).await;
+    std::fs::write(bank.root().join("payments.jwks.json"), a.jwks().await).expect("write jwks");
+    let b = bank
+        .start(
+            bank.sidecar("ledger")
+                .config(b_extra)
+                .config("[[peers]]\nname = \"payments\"\njwks_file = \"../payments.jwks.json\""),
+        )
+        .await;
     (a, b)
 }
 
 /// A token minted by a sidecar for itself verifies there, over gRPC and the CLI.
 #[tokio::test]
 async fn mint_verify_round_trip_same_sidecar() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
     let m = a.mint("payments").await;
     let v = a.verify(&m.token).await.expect("verifies");
     assert_eq!(v.issuer, id("payments"));
     assert_eq!(v.subject, id("payments"));
     assert_eq!(v.kid, m.kid);
 
-    let out = a.cli(&[
-        "mint",
-        "--audience",
-        "payments",
-        "--claim",
-        "role=teller",
-        "--claim",
-        "limit=100",
-    ]);
+    let out = a
+        .cli(&[
+            "mint",
+            "--audience",
+            "payments",
+            "--claim",
+            "role=teller",
+            "--claim",
+            "limit=100",
+        ])
+        .await;
     assert!(
         out.status.success(),
         "{}",
@@ -45,7 +51,7 @@ async fn mint_verify_round_trip_same_sidecar() {
         .expect("utf8")
         .trim()
         .to_owned();
-    let out = a.cli(&["verify", &token]);
+    let out = a.cli(&["verify", &token]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -67,12 +73,8 @@ async fn mint_verify_round_trip_same_sidecar() {
 /// Tampering, the wrong audience, expiry and an over-long lifetime are each refused by reason.
 #[tokio::test]
 async fn cross_sidecar_verification_and_refusals() {
-    let root = tmp();
-    let (a, b) = pair(
-        root.path(),
-        "[tokens]\nmax_ttl = \"10m\"\nclock_skew = \"5s\"",
-    )
-    .await;
+    let bank = Bank::new();
+    let (a, b) = pair(&bank, "[tokens]\nmax_ttl = \"10m\"\nclock_skew = \"5s\"").await;
     let m = a.mint("ledger").await;
     let v = b.verify(&m.token).await.expect("B accepts A's token");
     assert_eq!(v.issuer, id("payments"));
@@ -107,35 +109,48 @@ async fn cross_sidecar_verification_and_refusals() {
 
     // Expired, signed with A's real key: exp beyond skew in the past.
     let key = a.signing_key();
-    let mut c = claims_for("payments", "ledger", -60, 30);
+    let mut c = claims_for(&bank, "payments", "ledger", -60, 30);
     assert_eq!(
         b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
         Some("expired")
     );
     // Inside the skew it still passes.
-    c = claims_for("payments", "ledger", -3, 7);
+    c = claims_for(&bank, "payments", "ledger", -3, 7);
     assert!(
         b.verify(&forge(&key, key.kid(), &c)).await.is_ok(),
         "3s past exp is within 5s skew"
     );
 
-    // Not yet valid.
-    let mut c = claims("payments", "ledger", 60);
-    c["nbf"] = (now() + 30).into();
+    // Not yet valid...
+    let mut c = bank.claims("payments", "ledger", 60);
+    c["nbf"] = (bank.now() + 30).into();
+    let early = forge(&key, key.kid(), &c);
     assert_eq!(
-        b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
+        b.verify(&early).await.err().as_deref(),
         Some("not_yet_valid")
+    );
+    // ...until the clock is within the skew of nbf.
+    bank.advance(24);
+    assert_eq!(
+        b.verify(&early).await.err().as_deref(),
+        Some("not_yet_valid"),
+        "6s before nbf is outside the 5s skew"
+    );
+    bank.advance(1);
+    assert!(
+        b.verify(&early).await.is_ok(),
+        "5s before nbf is within skew"
     );
 
     // Lifetime over B's max_ttl (10m).
-    let c = claims("payments", "ledger", 3600);
+    let c = bank.claims("payments", "ledger", 3600);
     assert_eq!(
         b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
         Some("lifetime_too_long")
     );
 
     // Missing jti.
-    let mut c = claims("payments", "ledger", 60);
+    let mut c = bank.claims("payments", "ledger", 60);
     c.as_object_mut().expect("obj").remove("jti");
     assert_eq!(
         b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
@@ -143,7 +158,7 @@ async fn cross_sidecar_verification_and_refusals() {
     );
 
     // A kid A never published.
-    let c = claims("payments", "ledger", 60);
+    let c = bank.claims("payments", "ledger", 60);
     assert_eq!(
         b.verify(&forge(&key, "no-such-kid", &c))
             .await
@@ -153,15 +168,32 @@ async fn cross_sidecar_verification_and_refusals() {
     );
 
     // An issuer B does not know.
-    let c = claims("mallory", "ledger", 60);
+    let c = bank.claims("mallory", "ledger", 60);
     assert_eq!(
         b.verify(&forge(&key, key.kid(), &c)).await.err().as_deref(),
         Some("unknown_issuer")
     );
+
+    // A real token expires by the clock: B accepts A's token up to its exp
+    // plus the 5s skew, and refuses it as expired one second later.
+    bank.advance(u64::try_from(m.expires_at + 5 - bank.now()).expect("exp ahead"));
+    assert!(
+        b.verify(&m.token).await.is_ok(),
+        "exp + skew is still valid"
+    );
+    bank.advance(1);
+    assert_eq!(b.verify(&m.token).await.err().as_deref(), Some("expired"));
 }
 
-fn claims_for(iss: &str, aud: &str, exp_offset: i64, lifetime: i64) -> serde_json::Value {
-    let t = now();
+/// Claims whose exp is `exp_offset` from now by the bank's clock, issued `lifetime` before.
+fn claims_for(
+    bank: &Bank,
+    iss: &str,
+    aud: &str,
+    exp_offset: i64,
+    lifetime: i64,
+) -> serde_json::Value {
+    let t = bank.now();
     serde_json::json!({
         "iss": id(iss), "sub": id(iss), "aud": id(aud),
         "iat": t + exp_offset - lifetime, "exp": t + exp_offset, "jti": "x",
@@ -171,8 +203,8 @@ fn claims_for(iss: &str, aud: &str, exp_offset: i64, lifetime: i64) -> serde_jso
 /// Algorithm confusion and structural garbage are refused before any key is used.
 #[tokio::test]
 async fn algorithm_and_structure_refusals() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
     let m = a.mint("payments").await;
     let kid = m.kid.clone();
     for alg in ["none", "HS256", "RS512", "PS256", "ES256"] {
@@ -225,8 +257,8 @@ async fn algorithm_and_structure_refusals() {
 /// A one-time token is accepted once and then refused as replayed.
 #[tokio::test]
 async fn one_time_token_replayed() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
     let req = tokend::pb::tokend::MintRequest {
         audience: "payments".into(),
         one_time: true,
@@ -243,13 +275,25 @@ async fn one_time_token_replayed() {
         "a repeated request reuses the cached token"
     );
     assert!(a.verify(&x.token).await.is_ok() && a.verify(&x.token).await.is_ok());
+    // Reuse lasts less than half the token's life (default ttl 300s) by the clock.
+    bank.advance(149);
+    assert_eq!(a.mint("payments").await.token, x.token, "reused at 149s");
+    bank.advance(1);
+    let z = a.mint("payments").await;
+    assert_ne!(z.token, x.token, "a fresh token at half its life");
+    assert!(a.verify(&z.token).await.is_ok());
 }
 
 /// Callers cannot set registered claims nor exceed max_ttl.
 #[tokio::test]
 async fn mint_refusals() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "[tokens]\nmax_ttl = \"10m\"");
+    let bank = Bank::new();
+    let a = bank
+        .start(
+            bank.sidecar("payments")
+                .config("[tokens]\nmax_ttl = \"10m\""),
+        )
+        .await;
     let mut c = a.tokens().await;
     for claim in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "act"] {
         let req = tokend::pb::tokend::MintRequest {
@@ -278,7 +322,9 @@ async fn mint_refusals() {
     };
     let s = c.mint(req).await.expect_err("bad audience");
     assert_eq!(tokend::reason_of(&s), Some(tokend::Reason::Malformed));
-    let out = a.cli(&["mint", "--audience", "ledger", "--claim", "sub=ledger"]);
+    let out = a
+        .cli(&["mint", "--audience", "ledger", "--claim", "sub=ledger"])
+        .await;
     assert_eq!(out.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("malformed"),
@@ -290,11 +336,11 @@ async fn mint_refusals() {
 /// A restart keeps the same kid, and tokens minted before it still verify.
 #[tokio::test]
 async fn restart_keeps_kid_and_old_tokens_verify() {
-    let root = tmp();
-    let (mut a, mut b) = pair(root.path(), "").await;
+    let bank = Bank::new();
+    let (mut a, mut b) = pair(&bank, "").await;
     let before = a.mint("ledger").await;
-    a.restart();
-    b.restart();
+    a.restart().await;
+    b.restart().await;
     let after = a.mint("ledger").await;
     assert_eq!(before.kid, after.kid);
     assert!(
@@ -303,12 +349,14 @@ async fn restart_keeps_kid_and_old_tokens_verify() {
     );
     assert!(b.verify(&after.token).await.is_ok());
     assert_eq!(
-        a.jwks(),
-        std::fs::read_to_string(root.path().join("payments.jwks.json")).expect("jwks")
+        a.jwks().await,
+        std::fs::read_to_string(bank.root().join("payments.jwks.json")).expect("jwks"),
+        "the same JWKS as before the restart"
     );
 }
 
 /// SIGTERM stops the daemon cleanly: exit 0 and the socket file is removed.
+/// (A process test: only a process receives the signal.)
 #[tokio::test]
 async fn sigterm_removes_socket() {
     let root = tmp();
@@ -320,26 +368,39 @@ async fn sigterm_removes_socket() {
     assert!(a.stderr().contains("tokend stopped"));
 }
 
-/// A second daemon refuses to take over a live socket.
+/// A second daemon refuses to take over a live socket: "in use", a runtime
+/// error (`tokend serve` exits 1 for it, not 64), and the first keeps
+/// serving. Once the first stops, its socket file is gone.
 #[tokio::test]
 async fn live_socket_not_stolen() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
-    let cfg = write_config(root.path(), "payments", "");
-    let out = run_to_exit(
-        std::process::Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&cfg),
+    let bank = Bank::new();
+    let mut a = bank.start(bank.sidecar("payments")).await;
+    let err = bank
+        .try_start(bank.sidecar("payments"))
+        .await
+        .err()
+        .expect("second daemon refused");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "socket {} is in use by a running process (another tokend?)",
+            a.socket().display()
+        )
     );
-    assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("in use"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        matches!(&err, tokend::SidecarError::Daemon(d) if !d.is_config()),
+        "a runtime error (exit 1), not a usage one (exit 64): {err:?}"
     );
     assert!(
         a.verify(&a.mint("payments").await.token).await.is_ok(),
         "first daemon still serves"
+    );
+
+    let socket = a.socket();
+    a.stop().await;
+    assert!(
+        !socket.exists(),
+        "socket removed on stop: the path is free again"
     );
 }
 
@@ -347,23 +408,24 @@ async fn live_socket_not_stolen() {
 #[tokio::test]
 async fn socket_mode_and_allowed_uid() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let root = tmp();
+    let bank = Bank::new();
     let own = std::fs::metadata("/proc/self").expect("proc").uid();
-    let a = Sidecar::start(
-        root.path(),
-        "payments",
-        &format!("socket_mode = \"0660\"\nallowed_uids = [{own}]"),
-    );
-    let mode = std::fs::metadata(&a.socket)
+    let a = bank
+        .start(
+            bank.sidecar("payments")
+                .config(&format!("socket_mode = \"0660\"\nallowed_uids = [{own}]")),
+        )
+        .await;
+    let mode = std::fs::metadata(a.socket())
         .expect("socket")
         .permissions()
         .mode()
         & 0o777;
     assert_eq!(mode, 0o660);
     assert!(a.verify(&a.mint("payments").await.token).await.is_ok());
-    let b = Sidecar::start(root.path(), "ledger", "");
+    let b = bank.start(bank.sidecar("ledger")).await;
     assert_eq!(
-        std::fs::metadata(&b.socket)
+        std::fs::metadata(b.socket())
             .expect("socket")
             .permissions()
             .mode()
@@ -376,8 +438,10 @@ async fn socket_mode_and_allowed_uid() {
 /// Callers outside allowed_uids are refused with permission_denied.
 #[tokio::test]
 async fn uid_allow_list() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "allowed_uids = [4242424]");
+    let bank = Bank::new();
+    let a = bank
+        .start(bank.sidecar("payments").config("allowed_uids = [4242424]"))
+        .await;
     let req = tokend::pb::tokend::MintRequest {
         audience: "ledger".into(),
         ..Default::default()
@@ -391,24 +455,25 @@ async fn uid_allow_list() {
 
 /// A JWKS-file peer follows its file: a key removed from the file stops being
 /// accepted, and a corrupt rewrite is refused while the previous set stays.
+/// (The file watcher polls every 2 s of real time.)
 #[tokio::test]
 async fn jwks_file_changes_are_followed() {
-    let root = tmp();
-    let (a, b) = pair(root.path(), "").await;
-    let file = root.path().join("payments.jwks.json");
+    let bank = Bank::new();
+    let (a, b) = pair(&bank, "").await;
+    let file = bank.root().join("payments.jwks.json");
     let m = a.mint("ledger").await;
     assert!(b.verify(&m.token).await.is_ok());
 
     std::fs::write(&file, "{\"keys\": [").expect("corrupt");
     assert!(
         eventually(10, || async {
-            b.issuer_entry("payments")["last_error"]
-                .as_str()
-                .is_some_and(|e| e.contains("not a JWKS"))
+            b.holds("payments")
+                .await
+                .is_some_and(|i| i.last_error.contains("not a JWKS"))
         })
         .await,
-        "refusal recorded: {}",
-        b.issuer_entry("payments")
+        "refusal recorded: {:?}",
+        b.holds("payments").await
     );
     assert!(b.verify(&m.token).await.is_ok(), "previous set stays");
 
@@ -425,10 +490,10 @@ async fn jwks_file_changes_are_followed() {
 /// A JWS of another type (say a DPoP proof) signed by a trusted key is not a token.
 #[tokio::test]
 async fn other_jws_types_are_refused() {
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
     let key = a.signing_key();
-    let claims = claims("payments", "payments", 60);
+    let claims = bank.claims("payments", "payments", 60);
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
     header.kid = Some(key.kid().into());
     for (typ, expect) in [
@@ -442,30 +507,18 @@ async fn other_jws_types_are_refused() {
     }
 }
 
-/// Verifies over gRPC; the refusal's reason code and message.
-async fn refusal(a: &Sidecar, token: &str) -> (Option<tokend::Reason>, String) {
-    let req = tokend::pb::tokend::VerifyRequest {
-        token: token.into(),
-        audience: String::new(),
-    };
-    match a.tokens().await.verify(req).await {
-        Ok(r) => (None, format!("verified: {}", r.into_inner().claims_json)),
-        Err(s) => (tokend::reason_of(&s), s.message().to_owned()),
-    }
-}
-
 /// Duplicate members in a header or payload signed by a trusted key are
 /// `malformed`, never read last-wins; so is a payload nested past 32 levels.
 /// Minting refuses the same in caller claims, naming the member.
 #[tokio::test]
 async fn duplicate_members_and_deep_nesting_are_malformed() {
     use tokend::Reason::Malformed;
-    let root = tmp();
-    let a = Sidecar::start(root.path(), "payments", "");
+    let bank = Bank::new();
+    let a = bank.start(bank.sidecar("payments")).await;
     let key = a.signing_key();
     let kid = key.kid().to_owned();
     let (me, other) = (id("payments"), id("archive"));
-    let t = now();
+    let t = bank.now();
     let header = format!(r#"{{"alg":"RS256","typ":"JWT","kid":"{kid}"}}"#);
     let body = |extra: &str| {
         format!(
@@ -479,7 +532,7 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
         &header,
         &body(&format!(r#","iss":"{me}","aud":"{me}""#)),
     );
-    assert_eq!(refusal(&a, &good).await.0, None, "control token");
+    assert_eq!(a.refusal(&good).await.0, None, "control token");
     for (extra, name) in [
         (
             format!(r#","iss":"{other}","iss":"{me}","aud":"{me}""#),
@@ -496,7 +549,7 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
     ] {
         let token = forge_raw(&key, &header, &body(&extra));
         assert_eq!(
-            refusal(&a, &token).await,
+            a.refusal(&token).await,
             (
                 Some(Malformed),
                 format!("malformed: payload: duplicate member \"{name}\"")
@@ -508,7 +561,7 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
     let nested = claims.replacen('{', r#"{"ctx":{"k":1,"k":2},"#, 1);
     let token = forge_raw(&key, &header, &nested);
     assert_eq!(
-        refusal(&a, &token).await.1,
+        a.refusal(&token).await.1,
         "malformed: payload: duplicate member \"k\" in /ctx"
     );
     for (h, name) in [
@@ -523,7 +576,7 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
     ] {
         let token = forge_raw(&key, &h, &claims);
         assert_eq!(
-            refusal(&a, &token).await,
+            a.refusal(&token).await,
             (
                 Some(Malformed),
                 format!("malformed: header: duplicate member \"{name}\"")
@@ -534,13 +587,13 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
     let deep = |d: usize| format!("{}1{}", r#"{"a":"#.repeat(d - 1), "}".repeat(d - 1));
     let ok = claims.replacen('{', &format!(r#"{{"n":{},"#, deep(32)), 1);
     assert_eq!(
-        refusal(&a, &forge_raw(&key, &header, &ok)).await.0,
+        a.refusal(&forge_raw(&key, &header, &ok)).await.0,
         None,
         "32 deep"
     );
     let too_deep = claims.replacen('{', &format!(r#"{{"n":{},"#, deep(33)), 1);
     assert_eq!(
-        refusal(&a, &forge_raw(&key, &header, &too_deep)).await,
+        a.refusal(&forge_raw(&key, &header, &too_deep)).await,
         (
             Some(Malformed),
             "malformed: payload: nested deeper than 32 levels".into()
@@ -568,15 +621,17 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
         assert_eq!(s.message(), expect);
     }
     // The CLI does not collapse a repeated --claim into its last value either.
-    let out = a.cli(&[
-        "mint",
-        "--audience",
-        "ledger",
-        "--claim",
-        "role=teller",
-        "--claim",
-        "role=admin",
-    ]);
+    let out = a
+        .cli(&[
+            "mint",
+            "--audience",
+            "ledger",
+            "--claim",
+            "role=teller",
+            "--claim",
+            "role=admin",
+        ])
+        .await;
     assert_eq!(out.status.code(), Some(64));
     assert_eq!(
         String::from_utf8_lossy(&out.stderr).trim(),
@@ -586,6 +641,7 @@ async fn duplicate_members_and_deep_nesting_are_malformed() {
 
 /// SIGTERM the moment the socket answers (before the startup log line) still
 /// shuts down cleanly: signal handlers are installed before anything is built.
+/// (A process test: only a process receives the signal.)
 #[test]
 fn sigterm_during_startup_cleans_up() {
     let root = tmp();

@@ -247,6 +247,8 @@ struct HostilePeer {
     set: pb::PeerKeySet,
     /// How the stream ends after its sets (`None`: it stays open).
     end: Option<tonic::Status>,
+    /// How long the watch waits before its first set.
+    after: std::time::Duration,
 }
 
 type SetStream = std::pin::Pin<
@@ -270,8 +272,17 @@ impl pb::peer_service_server::PeerService for HostilePeer {
         _: tonic::Request<pb::GetKeysRequest>,
     ) -> Result<tonic::Response<SetStream>, tonic::Status> {
         use tokio_stream::StreamExt;
-        let sets = std::iter::repeat_n(Ok(self.set.clone()), self.sets);
-        let s = tokio_stream::iter(sets);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (set, n, after) = (self.set.clone(), self.sets, self.after);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            for _ in 0..n {
+                if tx.send(Ok(set.clone())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let s = tokio_stream::wrappers::ReceiverStream::new(rx);
         Ok(tonic::Response::new(match &self.end {
             Some(e) => Box::pin(s.chain(tokio_stream::once(Err(e.clone())))),
             None => Box::pin(s.chain(tokio_stream::pending())),
@@ -323,6 +334,7 @@ async fn hostile_peer_cannot_forge_or_flood_the_log() {
             sets: 0,
             set: pb::PeerKeySet::default(),
             end: Some(tonic::Status::internal(format!("nope\n{FORGED}"))),
+            after: std::time::Duration::ZERO,
         },
     )
     .await;
@@ -337,6 +349,7 @@ async fn hostile_peer_cannot_forge_or_flood_the_log() {
                 ..Default::default()
             },
             end: Some(tonic::Status::unavailable("done")),
+            after: std::time::Duration::ZERO,
         },
     )
     .await;
@@ -404,6 +417,7 @@ async fn pushed_sets_are_coalesced_for_bundle_watchers() {
                 ..Default::default()
             },
             end: Some(tonic::Status::unavailable("done")),
+            after: std::time::Duration::ZERO,
         },
     )
     .await;
@@ -464,6 +478,8 @@ async fn poisoned_key_set_is_replaced_by_the_issuers_own() {
                 ..Default::default()
             },
             end: None,
+            // After ledger has payments' own set, so the poison is what it holds last.
+            after: std::time::Duration::from_secs(1),
         },
     )
     .await;
@@ -476,6 +492,7 @@ async fn poisoned_key_set_is_replaced_by_the_issuers_own() {
         )
         .await;
     let token = payments.mint("ledger").await.token;
+    ledger.learns(&["payments"]).await;
     let bogus_n = poisoned_n(&stranger);
     let (l, bogus) = (&ledger, &bogus_n);
     assert!(

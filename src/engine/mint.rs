@@ -130,6 +130,16 @@ struct CacheKey {
     claims: String,
 }
 
+impl CacheKey {
+    fn of(req: &MintRequest, ttl: Duration) -> Self {
+        Self {
+            audience: req.audience.clone(),
+            ttl,
+            claims: serde_json::Value::Object(req.claims.clone()).to_string(),
+        }
+    }
+}
+
 /// Mints tokens for this sidecar's identity.
 pub(crate) struct Minter {
     issuer: SpiffeId,
@@ -217,14 +227,9 @@ impl Minter {
         let ttl = self.check_ttl(req.ttl)?;
         let set = self.keys.current();
         let key = set.signing_key(now).ok_or(MintError::NoKey)?;
-        let cache_key = CacheKey {
-            audience: req.audience.clone(),
-            ttl,
-            claims: serde_json::Value::Object(req.claims.clone()).to_string(),
-        };
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         Ok(cache
-            .get(&cache_key)
+            .get(&CacheKey::of(req, ttl))
             .filter(|m| {
                 m.kid == key.kid() && now >= m.issued_at && now.since(m.issued_at) * 2 < ttl
             })
@@ -240,25 +245,12 @@ impl Minter {
         {
             return Err(MintError::ReservedClaim(k.clone()));
         }
+        if let Some(m) = self.cached(req, now)? {
+            return Ok(m);
+        }
         let ttl = self.check_ttl(req.ttl)?;
         let set = self.keys.current();
         let key = set.signing_key(now).ok_or(MintError::NoKey)?;
-        let cache_key = CacheKey {
-            audience: req.audience.clone(),
-            ttl,
-            claims: serde_json::Value::Object(req.claims.clone()).to_string(),
-        };
-        if !req.one_time {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(m) = cache.get(&cache_key)
-                && m.kid == key.kid()
-                && now >= m.issued_at
-                && now.since(m.issued_at) * 2 < ttl
-            {
-                metrics::counter!("tokend_mint_total", "cached" => "true").increment(1);
-                return Ok(m.clone());
-            }
-        }
         let mut claims = req.claims.clone();
         if req.one_time {
             claims.insert("one_time".into(), true.into());
@@ -274,7 +266,7 @@ impl Minter {
                     cache.clear();
                 }
             }
-            cache.insert(cache_key, minted.clone());
+            cache.insert(CacheKey::of(req, ttl), minted.clone());
         }
         Ok(minted)
     }

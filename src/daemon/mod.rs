@@ -218,6 +218,14 @@ impl Daemon {
         })
     }
 
+    /// Whether to keep a standby key for revocations (default yes). In-process
+    /// test sidecars that never revoke turn it off: it is one more RSA key
+    /// generation per start, which the test runtime then waits for.
+    pub fn standby_key(mut self, on: bool) -> Self {
+        self.store.set_standby(on);
+        self
+    }
+
     /// The address the peer API listens on (its real port when configured as 0).
     pub fn peer_addr(&self) -> Option<SocketAddr> {
         self.peer_addr

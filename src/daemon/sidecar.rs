@@ -45,6 +45,7 @@ pub struct Sidecar {
     listen: Option<SocketAddr>,
     peers: Vec<(String, SocketAddr)>,
     clock: Option<SharedClock>,
+    standby: bool,
 }
 
 /// A sidecar running in this process.
@@ -73,6 +74,7 @@ impl Sidecar {
             listen: None,
             peers: Vec::new(),
             clock: None,
+            standby: true,
         }
     }
 
@@ -111,6 +113,14 @@ impl Sidecar {
     /// Run on `clock` (default: the system clock).
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// Keep a standby key for revocations (default yes, as the daemon does);
+    /// `false` for tests that never revoke: it saves an RSA key generation
+    /// per start.
+    pub fn standby_key(mut self, on: bool) -> Self {
+        self.standby = on;
         self
     }
 
@@ -167,7 +177,10 @@ impl Sidecar {
         let config = Config::from_toml(&toml, &dir, &path, &Overrides::default())?;
         let socket = config.socket.clone();
         let clock = self.clock.clone().unwrap_or_else(|| Arc::new(SystemClock));
-        Ok((Daemon::build(config, clock).await?, socket))
+        let daemon = Daemon::build(config, clock)
+            .await?
+            .standby_key(self.standby);
+        Ok((daemon, socket))
     }
 
     /// Builds and starts serving on a task of its own.

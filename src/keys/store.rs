@@ -26,6 +26,8 @@ pub struct KeyStore {
     clock: SharedClock,
     /// A standby key (PKCS#8 DER and parsed) for revocations; see `refill_spare`.
     spare: Option<(Vec<u8>, SigningKey)>,
+    /// Whether `refill_spare` keeps one (always, but for in-process test sidecars).
+    standby: bool,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -80,6 +82,7 @@ impl KeyStore {
             tx,
             clock,
             spare: None,
+            standby: true,
         };
         store.publish();
         Ok((store, KeyView(rx)))
@@ -158,12 +161,21 @@ impl KeyStore {
     /// revoking the signing key costs a file write, not an RSA keygen. Never
     /// on disk nor published until used; lost harmlessly on restart.
     pub async fn refill_spare(&mut self) -> Result<(), KeyError> {
-        if self.spare.is_none() {
+        if self.standby && self.spare.is_none() {
             let der = generate::generate_pkcs8_async(self.bits).await?;
             let key = SigningKey::from_pkcs8(&der)?;
             self.spare = Some((der, key));
         }
         Ok(())
+    }
+
+    /// Whether to keep a standby key (default yes). Without one, revoking the
+    /// signing key with no pending successor generates the successor then.
+    pub(crate) fn set_standby(&mut self, on: bool) {
+        self.standby = on;
+        if !on {
+            self.spare = None;
+        }
     }
 
     async fn take_spare_or_generate(&mut self) -> Result<(Vec<u8>, SigningKey), KeyError> {

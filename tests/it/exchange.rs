@@ -11,7 +11,7 @@ use crate::support::{forge, id, payload, with_payload};
 /// and payments.
 async fn bank() -> (Bank, Node, Node, Node) {
     let bank = Bank::new();
-    let a = bank.start(bank.peer("payments")).await;
+    let a = bank.start(bank.lean_peer("payments")).await;
     // archive's address is needed by ledger and vice versa: reserve archive's port first.
     let archive_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -19,14 +19,14 @@ async fn bank() -> (Bank, Node, Node, Node) {
         .expect("addr");
     let b = bank
         .start(
-            bank.peer("ledger")
+            bank.lean_peer("ledger")
                 .peer("payments", a.peer_addr())
                 .peer("archive", archive_addr),
         )
         .await;
     let c = bank
         .start(
-            bank.peer("archive")
+            bank.lean_peer("archive")
                 .peer_listen(archive_addr)
                 .peer("payments", a.peer_addr())
                 .peer("ledger", b.peer_addr()),

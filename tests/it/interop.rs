@@ -79,7 +79,7 @@ async fn py(args: &[&str]) -> String {
 #[tokio::test]
 async fn pyjwt_verifies_tokend_tokens() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let jwks = bank.root().join("payments.jwks.json");
     std::fs::write(&jwks, a.jwks().await).expect("jwks");
     let token = a.mint("ledger").await.token;
@@ -115,7 +115,7 @@ async fn tokend_verifies_pyjwt_tokens() {
     bank.clock().set(tokend::Clock::now(&tokend::SystemClock));
     let b = bank
         .start(
-            bank.sidecar("ledger")
+            bank.lean("ledger")
                 .config("[[peers]]\nname = \"archive\"\njwks_file = \"../archive.jwks.json\""),
         )
         .await;
@@ -140,7 +140,7 @@ async fn run_json(script: &str, args: &[&str]) -> serde_json::Value {
 #[tokio::test]
 async fn pyspiffe_client_works_unchanged() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let socket = a.socket();
     let out = run_json(
         "spiffe_interop.py",
@@ -187,7 +187,7 @@ async fn pyspiffe_client_works_unchanged() {
 #[tokio::test]
 async fn spiffe_security_header_required() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let channel = tokend::connect(&a.socket()).await.expect("connect");
     let mut client =
         tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);
@@ -242,7 +242,7 @@ fn with_header<T>(msg: T) -> tonic::Request<T> {
 async fn open_bundle_stream_does_not_block_shutdown() {
     use tokio_stream::StreamExt;
     let bank = Bank::new();
-    let mut a = bank.start(bank.sidecar("payments")).await;
+    let mut a = bank.start(bank.lean("payments")).await;
     let socket = a.socket();
     let channel = tokend::connect(&socket).await.expect("connect");
     let mut client =
@@ -270,7 +270,7 @@ async fn open_bundle_stream_does_not_block_shutdown() {
 #[tokio::test]
 async fn spiffe_bounds_and_delegated_tokens() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let channel = tokend::connect(&a.socket()).await.expect("connect");
     let mut client =
         tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel);

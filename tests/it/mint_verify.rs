@@ -8,11 +8,11 @@ use crate::support::*;
 
 /// Two sidecars: `a` (payments) and `b` (ledger) which trusts a's JWKS file.
 async fn pair(bank: &Bank, b_extra: &str) -> (Node, Node) {
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     std::fs::write(bank.root().join("payments.jwks.json"), a.jwks().await).expect("write jwks");
     let b = bank
         .start(
-            bank.sidecar("ledger")
+            bank.lean("ledger")
                 .config(b_extra)
                 .config("[[peers]]\nname = \"payments\"\njwks_file = \"../payments.jwks.json\""),
         )
@@ -24,7 +24,7 @@ async fn pair(bank: &Bank, b_extra: &str) -> (Node, Node) {
 #[tokio::test]
 async fn mint_verify_round_trip_same_sidecar() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let m = a.mint("payments").await;
     let v = a.verify(&m.token).await.expect("verifies");
     assert_eq!(v.issuer, id("payments"));
@@ -204,7 +204,7 @@ fn claims_for(
 #[tokio::test]
 async fn algorithm_and_structure_refusals() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let m = a.mint("payments").await;
     let kid = m.kid.clone();
     for alg in ["none", "HS256", "RS512", "PS256", "ES256"] {
@@ -258,7 +258,7 @@ async fn algorithm_and_structure_refusals() {
 #[tokio::test]
 async fn one_time_token_replayed() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let req = tokend::pb::tokend::MintRequest {
         audience: "payments".into(),
         one_time: true,
@@ -289,10 +289,7 @@ async fn one_time_token_replayed() {
 async fn mint_refusals() {
     let bank = Bank::new();
     let a = bank
-        .start(
-            bank.sidecar("payments")
-                .config("[tokens]\nmax_ttl = \"10m\""),
-        )
+        .start(bank.lean("payments").config("[tokens]\nmax_ttl = \"10m\""))
         .await;
     let mut c = a.tokens().await;
     for claim in ["iss", "sub", "aud", "exp", "iat", "nbf", "jti", "act"] {
@@ -374,9 +371,9 @@ async fn sigterm_removes_socket() {
 #[tokio::test]
 async fn live_socket_not_stolen() {
     let bank = Bank::new();
-    let mut a = bank.start(bank.sidecar("payments")).await;
+    let mut a = bank.start(bank.lean("payments")).await;
     let err = bank
-        .try_start(bank.sidecar("payments"))
+        .try_start(bank.lean("payments"))
         .await
         .err()
         .expect("second daemon refused");
@@ -412,7 +409,7 @@ async fn socket_mode_and_allowed_uid() {
     let own = std::fs::metadata("/proc/self").expect("proc").uid();
     let a = bank
         .start(
-            bank.sidecar("payments")
+            bank.lean("payments")
                 .config(&format!("socket_mode = \"0660\"\nallowed_uids = [{own}]")),
         )
         .await;
@@ -423,7 +420,7 @@ async fn socket_mode_and_allowed_uid() {
         & 0o777;
     assert_eq!(mode, 0o660);
     assert!(a.verify(&a.mint("payments").await.token).await.is_ok());
-    let b = bank.start(bank.sidecar("ledger")).await;
+    let b = bank.start(bank.lean("ledger")).await;
     assert_eq!(
         std::fs::metadata(b.socket())
             .expect("socket")
@@ -440,7 +437,7 @@ async fn socket_mode_and_allowed_uid() {
 async fn uid_allow_list() {
     let bank = Bank::new();
     let a = bank
-        .start(bank.sidecar("payments").config("allowed_uids = [4242424]"))
+        .start(bank.lean("payments").config("allowed_uids = [4242424]"))
         .await;
     let req = tokend::pb::tokend::MintRequest {
         audience: "ledger".into(),
@@ -491,7 +488,7 @@ async fn jwks_file_changes_are_followed() {
 #[tokio::test]
 async fn other_jws_types_are_refused() {
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let key = a.signing_key();
     let claims = bank.claims("payments", "payments", 60);
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
@@ -514,7 +511,7 @@ async fn other_jws_types_are_refused() {
 async fn duplicate_members_and_deep_nesting_are_malformed() {
     use tokend::Reason::Malformed;
     let bank = Bank::new();
-    let a = bank.start(bank.sidecar("payments")).await;
+    let a = bank.start(bank.lean("payments")).await;
     let key = a.signing_key();
     let kid = key.kid().to_owned();
     let (me, other) = (id("payments"), id("archive"));

@@ -94,6 +94,7 @@ struct TokensFile {
     default_ttl: Option<HumanDuration>,
     max_ttl: Option<HumanDuration>,
     clock_skew: Option<HumanDuration>,
+    verify_cache: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +150,8 @@ pub struct TokensConfig {
     pub max_ttl: Duration,
     /// Tolerated clock difference.
     pub clock_skew: Duration,
+    /// Verified tokens remembered at most (0: no verify cache).
+    pub verify_cache: usize,
 }
 
 /// Key rotation.
@@ -458,6 +461,9 @@ fn tokens(f: TokensFile) -> Result<TokensConfig, ConfigError> {
         default_ttl: or_secs(f.default_ttl, 300),
         max_ttl: or_secs(f.max_ttl, 3600),
         clock_skew: or_secs(f.clock_skew, 30),
+        verify_cache: f
+            .verify_cache
+            .unwrap_or(crate::engine::DEFAULT_VERIFY_CACHE),
     };
     if tokens.default_ttl.as_secs() == 0 {
         return Err(invalid("tokens.default_ttl", "must be at least 1s"));
@@ -480,6 +486,9 @@ fn tokens(f: TokensFile) -> Result<TokensConfig, ConfigError> {
     }
     if tokens.clock_skew > Duration::from_secs(600) {
         return Err(invalid("tokens.clock_skew", "must be at most 10m"));
+    }
+    if tokens.verify_cache > 1_000_000 {
+        return Err(invalid("tokens.verify_cache", "must be at most 1000000"));
     }
     Ok(tokens)
 }
@@ -770,6 +779,19 @@ mod tests {
         assert_eq!(c.tokens.max_ttl, Duration::from_secs(3600));
         assert_eq!(c.socket_mode, 0o600);
         assert_eq!(c.rotation.key_bits, 2048);
+        assert_eq!(c.tokens.verify_cache, crate::engine::DEFAULT_VERIFY_CACHE);
+    }
+
+    /// `[tokens] verify_cache` sizes the verify cache (0 turns it off); too
+    /// large a value is refused, naming the key.
+    #[test]
+    fn verify_cache_size() {
+        let c = parse("[tokens]\nverify_cache = 0").expect("off");
+        assert_eq!(c.tokens.verify_cache, 0);
+        let e = parse("[tokens]\nverify_cache = 1000001")
+            .expect_err("too large")
+            .to_string();
+        assert!(e.contains("tokens.verify_cache"), "{e}");
     }
 
     /// An unknown key is refused and named.

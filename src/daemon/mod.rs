@@ -176,7 +176,8 @@ impl Daemon {
                 Arc::new(sources.refresher),
                 crate::engine::DEFAULT_REFRESH_WAIT,
             )
-            .with_replay(replay),
+            .with_replay(replay)
+            .with_verify_cache(config.tokens.verify_cache),
         );
         let shutdown = CancellationToken::new();
         let peer_server = match (&config.peer_api, &peer_tls) {

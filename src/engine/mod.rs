@@ -42,6 +42,9 @@ use crate::time::{SharedClock, UnixTime};
 /// fetched again before it answers `unknown_kid`.
 pub(crate) const DEFAULT_REFRESH_WAIT: Duration = Duration::from_secs(1);
 
+/// Verified tokens remembered by default (`[tokens] verify_cache`).
+pub(crate) const DEFAULT_VERIFY_CACHE: usize = cache::DEFAULT_CAPACITY;
+
 /// Asks a peer issuer's source for its keys again, for an unknown kid.
 pub trait Refresh: Send + Sync + 'static {
     /// Refreshes `issuer` (single flight and rate limited by the

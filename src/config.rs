@@ -725,6 +725,21 @@ fn limits(f: LimitsFile) -> Result<LimitsConfig, ConfigError> {
     })
 }
 
+/// Parses and validates config text exactly as `tokend serve --config`
+/// would (no flags; relative paths against `.`), touching no file: `Ok` or
+/// the message `serve` would exit 64 with. On the crate's face for tooling
+/// and the fuzz harness (`fuzz/`); the daemon uses `Config` itself.
+pub fn check_config(text: &str) -> Result<(), String> {
+    Config::from_toml(
+        text,
+        Path::new("."),
+        Path::new("<text>"),
+        &Overrides::default(),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
 // === the policies each section builds ===
 
 impl TokensConfig {

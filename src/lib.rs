@@ -46,6 +46,7 @@ mod time;
 pub use crate::api::{REASON_KEY, connect, detail_of, reason_of};
 pub use crate::ca::{init as ca_init, issue as ca_issue};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
+pub use crate::config::check_config;
 pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar, SidecarError};
 pub use crate::engine::{
     Engine, MintPolicy, MintRequest, Minted, TrustSet, TrustUpdate, TrustView, Unverified,
@@ -56,6 +57,7 @@ pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};
 pub use crate::keys::{
     KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8, parse_pkcs8_pem,
 };
+pub use crate::peers::peer_key_set_update;
 pub use crate::reason::{Reason, Refusal};
 pub use crate::telemetry::{LogFormat, init as init_logs};
 pub use crate::time::{Clock, ManualClock, SharedClock, Sleep, SystemClock, TokioClock, UnixTime};

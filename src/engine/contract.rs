@@ -62,6 +62,35 @@ fn without(mut v: Value, k: &str) -> Value {
     v
 }
 
+/// `token` with the last character of its dot-separated part `i` changed in
+/// the unused low bits only: the same bytes to a decoder that ignores
+/// trailing bits, but not canonical base64url, so not the text that was
+/// signed (and for the signature, not the one encoding of its bytes).
+fn non_canonical(token: &str, i: usize) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let lax = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        base64::engine::general_purpose::NO_PAD.with_decode_allow_trailing_bits(true),
+    );
+    let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
+    let part = &mut parts[i];
+    let unused_bits = match part.len() % 4 {
+        2 => 4,
+        3 => 2,
+        _ => panic!("part {i} has no unused bits"),
+    };
+    let original = B64.decode(&*part).expect("canonical");
+    let last = part.pop().expect("non-empty");
+    let v = ALPHABET
+        .iter()
+        .position(|&c| char::from(c) == last)
+        .expect("base64url");
+    assert_eq!(v & ((1 << unused_bits) - 1), 0, "was canonical");
+    part.push(char::from(ALPHABET[v | 1]));
+    assert_eq!(lax.decode(&*part).expect("lax"), original, "same bytes");
+    parts.join(".")
+}
+
 struct World {
     _dir: tempfile::TempDir,
     own: Arc<KeySet>,
@@ -264,6 +293,32 @@ async fn verification_contract_table() {
             {
                 let t = w.peer(&good);
                 format!("{}.", &t[..t.rfind('.').expect("dot")])
+            },
+            OWN,
+            Refused(Malformed),
+        ),
+        (
+            "signature in non-canonical base64url (same bytes)",
+            non_canonical(&w.peer(&good), 2),
+            OWN,
+            Refused(Malformed),
+        ),
+        (
+            "header in non-canonical base64url (same bytes)",
+            non_canonical(&w.peer(&good), 0),
+            OWN,
+            Refused(Malformed),
+        ),
+        (
+            "payload in non-canonical base64url (same bytes)",
+            {
+                // Trailing blanks are valid JSON; pick a length with unused bits.
+                let mut payload = good.to_string();
+                while payload.len().is_multiple_of(3) {
+                    payload.push(' ');
+                }
+                let header = json!({"alg": "RS256", "kid": kid}).to_string();
+                non_canonical(&sign_raw(&w.peer_key, &header, &payload), 1)
             },
             OWN,
             Refused(Malformed),

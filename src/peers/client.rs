@@ -200,26 +200,14 @@ impl PeerClient {
         if !self.view.current().knows(identity.as_str()) {
             return Err(PeerError::NotConfigured(identity.clone()));
         }
-        if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
-            return Err(PeerError::TooLarge(msg.jwks_json.len()));
-        }
-        let keys = crate::jose::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)?;
-        let n = keys.len();
-        let expires = msg
-            .key_expires_at
-            .into_iter()
-            .map(|(kid, t)| (kid, UnixTime::from_secs(t)))
-            .collect();
-        self.feed
-            .apply(TrustUpdate::Replace {
-                issuer: identity.to_string(),
-                keys,
-                revoked: msg.revoked_kids,
-                expires,
-                at: self.clock.now(),
-            })
-            .await?;
-        tracing::debug!(issuer = %identity, keys = n, version = msg.version, "installed peer keys");
+        let version = msg.version;
+        let update = key_set_update(identity.as_str(), msg, self.clock.now())?;
+        let n = match &update {
+            TrustUpdate::Replace { keys, .. } => keys.len(),
+            _ => 0,
+        };
+        self.feed.apply(update).await?;
+        tracing::debug!(issuer = %identity, keys = n, version, "installed peer keys");
         metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string()).set(n as f64);
         metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
         Ok(())
@@ -360,6 +348,45 @@ impl KeySource for PeerClient {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<(), PeerError>> + Send + '_>> {
         Box::pin(self.fetch_once())
     }
+}
+
+/// The trust update a peer's key-set message asks for, filed under `issuer`
+/// (the identity its certificate proved): the size, key-count and key-policy
+/// checks every delivery passes before it reaches the writer. Pure.
+pub(crate) fn key_set_update(
+    issuer: &str,
+    msg: pb::PeerKeySet,
+    at: UnixTime,
+) -> Result<TrustUpdate, PeerError> {
+    if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
+        return Err(PeerError::TooLarge(msg.jwks_json.len()));
+    }
+    let keys = crate::jose::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)?;
+    let expires = msg
+        .key_expires_at
+        .into_iter()
+        .map(|(kid, t)| (kid, UnixTime::from_secs(t)))
+        .collect();
+    Ok(TrustUpdate::Replace {
+        issuer: issuer.to_owned(),
+        keys,
+        revoked: msg.revoked_kids,
+        expires,
+        at,
+    })
+}
+
+/// What a peer client makes of a `PeerKeySet` before the trust writer sees
+/// it: the update filed under `issuer`, or why the set is refused (too
+/// large, not a JWKS, too many keys, a key outside the import policy, a
+/// duplicate kid). The daemon runs exactly these checks on every delivery;
+/// this is on the crate's face for tooling and the fuzz harness (`fuzz/`).
+pub fn peer_key_set_update(
+    issuer: &str,
+    msg: pb::PeerKeySet,
+    at: UnixTime,
+) -> Result<TrustUpdate, String> {
+    key_set_update(issuer, msg, at).map_err(|e| e.to_string())
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -14,6 +14,7 @@ mod writer;
 use std::time::Duration;
 
 pub(crate) use self::client::PeerClient;
+pub use self::client::peer_key_set_update;
 pub(crate) use self::file::{JwksFileSource, MAX_JWKS_BYTES};
 pub(crate) use self::refresh::Refresher;
 pub(crate) use self::server::{PeerKeysApi, serve};

@@ -1,0 +1,2 @@
+
+spiffe://bank.internal/payments{"keys":[]} 

@@ -1,0 +1,2 @@
+
+spiffe://bank.internal/paymentsÎ{"keys":[{"kty":"RSA","kid":"tw-97RvX4iNj-nN8IwHKO_oh4nh8SxVatKjbnFPdfU4","alg":"RS256","use":"sig","n":"03ebN8NFSjndFvuvTlIf7L_uAJ9lD75YM34QFw5EucHiHbVvE1Nb2qs1kKUYIF8sGzD5rTnNghmvXVWtusp96wfrfAa59QYXtfnWeOv5HhnjE6AAAS_xxVuoy_0C_nB_vaYdcQ9COEmCqy5asTMCMCaWxLoJJ4V4bCyIh28yl_V8QhQGrQW4BI0RFTH_l5nlNpTEvEuvbkdHZwi_wMWMLUaxtUvV4cMYaE0O5rz580ZPtu-_PkA5EYTPaEbnm-PNV3reu6-6V6Rlku6R1-Cfi1j6hKCMWRnL8RZbYJsJ6u6H-LqSD_tiR12BLjjW08lihsG1WWd-H6tZ0U8LGaxRUw","e":"AQAB"}]}+tw-97RvX4iNj-nN8IwHKO_oh4nh8SxVatKjbnFPdfU4

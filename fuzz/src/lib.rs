@@ -191,7 +191,8 @@ fn int(v: Option<&Value>) -> Option<i64> {
 /// see what a corpus reaches:
 /// `TOKEND_FUZZ_TRACE=1 <target> -runs=0 <corpus> 2>&1 | grep '^outcome' | sort | uniq -c`.
 pub fn check_outcome(token: &str, audience: &str, r: &Result<Verified, Unverified>) {
-    static TRACE: LazyLock<bool> = LazyLock::new(|| std::env::var_os("TOKEND_FUZZ_TRACE").is_some());
+    static TRACE: LazyLock<bool> =
+        LazyLock::new(|| std::env::var_os("TOKEND_FUZZ_TRACE").is_some());
     if *TRACE {
         match r {
             Ok(v) if v.claims.contains_key("act") => eprintln!("outcome ok (delegated)"),

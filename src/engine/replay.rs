@@ -3,7 +3,7 @@
 //! one-time token is accepted once whether it arrives as a token or as a
 //! link inside a delegation chain. The engine knows only the trait: the
 //! in-memory store here is the embedded default, and other stores (a
-//! journal on disk, etcd) plug in beside it.
+//! journal on disk, later the directory's shared store) plug in beside it.
 //!
 //! The memory store is bounded: each `(issuer, jti)` is remembered until its
 //! token expires (plus skew), each issuer has its own quota so one noisy (or

@@ -230,8 +230,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             )));
         }
         Ok(Response::new(pb::ValidateJwtsvidResponse {
-            spiffe_id: v.subject,
-            claims: Some(to_struct(v.claims)),
+            spiffe_id: v.subject.clone(),
+            claims: Some(to_struct(v.claims.clone())),
         }))
     }
 

@@ -93,24 +93,26 @@ impl pb::token_service_server::TokenService for TokenApi {
         self.callers.check(&req).map_err(status)?;
         let wait = refresh_budget(&req);
         let r = req.into_inner();
+        let named;
         let aud = if r.audience.is_empty() {
-            self.engine.own().clone()
+            self.engine.own().as_str()
         } else {
-            self.audience(&r.audience, "audience")?
+            named = self.audience(&r.audience, "audience")?;
+            named.as_str()
         };
         if r.token.is_empty() {
             return Err(bad_request("token is empty"));
         }
         let v = self
             .engine
-            .verify_within(&r.token, aud.as_str(), wait)
+            .verify_within(&r.token, aud, wait)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::VerifyResponse {
-            issuer: v.issuer,
-            subject: v.subject,
-            claims_json: serde_json::Value::Object(v.claims).to_string(),
-            kid: v.kid,
+            issuer: v.issuer.clone(),
+            subject: v.subject.clone(),
+            claims_json: serde_json::to_string(&v.claims).unwrap_or_else(|_| "{}".into()),
+            kid: v.kid.clone(),
             expires_at: v.expires_at.as_secs(),
         }))
     }

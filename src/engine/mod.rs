@@ -169,27 +169,32 @@ impl Engine {
             .map_err(|e| Refusal::new(Reason::Unavailable, format!("signing task failed: {e}")))?
     }
 
-    /// The pure decision at `now` against the current snapshots: no refresh,
-    /// no replay claim.
+    /// Runs `f` over the current snapshots: the own keys and the peers' sets.
+    fn with_anchors<R>(&self, f: impl FnOnce(&Anchors<'_>) -> R) -> R {
+        let own = self.keys.current();
+        let peers = self.trust.current();
+        f(&Anchors {
+            own_id: self.own.as_str(),
+            own: &own,
+            peers: &peers,
+        })
+    }
+
+    /// The pure decision at `now` against the current snapshots: no cache,
+    /// no refresh, no replay claim.
     pub fn verify_at(
         &self,
         token: &str,
         audience: &str,
         now: UnixTime,
     ) -> Result<Verified, Unverified> {
-        let own = self.keys.current();
-        let peers = self.trust.current();
-        let anchors = Anchors {
-            own_id: self.own.as_str(),
-            own: &own,
-            peers: &peers,
-        };
-        verify_at(token, audience, now, &self.policy, &anchors)
+        self.with_anchors(|a| verify_at(token, audience, now, &self.policy, a))
     }
 
     /// Verifies `token` for `audience` now: one refresh of a peer on an
-    /// unknown kid (or a failing signature), then the one-time claim.
-    pub async fn verify(&self, token: &str, audience: &str) -> Result<Verified, Refusal> {
+    /// unknown kid (or a failing signature), then the one-time claim. The
+    /// result is shared with the verify cache, never copied.
+    pub async fn verify(&self, token: &str, audience: &str) -> Result<Arc<Verified>, Refusal> {
         self.verify_within(token, audience, None).await
     }
 
@@ -200,7 +205,7 @@ impl Engine {
         token: &str,
         audience: &str,
         wait: Option<Duration>,
-    ) -> Result<Verified, Refusal> {
+    ) -> Result<Arc<Verified>, Refusal> {
         let started = std::time::Instant::now();
         let wait = wait.map_or(self.refresh_wait, |w| w.min(self.refresh_wait));
         let result = self.verify_once_refreshed(token, audience, wait).await;
@@ -218,33 +223,30 @@ impl Engine {
         token: &str,
         audience: &str,
         wait: Duration,
-    ) -> Result<Verified, Refusal> {
+    ) -> Result<Arc<Verified>, Refusal> {
         let mut refreshed = false;
         loop {
             let now = self.clock.now();
-            let own = self.keys.current();
-            let peers = self.trust.current();
-            let anchors = Anchors {
-                own_id: self.own.as_str(),
-                own: &own,
-                peers: &peers,
-            };
-            if let Some(hit) = self.cache.get(token, audience, now, &self.policy, &anchors) {
-                metrics::counter!("tokend_verify_cache_total", "result" => "hit").increment(1);
-                if !hit.one_time.is_empty() {
-                    self.replay.claim(&hit.one_time, now).await?;
+            // The decision reads the snapshots; nothing below holds them
+            // across an await.
+            let decided = self.with_anchors(|a| {
+                match self.cache.get(token, audience, now, &self.policy, a) {
+                    Some(hit) => Ok((hit, true)),
+                    None => verify_at(token, audience, now, &self.policy, a)
+                        .map(|v| (Arc::new(v), false)),
                 }
-                return Ok(Verified::clone(&hit));
-            }
-            match verify_at(token, audience, now, &self.policy, &anchors) {
-                Ok(v) => {
-                    metrics::counter!("tokend_verify_cache_total", "result" => "miss").increment(1);
+            });
+            match decided {
+                Ok((v, hit)) => {
+                    let result = if hit { "hit" } else { "miss" };
+                    metrics::counter!("tokend_verify_cache_total", "result" => result).increment(1);
                     if !v.one_time.is_empty() {
                         self.replay.claim(&v.one_time, now).await?;
                     }
-                    let v = Arc::new(v);
-                    self.cache.put(token, v.clone(), now);
-                    return Ok(Arc::unwrap_or_clone(v));
+                    if !hit {
+                        self.cache.put(token, v.clone(), now);
+                    }
+                    return Ok(v);
                 }
                 Err(Unverified::NeedKeys { issuer, refusal }) if !refreshed => {
                     let Some(refresher) = &self.refresher else {
@@ -287,10 +289,10 @@ impl Engine {
         act.insert("sub".into(), Value::String(self.own.to_string()));
         act.insert(PREV_TOKEN.into(), Value::String(token.to_owned()));
         let delegation = Delegation {
-            subject: inbound.subject,
+            subject: inbound.subject.clone(),
             act: Value::Object(act),
             one_time: verify::is_one_time(&inbound.claims),
-            carried: inbound.claims,
+            carried: inbound.claims.clone(),
             not_after: inbound.expires_at,
         };
         let minted = self

@@ -184,16 +184,7 @@ impl Node {
 
     /// Verifies for this sidecar: the response, or the refusal's reason code.
     pub async fn verify(&self, token: &str) -> Result<pb::VerifyResponse, String> {
-        let req = pb::VerifyRequest {
-            token: token.into(),
-            audience: String::new(),
-        };
-        match self.tokens().await.verify(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(tokend::reason_of(&s)
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| format!("no reason: {s}"))),
-        }
+        crate::support::verify_with(self.tokens().await, token).await
     }
 
     /// Asks for a rotation; returns the new (pending) key's kid.

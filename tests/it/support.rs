@@ -252,16 +252,7 @@ impl Sidecar {
 
     /// Verifies over gRPC: the verified response, or the reason code of the refusal.
     pub async fn verify(&self, token: &str) -> Result<pb::VerifyResponse, String> {
-        let req = pb::VerifyRequest {
-            token: token.into(),
-            audience: String::new(),
-        };
-        match self.tokens().await.verify(req).await {
-            Ok(r) => Ok(r.into_inner()),
-            Err(s) => Err(tokend::reason_of(&s)
-                .map(|r| r.to_string())
-                .unwrap_or_else(|| format!("no reason: {s}"))),
-        }
+        crate::support::verify_with(self.tokens().await, token).await
     }
 
     /// This sidecar's public JWKS, as `tokend jwks` prints it.
@@ -607,5 +598,23 @@ impl Probe {
             cpu_ticks: tick(14) + tick(15),
             threads: field("Threads:"),
         }
+    }
+}
+
+/// Verifies `token` for the sidecar behind `tokens` (its own audience): the
+/// verified response, or the refusal's reason code. Both harnesses use it.
+pub async fn verify_with(
+    mut tokens: pb::token_service_client::TokenServiceClient<Channel>,
+    token: &str,
+) -> Result<pb::VerifyResponse, String> {
+    let req = pb::VerifyRequest {
+        token: token.into(),
+        audience: String::new(),
+    };
+    match tokens.verify(req).await {
+        Ok(r) => Ok(r.into_inner()),
+        Err(s) => Err(tokend::reason_of(&s)
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| format!("no reason: {s}"))),
     }
 }

@@ -86,6 +86,7 @@ struct FileConfig {
     metrics: Option<MetricsFile>,
     #[serde(default)]
     limits: LimitsFile,
+    directory: Option<DirectoryFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +272,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection, stream, size and time limits of the listeners.
     pub limits: LimitsConfig,
+    /// The etcd directory and shared replay store, if configured.
+    pub directory: Option<DirectoryConfig>,
 }
 
 /// `serve` flags that override the file.
@@ -357,7 +360,9 @@ impl Config {
         let who = identity(f.name, f.trust_domain, ov)?;
         let local = local_socket(f.socket, f.socket_mode, f.keys_dir, ov, &rel)?;
         let peer_api = peer_api(f.peer_api, ov, &rel)?;
-        let peers = peers(f.peers, &who, peer_api.is_some(), &rel)?;
+        let have_peer_api = peer_api.is_some();
+        let peers = peers(f.peers, &who, have_peer_api, &rel)?;
+        let directory = directory(f.directory, &who, have_peer_api, &rel)?;
         Ok(Self {
             name: who.name,
             trust_domain: who.trust_domain,
@@ -373,6 +378,7 @@ impl Config {
             peers,
             metrics_listen: metrics(f.metrics, ov)?,
             limits: limits(f.limits)?,
+            directory,
         })
     }
 }
@@ -769,6 +775,336 @@ impl Config {
             publish_ahead: self.rotation.publish_ahead,
             grace: self.tokens.max_ttl + self.tokens.clock_skew,
         }
+    }
+}
+
+// === [directory]: the etcd directory and shared replay store ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirectoryFile {
+    etcd: Vec<String>,
+    prefix: Option<String>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    accept: Option<Vec<String>>,
+    connect_timeout: Option<HumanDuration>,
+    request_timeout: Option<HumanDuration>,
+}
+
+/// The key prefix every tokend key lives under when none is configured.
+pub(crate) const DEFAULT_DIRECTORY_PREFIX: &str = "/tokend/";
+
+/// TLS to etcd: the CA that signs etcd's certificate, and an optional
+/// client certificate (etcd's `--client-cert-auth`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// The CA bundle etcd's server certificate must chain to.
+    pub ca: PathBuf,
+    /// Client certificate and key, when etcd asks for one.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// An etcd user; the password stays in its file until the daemon starts
+/// and is never logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdUser {
+    /// The etcd user name.
+    pub name: String,
+    /// The file holding its password (one line).
+    pub password_file: PathBuf,
+}
+
+/// Where the directory lives and what it may bring in (`[directory]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectoryConfig {
+    /// etcd client endpoints, all `http://` or all `https://`.
+    pub endpoints: Vec<String>,
+    /// The key prefix (ends with `/`).
+    pub prefix: String,
+    /// TLS to etcd, with `https://` endpoints.
+    pub tls: Option<EtcdTls>,
+    /// etcd authentication, if etcd has it on.
+    pub user: Option<EtcdUser>,
+    /// Only these issuers are discoverable (None: the whole trust domain).
+    pub accept: Option<Vec<SpiffeId>>,
+    /// Longest wait for a connection to etcd.
+    pub connect_timeout: Duration,
+    /// Longest wait for one etcd request (a claim, a put, a get).
+    pub request_timeout: Duration,
+}
+
+fn directory(
+    f: Option<DirectoryFile>,
+    who: &Identity,
+    have_peer_api: bool,
+    rel: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<Option<DirectoryConfig>, ConfigError> {
+    let Some(f) = f else { return Ok(None) };
+    if !have_peer_api {
+        return Err(invalid(
+            "directory",
+            "needs [peer_api] (ca, cert, key): its certificate signs this sidecar's key-set documents",
+        ));
+    }
+    let endpoints = etcd_endpoints(f.etcd)?;
+    let https = endpoints[0].starts_with("https://");
+    let prefix = f
+        .prefix
+        .unwrap_or_else(|| DEFAULT_DIRECTORY_PREFIX.to_owned());
+    if !prefix.ends_with('/') || prefix.len() < 2 || prefix.contains(char::is_whitespace) {
+        return Err(invalid(
+            "directory.prefix",
+            format!("{prefix:?} must be a key prefix ending with '/', like \"/tokend/\""),
+        ));
+    }
+    let tls = match (f.ca, f.cert, f.key) {
+        (None, None, None) => None,
+        (Some(ca), cert, key) => {
+            let client = match (cert, key) {
+                (None, None) => None,
+                (Some(c), Some(k)) => Some((rel(c), rel(k))),
+                _ => {
+                    return Err(invalid(
+                        "directory.cert",
+                        "give both directory.cert and directory.key, or neither",
+                    ));
+                }
+            };
+            Some(EtcdTls {
+                ca: rel(ca),
+                client,
+            })
+        }
+        (None, _, _) => {
+            return Err(invalid(
+                "directory.ca",
+                "a client certificate needs directory.ca (the CA of etcd's certificate)",
+            ));
+        }
+    };
+    if https && tls.is_none() {
+        return Err(invalid(
+            "directory.ca",
+            "https:// endpoints need directory.ca (the CA of etcd's certificate)",
+        ));
+    }
+    if !https && tls.is_some() {
+        return Err(invalid(
+            "directory.etcd",
+            "directory.ca/cert/key are set but the endpoints are http://; use https://",
+        ));
+    }
+    let user = match (f.user, f.password_file) {
+        (None, None) => None,
+        (Some(name), Some(file)) if !name.is_empty() => Some(EtcdUser {
+            name,
+            password_file: rel(file),
+        }),
+        (Some(_), Some(_)) => return Err(invalid("directory.user", "must not be empty")),
+        (Some(_), None) => {
+            return Err(invalid(
+                "directory.password_file",
+                "directory.user needs directory.password_file (the password is never inline)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "directory.user",
+                "directory.password_file needs directory.user",
+            ));
+        }
+    };
+    let accept = match f.accept {
+        None => None,
+        Some(names) => {
+            let mut ids = Vec::with_capacity(names.len());
+            for (i, n) in names.iter().enumerate() {
+                let id = who
+                    .trust_domain
+                    .id(n)
+                    .map_err(|e| invalid(&format!("directory.accept[{i}]"), e.to_string()))?;
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            Some(ids)
+        }
+    };
+    let s = Duration::from_secs;
+    Ok(Some(DirectoryConfig {
+        endpoints,
+        prefix,
+        tls,
+        user,
+        accept,
+        connect_timeout: within_duration(
+            "directory.connect_timeout",
+            f.connect_timeout,
+            s(3),
+            Duration::from_millis(100),
+            s(60),
+        )?,
+        request_timeout: within_duration(
+            "directory.request_timeout",
+            f.request_timeout,
+            s(3),
+            Duration::from_millis(100),
+            s(60),
+        )?,
+    }))
+}
+
+fn etcd_endpoints(list: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    if list.is_empty() {
+        return Err(invalid(
+            "directory.etcd",
+            "needs at least one endpoint, like [\"https://etcd-0:2379\"]",
+        ));
+    }
+    let mut scheme = None;
+    for (i, e) in list.iter().enumerate() {
+        let key = format!("directory.etcd[{i}]");
+        let this = if e.starts_with("https://") {
+            "https"
+        } else if e.starts_with("http://") {
+            "http"
+        } else {
+            return Err(invalid(
+                &key,
+                format!("{e:?} must be an http:// or https:// URL"),
+            ));
+        };
+        if e.parse::<http::Uri>().map_or(true, |u| u.host().is_none()) {
+            return Err(invalid(&key, format!("{e:?} is not a URL with a host")));
+        }
+        if scheme.is_some_and(|s| s != this) {
+            return Err(invalid(&key, "mixes http:// and https:// endpoints"));
+        }
+        scheme = Some(this);
+    }
+    Ok(list)
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+
+    const PEER_API: &str = "[peer_api]\nlisten = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+
+    fn parse(directory: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(
+            &format!("{PEER_API}[directory]\n{directory}"),
+            Path::new("/etc/tokend"),
+            Path::new("t.toml"),
+            &Overrides::default(),
+        )
+    }
+
+    fn refused(directory: &str) -> String {
+        parse(directory).expect_err(directory).to_string()
+    }
+
+    /// A plain endpoint list gets the documented defaults; no section, no directory.
+    #[test]
+    fn directory_defaults() {
+        let c = parse("etcd = [\"http://127.0.0.1:2379\"]").expect("ok");
+        let d = c.directory.expect("directory");
+        assert_eq!(d.prefix, DEFAULT_DIRECTORY_PREFIX);
+        assert_eq!(d.tls, None);
+        assert_eq!(d.user, None);
+        assert_eq!(d.accept, None);
+        assert_eq!(d.request_timeout, Duration::from_secs(3));
+        let none = Config::from_toml("", Path::new("."), Path::new("t"), &Overrides::default())
+            .expect("ok");
+        assert!(none.directory.is_none());
+    }
+
+    /// TLS, client certificate, user, accept list and timeouts parse, with
+    /// paths against the config's directory.
+    #[test]
+    fn directory_full() {
+        let d = parse(
+            "etcd = [\"https://etcd-0:2379\", \"https://etcd-1:2379\"]\nprefix = \"/bank/\"\n\
+             ca = \"etcd-ca.pem\"\ncert = \"etcd.pem\"\nkey = \"etcd.key\"\nuser = \"payments\"\n\
+             password_file = \"etcd.pass\"\naccept = [\"ledger\", \"fx\", \"ledger\"]\n\
+             request_timeout = \"500ms\"",
+        )
+        .expect("ok")
+        .directory
+        .expect("directory");
+        assert_eq!(d.prefix, "/bank/");
+        let tls = d.tls.expect("tls");
+        assert_eq!(tls.ca, Path::new("/etc/tokend/etcd-ca.pem"));
+        assert_eq!(
+            tls.client,
+            Some((
+                PathBuf::from("/etc/tokend/etcd.pem"),
+                PathBuf::from("/etc/tokend/etcd.key")
+            ))
+        );
+        let user = d.user.expect("user");
+        assert_eq!(user.password_file, Path::new("/etc/tokend/etcd.pass"));
+        let accept: Vec<&str> = d.accept.iter().flatten().map(|i| i.as_str()).collect();
+        assert_eq!(
+            accept,
+            ["spiffe://local/ledger", "spiffe://local/fx"],
+            "deduplicated"
+        );
+        assert_eq!(d.request_timeout, Duration::from_millis(500));
+    }
+
+    /// Every bad value is refused naming its key.
+    #[test]
+    fn directory_bad_values_named() {
+        for (text, key) in [
+            ("etcd = []", "directory.etcd"),
+            ("etcd = [\"127.0.0.1:2379\"]", "directory.etcd[0]"),
+            (
+                "etcd = [\"http://a:1\", \"https://b:1\"]\nca = \"x\"",
+                "directory.etcd[1]",
+            ),
+            ("etcd = [\"https://a:1\"]", "directory.ca"),
+            ("etcd = [\"http://a:1\"]\nca = \"x\"", "directory.etcd"),
+            ("etcd = [\"https://a:1\"]\ncert = \"c\"", "directory.ca"),
+            (
+                "etcd = [\"https://a:1\"]\nca = \"x\"\ncert = \"c\"",
+                "directory.cert",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nprefix = \"tokend\"",
+                "directory.prefix",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nuser = \"u\"",
+                "directory.password_file",
+            ),
+            ("etcd = [\"http://a:1\"]\npassword = \"p\"", "password"),
+            (
+                "etcd = [\"http://a:1\"]\naccept = [\"a/b\"]",
+                "directory.accept[0]",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nrequest_timeout = \"1h\"",
+                "directory.request_timeout",
+            ),
+            ("prefix = \"/t/\"", "etcd"),
+        ] {
+            let e = refused(text);
+            assert!(e.contains(key), "{text}: {e}");
+        }
+        let e = Config::from_toml(
+            "[directory]\netcd = [\"http://a:1\"]",
+            Path::new("."),
+            Path::new("t"),
+            &Overrides::default(),
+        )
+        .expect_err("no peer api")
+        .to_string();
+        assert!(e.contains("peer_api"), "{e}");
     }
 }
 

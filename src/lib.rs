@@ -20,16 +20,20 @@
 //!    `api` (the local gRPC services, each with its own handles; the one
 //!    refusal → status mapping), `telemetry`, `replay_log` (the one-time
 //!    claims journal).
-//! 7. `ca`: the trust domain's CA and peer certificates.
-//! 8. `daemon`: the only module that knows every other; `Daemon` for the
+//! 7. `directory`: etcd as a relay (signed key-set documents published and
+//!    watched, fed to the peers' trust writer) and the replay store shared
+//!    by a service's replicas.
+//! 8. `ca`: the trust domain's CA and peer certificates.
+//! 9. `daemon`: the only module that knows every other; `Daemon` for the
 //!    binary, `Sidecar` in-process for tests and the demo.
-//! 9. `cli`: the command line, on top.
+//! 10. `cli`: the command line, on top.
 
 mod api;
 mod ca;
 mod cli;
 mod config;
 mod daemon;
+mod directory;
 mod engine;
 mod identity;
 mod jose;

@@ -36,5 +36,7 @@ mod peers;
 mod robustness;
 #[path = "it/rotation.rs"]
 mod rotation;
+#[path = "it/shared_replay.rs"]
+mod shared_replay;
 #[path = "it/vectors.rs"]
 mod vectors;

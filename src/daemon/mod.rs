@@ -20,7 +20,8 @@ use tracing::Instrument;
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
-use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
+use crate::directory::EtcdReplay;
+use crate::engine::{Engine, MemoryReplay, ReplayStore, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
@@ -66,6 +67,9 @@ pub enum DaemonError {
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
+    /// The `[directory]` etcd client could not be set up.
+    #[error(transparent)]
+    Directory(#[from] crate::directory::EtcdSetupError),
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -76,7 +80,10 @@ impl DaemonError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            DaemonError::Keys(KeyError::Disk(_)) | DaemonError::Tls(_) | DaemonError::Peers(_)
+            DaemonError::Keys(KeyError::Disk(_))
+                | DaemonError::Tls(_)
+                | DaemonError::Peers(_)
+                | DaemonError::Directory(_)
         )
     }
 }
@@ -148,11 +155,7 @@ impl Daemon {
         }
         let caps = fd_caps(&config);
         let (store, keys) = open_keys(&config, &clock).await?;
-        let replay = Arc::new(JournalReplay::open(
-            &config.keys_dir,
-            MemoryReplay::default(),
-            clock.now(),
-        )?);
+        let replay = replay_store(&config, &clock).await?;
         let peer_tls = match &config.peer_api {
             Some(p) => Some(PeerTls::load(
                 p,
@@ -365,6 +368,25 @@ fn fd_caps(config: &Config) -> FdCaps {
         "connection caps"
     );
     caps
+}
+
+/// Where one-time ids are claimed: in etcd, shared by every replica, with
+/// `[directory]`; otherwise in the journal of the keys directory.
+async fn replay_store(
+    config: &Config,
+    clock: &SharedClock,
+) -> Result<Arc<dyn ReplayStore>, DaemonError> {
+    match &config.directory {
+        Some(d) => {
+            let client = crate::directory::connect(d).await?;
+            Ok(Arc::new(EtcdReplay::new(client, &d.prefix, &config.name)))
+        }
+        None => Ok(Arc::new(JournalReplay::open(
+            &config.keys_dir,
+            MemoryReplay::default(),
+            clock.now(),
+        )?)),
+    }
 }
 
 /// Binds the peer API's listener; its service serves the own keys.

@@ -86,6 +86,14 @@ impl Bank {
         self.sidecar(name).peer_api(&self.ca())
     }
 
+    /// A builder for replica `n` of `name` (its own directory
+    /// `replicas/<n>/<name>`, keys and peer certificate) serving a peer API.
+    pub fn replica(&self, name: &str, n: usize) -> Sidecar {
+        Sidecar::new(&self.root.path().join("replicas").join(n.to_string()), name)
+            .clock(Arc::new(self.clock.clone()))
+            .peer_api(&self.ca())
+    }
+
     /// Starts `builder`.
     pub async fn start(&self, builder: Sidecar) -> Node {
         let running = builder.start().await.expect("sidecar starts");

@@ -793,6 +793,7 @@ struct DirectoryFile {
     accept: Option<Vec<String>>,
     connect_timeout: Option<HumanDuration>,
     request_timeout: Option<HumanDuration>,
+    lease_ttl: Option<HumanDuration>,
 }
 
 /// The key prefix every tokend key lives under when none is configured.
@@ -835,6 +836,9 @@ pub struct DirectoryConfig {
     pub connect_timeout: Duration,
     /// Longest wait for one etcd request (a claim, a put, a get).
     pub request_timeout: Duration,
+    /// The lease of this instance's entry: how long a dead instance's entry
+    /// stays listed (its keys stay usable until its document expires).
+    pub lease_ttl: Duration,
 }
 
 fn directory(
@@ -955,6 +959,7 @@ fn directory(
             Duration::from_millis(100),
             s(60),
         )?,
+        lease_ttl: within_duration("directory.lease_ttl", f.lease_ttl, s(30), s(2), s(300))?,
     }))
 }
 
@@ -1018,6 +1023,7 @@ mod directory_tests {
         assert_eq!(d.user, None);
         assert_eq!(d.accept, None);
         assert_eq!(d.request_timeout, Duration::from_secs(3));
+        assert_eq!(d.lease_ttl, Duration::from_secs(30));
         let none = Config::from_toml("", Path::new("."), Path::new("t"), &Overrides::default())
             .expect("ok");
         assert!(none.directory.is_none());
@@ -1090,6 +1096,10 @@ mod directory_tests {
             (
                 "etcd = [\"http://a:1\"]\nrequest_timeout = \"1h\"",
                 "directory.request_timeout",
+            ),
+            (
+                "etcd = [\"http://a:1\"]\nlease_ttl = \"1s\"",
+                "directory.lease_ttl",
             ),
             ("prefix = \"/t/\"", "etcd"),
         ] {

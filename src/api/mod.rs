@@ -33,7 +33,13 @@ pub(crate) struct LocalApi {
     pub admin: AdminApi,
     /// The SPIFFE Workload API.
     pub spiffe: SpiffeApi,
+    /// Whether the etcd directory is live (`[directory]` only): reported
+    /// as the health of service `tokend.directory`.
+    pub directory_health: Option<tokio::sync::watch::Receiver<bool>>,
 }
+
+/// The grpc.health.v1 service name that says whether the directory is live.
+pub(crate) const DIRECTORY_HEALTH: &str = "tokend.directory";
 
 /// Serves every local service on `listener` until `shutdown` completes, then
 /// finishes in-flight calls and returns. `listen` caps connections and closes
@@ -55,6 +61,22 @@ pub(crate) async fn serve(
     reporter
         .set_serving::<SpiffeWorkloadApiServer<SpiffeApi>>()
         .await;
+    if let Some(mut live) = api.directory_health {
+        let reporter = reporter.clone();
+        tokio::spawn(async move {
+            loop {
+                let status = if *live.borrow_and_update() {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(DIRECTORY_HEALTH, status).await;
+                if live.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
     let max = limits.max_request_bytes;
     crate::listen::server(&limits, limits.max_streams_per_connection)
         .layer(crate::listen::TrackLayer::<UdsConnectInfo>::new())

@@ -442,6 +442,7 @@ fn local_api(
             config.admin_uids.clone(),
         ),
         spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
+        directory_health: None,
     }
 }
 

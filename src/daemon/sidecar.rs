@@ -41,6 +41,7 @@ pub struct Sidecar {
     name: String,
     trust_domain: String,
     extra: String,
+    peer_api_extra: String,
     ca: Option<PathBuf>,
     listen: Option<SocketAddr>,
     peers: Vec<(String, SocketAddr)>,
@@ -70,6 +71,7 @@ impl Sidecar {
             name: name.to_owned(),
             trust_domain: "bank.internal".into(),
             extra: String::new(),
+            peer_api_extra: String::new(),
             ca: None,
             listen: None,
             peers: Vec::new(),
@@ -88,6 +90,14 @@ impl Sidecar {
     pub fn config(mut self, toml: &str) -> Self {
         self.extra.push_str(toml);
         self.extra.push('\n');
+        self
+    }
+
+    /// TOML lines added inside the `[peer_api]` table (such as
+    /// `document_lifetime = "10s"`).
+    pub fn peer_api_config(mut self, toml: &str) -> Self {
+        self.peer_api_extra.push_str(toml);
+        self.peer_api_extra.push('\n');
         self
     }
 
@@ -158,6 +168,7 @@ impl Sidecar {
                 "[peer_api]\nlisten = \"{listen}\"\nca = \"{}\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n",
                 ca.join(crate::ca::CA_CERT).display()
             ));
+            toml.push_str(&self.peer_api_extra);
         }
         for (peer, addr) in &self.peers {
             toml.push_str(&format!(

@@ -24,4 +24,4 @@ pub(crate) use self::replay::EtcdReplay;
 #[allow(unused_imports)]
 pub(crate) use self::state::DirectoryState;
 #[allow(unused_imports)]
-pub(crate) use self::watch::{DocumentSink, SinkFuture, Watcher};
+pub(crate) use self::watch::{DirectorySink, SinkFuture, Watcher};

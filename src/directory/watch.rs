@@ -4,7 +4,7 @@
 //! backoff and full jitter and resumes from the last revision seen; a
 //! resume point etcd has compacted away means a full read again, after
 //! which keys no longer present are reported deleted. Each value goes to a
-//! `DocumentSink` (which verifies it; etcd is never trusted), each delete
+//! `DirectorySink` (which verifies it; etcd is never trusted), each delete
 //! too. The watcher only moves bytes and reports its state.
 
 use std::collections::HashSet;
@@ -28,7 +28,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub(crate) type SinkFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
 
 /// Where the watcher delivers what it reads.
-pub(crate) trait DocumentSink: Send + Sync + 'static {
+pub(crate) trait DirectorySink: Send + Sync + 'static {
     /// The value at `key` (from the first read, a re-read or an event).
     fn put<'a>(&'a self, key: &'a str, value: &'a [u8]) -> SinkFuture<'a>;
     /// `key` was deleted (its lease ended, or it vanished across a re-read).
@@ -48,7 +48,7 @@ pub(crate) fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
 pub(crate) struct Watcher {
     client: Client,
     prefixes: Vec<String>,
-    sink: Arc<dyn DocumentSink>,
+    sink: Arc<dyn DirectorySink>,
     state: DirectoryState,
     /// Keys currently present (as last read or watched).
     known: HashSet<String>,
@@ -86,7 +86,7 @@ impl Watcher {
     pub(crate) fn new(
         client: Client,
         prefixes: Vec<String>,
-        sink: Arc<dyn DocumentSink>,
+        sink: Arc<dyn DirectorySink>,
         state: DirectoryState,
     ) -> Self {
         Self {

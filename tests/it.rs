@@ -14,6 +14,8 @@ mod inproc;
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/directory.rs"]
+mod directory;
 #[path = "it/etcd.rs"]
 mod etcd;
 #[path = "it/exchange.rs"]

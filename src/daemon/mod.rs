@@ -20,7 +20,7 @@ use tracing::Instrument;
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
-use crate::directory::EtcdReplay;
+use crate::directory::{Directory, EtcdReplay};
 use crate::engine::{DocumentLimits, SignedDocument};
 use crate::engine::{Engine, MemoryReplay, ReplayStore, TrustUpdate, TrustView};
 use crate::keys::InstanceState;
@@ -132,6 +132,7 @@ pub struct Daemon {
     files: Vec<Arc<JwksFileSource>>,
     document_sink: Option<DocumentSink>,
     direct: Option<DirectFetcher>,
+    directory: Option<Directory>,
     api: LocalApi,
     listener: UnixListener,
     socket: PathBuf,
@@ -165,7 +166,11 @@ impl Daemon {
         }
         let caps = fd_caps(&config);
         let (store, keys) = open_keys(&config, &clock).await?;
-        let replay = replay_store(&config, &clock).await?;
+        let etcd = match &config.directory {
+            Some(d) => Some(crate::directory::connect(d).await?),
+            None => None,
+        };
+        let replay = replay_store(&config, etcd.as_ref(), &clock)?;
         let peer_tls = match &config.peer_api {
             Some(p) => Some(PeerTls::load(
                 p,
@@ -202,7 +207,7 @@ impl Daemon {
         let peer_addr = peer_server.as_ref().map(|p| p.addr);
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
-        let api = local_api(
+        let mut api = local_api(
             &config,
             engine,
             &keys,
@@ -211,6 +216,18 @@ impl Daemon {
             &clock,
             &shutdown,
         );
+        let directory = match (&config.directory, etcd, &sources.documents, &peer_server) {
+            (Some(d), Some(client), Some(sink), Some(server)) => Some(Directory::new(
+                client,
+                d,
+                &config.trust_domain,
+                &config.name,
+                sink.clone(),
+                server.publisher.subscribe(),
+            )),
+            _ => None,
+        };
+        api.directory_health = directory.as_ref().map(Directory::health);
         Ok(Self {
             id: config.id.to_string(),
             store,
@@ -228,6 +245,7 @@ impl Daemon {
                 _ => None,
             },
             document_sink: sources.documents,
+            directory,
             api,
             listener,
             socket: config.socket,
@@ -292,6 +310,9 @@ impl Daemon {
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(direct) = self.direct {
             tracker.spawn(direct.run(cancel.clone()));
+        }
+        if let Some(directory) = self.directory {
+            directory.spawn(&tracker, &cancel);
         }
         if let Some(PeerServer {
             tcp,
@@ -415,16 +436,18 @@ fn fd_caps(config: &Config) -> FdCaps {
 
 /// Where one-time ids are claimed: in etcd, shared by every replica, with
 /// `[directory]`; otherwise in the journal of the keys directory.
-async fn replay_store(
+fn replay_store(
     config: &Config,
+    etcd: Option<&etcd_client::Client>,
     clock: &SharedClock,
 ) -> Result<Arc<dyn ReplayStore>, DaemonError> {
-    match &config.directory {
-        Some(d) => {
-            let client = crate::directory::connect(d).await?;
-            Ok(Arc::new(EtcdReplay::new(client, &d.prefix, &config.name)))
-        }
-        None => Ok(Arc::new(JournalReplay::open(
+    match (&config.directory, etcd) {
+        (Some(d), Some(client)) => Ok(Arc::new(EtcdReplay::new(
+            client.clone(),
+            &d.prefix,
+            &config.name,
+        ))),
+        _ => Ok(Arc::new(JournalReplay::open(
             &config.keys_dir,
             MemoryReplay::default(),
             clock.now(),

@@ -8,20 +8,85 @@
 //! whether the directory is stale.
 
 mod etcd;
-// Wired to the key-set documents once they land (issue 10, part A).
-#[allow(dead_code, unused_imports)]
+mod install;
 mod publish;
 mod replay;
-#[allow(dead_code, unused_imports)]
 mod state;
-#[allow(dead_code, unused_imports)]
 mod watch;
 
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 pub(crate) use self::etcd::{EtcdSetupError, connect};
-#[allow(unused_imports)]
+use self::install::DirectoryInstaller;
 pub(crate) use self::publish::{Documents, Publisher};
 pub(crate) use self::replay::EtcdReplay;
-#[allow(unused_imports)]
 pub(crate) use self::state::DirectoryState;
-#[allow(unused_imports)]
-pub(crate) use self::watch::{DirectorySink, SinkFuture, Watcher};
+use self::watch::Watcher;
+use crate::config::DirectoryConfig;
+use crate::identity::TrustDomain;
+use crate::peers::DocumentSink;
+
+/// The directory's two loops, built and not yet running.
+#[derive(Debug)]
+pub(crate) struct Directory {
+    watcher: Watcher,
+    publisher: Publisher,
+    state: DirectoryState,
+}
+
+// === impl Directory ===
+
+impl Directory {
+    /// Publishes `docs` (this instance of `service`) and installs what the
+    /// watched prefixes hold through `sink` (discovering issuers of `td`,
+    /// narrowed by `accept`).
+    pub(crate) fn new(
+        client: etcd_client::Client,
+        config: &DirectoryConfig,
+        td: &TrustDomain,
+        service: &str,
+        sink: DocumentSink,
+        docs: Documents,
+    ) -> Self {
+        let instance = docs.borrow().instance.clone();
+        let key = format!("{}keys/{}/{service}/{instance}", config.prefix, td.as_str());
+        let installer = DirectoryInstaller::new(
+            sink.discovering(),
+            &config.prefix,
+            td.clone(),
+            config.accept.clone(),
+        );
+        let state = DirectoryState::new();
+        Self {
+            watcher: Watcher::new(
+                client.clone(),
+                installer.prefixes(),
+                Arc::new(installer),
+                state.clone(),
+            ),
+            publisher: Publisher::new(client, key, config.lease_ttl, docs),
+            state,
+        }
+    }
+
+    /// Whether the watch is live, for the health service.
+    pub(crate) fn health(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.state.subscribe()
+    }
+
+    /// Runs both loops on `tracker` until `cancel`.
+    pub(crate) fn spawn(self, tracker: &TaskTracker, cancel: &CancellationToken) {
+        let key = self.publisher.key().to_owned();
+        tracker.spawn(tracing::Instrument::instrument(
+            self.publisher.run(cancel.clone()),
+            tracing::info_span!("directory_publisher", key = %key),
+        ));
+        tracker.spawn(tracing::Instrument::instrument(
+            self.watcher.run(cancel.clone()),
+            tracing::info_span!("directory_watcher"),
+        ));
+    }
+}

@@ -14,10 +14,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::watch::backoff;
+use crate::engine::SignedDocument;
 use crate::peers::LogLimit;
 
-/// What the publisher publishes: the current signed document, if any yet.
-pub(crate) type Documents = watch::Receiver<Option<Arc<str>>>;
+/// What the publisher publishes: this instance's current signed document.
+pub(crate) type Documents = watch::Receiver<Arc<SignedDocument>>;
 
 /// Puts one instance's documents into etcd.
 pub(crate) struct Publisher {
@@ -85,11 +86,10 @@ impl Publisher {
 
     async fn put(&mut self, lease: i64) -> Result<(), String> {
         let doc = self.docs.borrow_and_update().clone();
-        let Some(doc) = doc else { return Ok(()) };
         self.client
             .put(
                 self.key.as_str(),
-                doc.as_bytes(),
+                doc.jws.as_bytes(),
                 Some(PutOptions::new().with_lease(lease)),
             )
             .await

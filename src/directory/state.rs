@@ -59,11 +59,6 @@ impl DirectoryState {
         metrics::gauge!("tokend_directory_last_sync_timestamp_seconds").set(now.as_secs() as f64);
     }
 
-    /// Whether the watch is connected now.
-    pub(crate) fn connected(&self) -> bool {
-        *self.inner.connected.borrow()
-    }
-
     /// A receiver of the connected flag, for the health service.
     pub(crate) fn subscribe(&self) -> watch::Receiver<bool> {
         self.inner.connected.subscribe()

@@ -44,6 +44,14 @@ pub(crate) enum Refused {
     /// The identity is not in `[directory] accept`.
     #[error("{0} is not in [directory] accept")]
     NotAccepted(SpiffeId),
+    /// The document's certificate proves another identity than the key names.
+    #[error("its key names {path_identity} but the document's certificate is {document}")]
+    IdentityMismatch {
+        /// The key's identity.
+        path_identity: SpiffeId,
+        /// The certificate's identity.
+        document: SpiffeId,
+    },
     /// The document's instance is not the one the key names.
     #[error(
         "the document is of instance {instance:?} but its key names {path_identity} instance {path_instance:?}"
@@ -67,7 +75,7 @@ impl Refused {
         match self {
             Refused::BadKey => "bad_key",
             Refused::NotAccepted(_) => "not_accepted",
-            Refused::PathMismatch { .. } => "path_mismatch",
+            Refused::PathMismatch { .. } | Refused::IdentityMismatch { .. } => "path_mismatch",
             Refused::Peer(PeerError::Document(d)) => d.kind(),
             Refused::Peer(PeerError::Set(SetError::Rollback { .. })) => "rollback",
             Refused::Peer(PeerError::ProvenMismatch { .. }) => "path_mismatch",
@@ -154,10 +162,18 @@ impl DirectoryInstaller {
         }
         // The certificate must prove the identity the key names: `proven`
         // is checked before anything is installed.
-        self.sink
+        match self
+            .sink
             .install(value, Some(&path_identity), &format!("directory:{key}"))
-            .await?;
-        Ok(())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(PeerError::ProvenMismatch { proven, document }) => Err(Refused::IdentityMismatch {
+                path_identity: proven,
+                document,
+            }),
+            Err(e) => Err(Refused::Peer(e)),
+        }
     }
 
     fn refused(&self, key: &str, why: &Refused) {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokend::pb::tokend as pb;
 
 use crate::etcd::Etcd;
-use crate::inproc::{Bank, Node};
+use crate::inproc::{Bank, Node, at, logs};
 use crate::support::*;
 
 /// Lines of `[directory]` for `etcd` under `prefix`, with a short lease.
@@ -187,4 +187,395 @@ async fn directory_revocation_reaches_every_verifier_within_a_second() {
             "honest keys keep working"
         );
     }
+}
+
+/// The value at `key` in etcd.
+async fn etcd_get(etcd: &Etcd, key: &str) -> Option<Vec<u8>> {
+    let mut c = etcd.client().await;
+    let got = c.get(key, None).await.expect("get");
+    got.kvs().first().map(|kv| kv.value().to_vec())
+}
+
+/// Every key (and value) under `prefix`.
+async fn etcd_list(etcd: &Etcd, prefix: &str) -> Vec<(String, Vec<u8>)> {
+    let mut c = etcd.client().await;
+    let got = c
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("get");
+    got.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                kv.value().to_vec(),
+            )
+        })
+        .collect()
+}
+
+async fn etcd_put(etcd: &Etcd, key: &str, value: impl Into<Vec<u8>>) {
+    let mut c = etcd.client().await;
+    c.put(key, value.into(), None).await.expect("put");
+}
+
+/// The single directory key of `service` under `prefix` (once published).
+async fn key_of(etcd: &Etcd, prefix: &str, service: &str) -> String {
+    let dir = format!("{prefix}keys/{TD}/{service}/");
+    assert!(
+        eventually(10, || async { !etcd_list(etcd, &dir).await.is_empty() }).await,
+        "{service} publishes under {dir}"
+    );
+    let list = etcd_list(etcd, &dir).await;
+    assert_eq!(list.len(), 1, "one instance of {service}: {list:?}");
+    list[0].0.clone()
+}
+
+/// Refusals are logged at most once a second per reason: a test showing
+/// two refusals of one reason waits that out between them.
+async fn past_log_limit() {
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+}
+
+/// Signs a document for `claims` with the certificate and key in `peer_dir`.
+fn sign_with(peer_dir: &std::path::Path, claims: &tokend::DocumentClaims) -> String {
+    let cert = pem::parse(std::fs::read(peer_dir.join("cert.pem")).expect("cert")).expect("pem");
+    let key = pem::parse(std::fs::read(peer_dir.join("key.pem")).expect("key")).expect("pem");
+    let key = tokend::DocumentKey::from_pkcs8(key.contents(), &[cert.contents().to_vec()])
+        .expect("document key");
+    tokend::sign_document(claims, &key).expect("sign")
+}
+
+/// Claims of a document of `service`/`instance` listing `key`, valid `iat..exp`.
+fn doc_claims(
+    service: &str,
+    instance: &str,
+    seq: u64,
+    key: &tokend::SigningKey,
+    iat: i64,
+    exp: i64,
+) -> tokend::DocumentClaims {
+    tokend::DocumentClaims {
+        identity: tokend::SpiffeId::parse(&id(service)).expect("id"),
+        instance: instance.into(),
+        seq,
+        issued_at: at(iat),
+        expires_at: at(exp),
+        address: None,
+        keys: vec![key.public().clone()],
+        revoked: Vec::new(),
+        key_expires: Default::default(),
+    }
+}
+
+/// Waits until the log holds a refusal of `key` with `reason`.
+async fn refused_with(key: &str, reason: &str) {
+    let needle = format!("reason=\"{reason}\"");
+    let quoted = format!("{key:?}");
+    assert!(
+        eventually(10, || async {
+            logs().lines().any(|l| {
+                l.contains("directory entry refused") && l.contains(&quoted) && l.contains(&needle)
+            })
+        })
+        .await,
+        "no refusal of {key} with reason {reason}: {}",
+        logs()
+            .lines()
+            .filter(|l| l.contains("directory entry refused"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// Attacks written straight into etcd by whoever has write access to it,
+/// each refused with its reason while honest keys keep working: a
+/// document signed by a certificate of a foreign CA (`bad_chain`), a real
+/// document of another identity under this one's key (`path_mismatch`),
+/// an instance's own older document put back after a rotation and after
+/// a revocation (`rollback`), a document signed with the instance's real
+/// certificate but expired (`expired`), garbage and a truncated document
+/// (`malformed`), and one over the size limit (`too_large`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_relay_attacks_are_refused() {
+    let _ = logs();
+    let etcd = Etcd::start();
+    let bank = Bank::new();
+    let ledger = verifier(&bank, &etcd, "ledger", "/a/").await;
+    let payments = replica(&bank, &etcd, "payments", 0, "/a/").await;
+    let fx = replica(&bank, &etcd, "fx", 0, "/a/").await;
+    wait_live(&ledger, "payments", 1).await;
+    wait_live(&ledger, "fx", 1).await;
+    let pay_key = key_of(&etcd, "/a/", "payments").await;
+    let fx_key = key_of(&etcd, "/a/", "fx").await;
+    let honest = || async {
+        for r in [&payments, &fx] {
+            let t = r.mint("ledger").await.token;
+            assert_eq!(
+                ledger.verify(&t).await.err(),
+                None,
+                "honest {} keys work",
+                r.name()
+            );
+        }
+    };
+    honest().await;
+    let pay_dir = format!("/a/keys/{TD}/payments/");
+    let fx_signing = fx.signing_key();
+    let forged_as_payments = || {
+        let mut c = bank.claims("payments", "ledger", 60);
+        c["jti"] = serde_json::json!(format!("forged-{}", rand_suffix()));
+        forge(&fx_signing, fx_signing.kid(), &c)
+    };
+
+    // 1. A foreign CA's certificate for payments.
+    let evil_ca = bank.root().join("evil-ca");
+    tokend::ca_init(&evil_ca, &tokend::TrustDomain::new(TD).expect("td")).expect("evil ca");
+    let evil_peer = bank.root().join("evil-peer");
+    tokend::ca_issue(&evil_ca, "payments", &evil_peer, &[], 1).expect("evil cert");
+    let now = bank.now();
+    let doc = sign_with(
+        &evil_peer,
+        &doc_claims("payments", "evil0", 1, &fx_signing, now, now + 60),
+    );
+    let k = format!("{pay_dir}evil0");
+    etcd_put(&etcd, &k, doc).await;
+    refused_with(&k, "bad_chain").await;
+    assert_eq!(
+        ledger.verify(&forged_as_payments()).await.err().as_deref(),
+        Some("unknown_kid")
+    );
+    honest().await;
+
+    // 2. fx's real document under a payments key.
+    let fx_doc = etcd_get(&etcd, &fx_key).await.expect("fx doc");
+    let fx_instance = fx_key.rsplit('/').next().expect("instance").to_owned();
+    let k = format!("{pay_dir}{fx_instance}");
+    etcd_put(&etcd, &k, fx_doc).await;
+    refused_with(&k, "path_mismatch").await;
+    //    and payments' own document under another instance's key.
+    past_log_limit().await;
+    let pay_doc = etcd_get(&etcd, &pay_key).await.expect("payments doc");
+    let k = format!("{pay_dir}someone-else");
+    etcd_put(&etcd, &k, pay_doc.clone()).await;
+    refused_with(&k, "path_mismatch").await;
+    assert_eq!(
+        ledger.verify(&forged_as_payments()).await.err().as_deref(),
+        Some("unknown_kid")
+    );
+    honest().await;
+
+    // 3. payments' older document put back after a rotation, and after a revocation.
+    let pending = payments.rotate().await;
+    assert!(
+        eventually(10, || async {
+            ledger.kids_of("payments").await.contains(&pending)
+        })
+        .await,
+        "the rotation arrives"
+    );
+    etcd_put(&etcd, &pay_key, pay_doc.clone()).await;
+    refused_with(&pay_key, "rollback").await;
+    assert!(
+        ledger.kids_of("payments").await.contains(&pending),
+        "not rolled back"
+    );
+    let doomed = payments.mint("ledger").await.token;
+    let before_revoke = etcd_get(&etcd, &pay_key).await.expect("doc");
+    payments.revoke(&kid_of(&doomed)).await;
+    assert!(
+        eventually(10, || async {
+            ledger.verify(&doomed).await.err().as_deref() == Some("revoked_key")
+        })
+        .await,
+        "the revocation arrives"
+    );
+    past_log_limit().await;
+    let marker = logs().len();
+    etcd_put(&etcd, &pay_key, before_revoke).await;
+    assert!(
+        eventually(10, || async { logs()[marker..].contains("rollback") }).await,
+        "the pre-revocation document is refused as a rollback"
+    );
+    assert_eq!(
+        ledger.verify(&doomed).await.err().as_deref(),
+        Some("revoked_key"),
+        "still revoked"
+    );
+
+    // 4. An expired document signed with payments' real certificate.
+    let pay_peer = bank.root().join("replicas/0/payments/peer");
+    let now = bank.now();
+    let doc = sign_with(
+        &pay_peer,
+        &doc_claims("payments", "stale0", 99, &fx_signing, now - 400, now - 100),
+    );
+    let k = format!("{pay_dir}stale0");
+    etcd_put(&etcd, &k, doc).await;
+    refused_with(&k, "expired").await;
+    assert_eq!(
+        ledger.verify(&forged_as_payments()).await.err().as_deref(),
+        Some("unknown_kid")
+    );
+
+    // 5. Garbage, and a truncated document.
+    let k = format!("{pay_dir}garbage0");
+    etcd_put(&etcd, &k, b"\x00\xffnot a document".to_vec()).await;
+    refused_with(&k, "malformed").await;
+    let current = etcd_get(&etcd, &pay_key).await.expect("doc");
+    past_log_limit().await;
+    let k = format!("{pay_dir}trunc0");
+    etcd_put(&etcd, &k, current[..current.len() / 3].to_vec()).await;
+    refused_with(&k, "malformed").await;
+
+    // 6. Over the size limit.
+    let k = format!("{pay_dir}huge0");
+    etcd_put(&etcd, &k, vec![b'a'; tokend::MAX_DOCUMENT_BYTES + 1]).await;
+    refused_with(&k, "too_large").await;
+    honest().await;
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A replica killed with SIGKILL (a process: nothing revokes its lease):
+/// its entry leaves etcd when the lease runs out and verifiers mark it
+/// gone; its outstanding tokens still verify; once its document has
+/// expired its keys are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_killed_replica_leaves_with_its_lease() {
+    let etcd = Etcd::start();
+    let bank = Bank::new();
+    let ledger = verifier(&bank, &etcd, "ledger", "/k/").await;
+    let alive = replica(&bank, &etcd, "payments", 0, "/k/").await;
+    // The replica to kill is a process with its own CA copy.
+    let procs = bank.root().join("procs");
+    std::fs::create_dir_all(procs.join("ca")).expect("mkdir");
+    for f in ["ca.pem", "ca.key"] {
+        std::fs::copy(bank.ca().join(f), procs.join("ca").join(f)).expect("copy ca");
+    }
+    let mut doomed = Sidecar::start_peer(&procs, "payments", &[], &directory(&etcd, "/k/"));
+    wait_live(&ledger, "payments", 2).await;
+    let outstanding = doomed.mint("ledger").await.token;
+    assert_eq!(ledger.verify(&outstanding).await.err(), None);
+    let doomed_key = crate::support::signing_key_in(&doomed.keys_dir);
+    let entries = etcd_list(&etcd, &format!("/k/keys/{TD}/payments/")).await;
+    assert_eq!(entries.len(), 2);
+
+    doomed.kill9();
+    assert!(
+        eventually(20, || async {
+            etcd_list(&etcd, &format!("/k/keys/{TD}/payments/"))
+                .await
+                .len()
+                == 1
+        })
+        .await,
+        "the killed replica's entry leaves etcd with its lease"
+    );
+    assert!(
+        eventually(10, || async {
+            instances(&ledger, "payments")
+                .await
+                .iter()
+                .filter(|i| i.gone)
+                .count()
+                == 1
+        })
+        .await,
+        "the verifier marks it gone"
+    );
+    assert_eq!(
+        ledger.verify(&outstanding).await.err(),
+        None,
+        "its outstanding tokens still verify"
+    );
+    let t = alive.mint("ledger").await.token;
+    assert_eq!(
+        ledger.verify(&t).await.err(),
+        None,
+        "the live replica is unaffected"
+    );
+
+    // Past the dead replica's document (5 min + skew): its keys are gone.
+    let exp = instances(&ledger, "payments")
+        .await
+        .iter()
+        .find(|i| i.gone)
+        .map(|i| i.document_expires_at)
+        .expect("gone instance");
+    bank.advance_to(exp + 31);
+    let mut c = bank.claims("payments", "ledger", 60);
+    c["jti"] = serde_json::json!("after-death");
+    let late = forge(&doomed_key, doomed_key.kid(), &c);
+    assert!(
+        eventually(10, || async {
+            ledger.verify(&late).await.err().as_deref() == Some("unknown_kid")
+        })
+        .await,
+        "a dead replica's key is refused once its document expired: {:?}",
+        ledger.verify(&late).await
+    );
+    let t = alive.mint("ledger").await.token;
+    assert_eq!(
+        ledger.verify(&t).await.err(),
+        None,
+        "the live replica is unaffected"
+    );
+}
+
+/// A withheld revocation: the relay (here: the test, copying entries from
+/// the publisher's prefix to the verifier's) stops passing an instance's
+/// documents after it revokes a key. The verifier keeps the old document
+/// until it nears its `exp` (10 s here), then fetches the instance's
+/// current document directly over mTLS and refuses the revoked key, before
+/// the old document's lifetime is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_withheld_revocation_is_caught_by_the_direct_fetch() {
+    let etcd = Etcd::start();
+    let bank = Bank::new();
+    let ledger = verifier(&bank, &etcd, "ledger", "/relay/").await;
+    let payments = bank
+        .start(
+            bank.replica("payments", 0)
+                .config(&directory(&etcd, "/pub/"))
+                .peer_api_config("document_lifetime = \"10s\""),
+        )
+        .await;
+    let src = key_of(&etcd, "/pub/", "payments").await;
+    let dst = src.replacen("/pub/", "/relay/", 1);
+    etcd_put(&etcd, &dst, etcd_get(&etcd, &src).await.expect("doc")).await;
+    wait_live(&ledger, "payments", 1).await;
+    let token = payments.mint("ledger").await.token;
+    assert_eq!(ledger.verify(&token).await.err(), None);
+    let issued = bank.now();
+
+    // The relay stops here. The revocation reaches /pub/ only.
+    payments.revoke(&kid_of(&token)).await;
+    assert!(
+        eventually(10, || async {
+            etcd_get(&etcd, &src).await != etcd_get(&etcd, &dst).await
+        })
+        .await,
+        "the revocation is published (and withheld from the verifier)"
+    );
+    assert_eq!(
+        ledger.verify(&token).await.err(),
+        None,
+        "withheld: the verifier cannot know yet"
+    );
+    // Into the last fifth of the withheld document's life: the direct fetch.
+    bank.advance_to(issued + 9);
+    assert!(
+        eventually(10, || async {
+            ledger.verify(&token).await.err().as_deref() == Some("revoked_key")
+        })
+        .await,
+        "the direct fetch brings the revocation: {:?}",
+        ledger.verify(&token).await
+    );
+    assert!(bank.now() < issued + 10, "before the old document expired");
 }

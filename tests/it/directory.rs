@@ -579,3 +579,92 @@ async fn directory_withheld_revocation_is_caught_by_the_direct_fetch() {
     );
     assert!(bank.now() < issued + 10, "before the old document expired");
 }
+
+/// The health of service `tokend.directory` at `node`: true if SERVING.
+async fn directory_serving(node: &Node) -> bool {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(
+        tokend::connect(&node.socket()).await.expect("connect"),
+    );
+    let r = client
+        .check(HealthCheckRequest {
+            service: "tokend.directory".into(),
+        })
+        .await
+        .expect("tokend.directory has a health status")
+        .into_inner();
+    r.status == ServingStatus::Serving as i32
+}
+
+/// etcd going down makes the directory stale (health NOT_SERVING) while
+/// the keys already verified keep working; when etcd is back the watch
+/// reconnects (health SERVING) and a rotation made after the outage
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_outage_is_reported_and_survived() {
+    let mut etcd = Etcd::start();
+    let bank = Bank::new();
+    let ledger = verifier(&bank, &etcd, "ledger", "/o/").await;
+    let payments = replica(&bank, &etcd, "payments", 0, "/o/").await;
+    wait_live(&ledger, "payments", 1).await;
+    assert!(
+        eventually(10, || directory_serving(&ledger)).await,
+        "SERVING while etcd answers"
+    );
+    etcd.kill_all();
+    assert!(
+        eventually(20, || async { !directory_serving(&ledger).await }).await,
+        "NOT_SERVING once etcd is gone"
+    );
+    let t = payments.mint("ledger").await.token;
+    assert_eq!(
+        ledger.verify(&t).await.err(),
+        None,
+        "verified keys stay in use during the outage"
+    );
+    etcd.restart_single();
+    assert!(
+        eventually(30, || directory_serving(&ledger)).await,
+        "SERVING again once etcd is back"
+    );
+    let pending = payments.rotate().await;
+    assert!(
+        eventually(20, || async {
+            ledger.kids_of("payments").await.contains(&pending)
+        })
+        .await,
+        "a rotation after the outage arrives"
+    );
+}
+
+/// `[directory] accept` narrows discovery: a verifier accepting only `fx`
+/// refuses `payments`' tokens as `unknown_issuer` while another verifier
+/// without the list accepts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_accept_narrows_discovery() {
+    let etcd = Etcd::start();
+    let bank = Bank::new();
+    let open = verifier(&bank, &etcd, "ledger", "/n/").await;
+    let narrow = bank
+        .start(
+            bank.peer("audit")
+                .standby_key(false)
+                .config(&format!("{}accept = [\"fx\"]\n", directory(&etcd, "/n/"))),
+        )
+        .await;
+    let payments = replica(&bank, &etcd, "payments", 0, "/n/").await;
+    let fx = replica(&bank, &etcd, "fx", 0, "/n/").await;
+    wait_live(&open, "payments", 1).await;
+    wait_live(&narrow, "fx", 1).await;
+    let t = payments.mint("audit").await.token;
+    assert_eq!(
+        narrow.verify(&t).await.err().as_deref(),
+        Some("unknown_issuer")
+    );
+    let t = fx.mint("audit").await.token;
+    assert_eq!(narrow.verify(&t).await.err(), None);
+    let t = payments.mint("ledger").await.token;
+    assert_eq!(open.verify(&t).await.err(), None);
+    assert!(narrow.issuer("payments").await.instances.is_empty());
+}

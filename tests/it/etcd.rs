@@ -128,6 +128,28 @@ impl Member {
         }
     }
 
+    /// Starts a killed member again on its ports and data dir (its
+    /// cluster membership is in the data dir).
+    pub fn restart(&mut self, initial_cluster: &str) {
+        assert!(self.child.is_none(), "member {} is running", self.name);
+        self.spawn(initial_cluster);
+        let deadline = Instant::now() + READY_WITHIN;
+        while !self.healthy() {
+            assert!(
+                self.running(),
+                "member {} exited: {}",
+                self.name,
+                self.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "member {} not healthy again",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -249,6 +271,14 @@ impl Etcd {
             assert!(Instant::now() < deadline, "no etcd leader within 10 s");
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Restarts a single-member etcd killed with `kill_all` (same data dir).
+    pub fn restart_single(&mut self) {
+        assert_eq!(self.members.len(), 1, "restart_single is for one member");
+        let m = &mut self.members[0];
+        let initial = format!("{}={}", m.name, m.peer_url());
+        m.restart(&initial);
     }
 
     /// Kills every member (etcd down).

@@ -195,3 +195,54 @@ async fn shared_replay_holds_through_leader_kill() {
         &seen[..10]
     );
 }
+
+/// A sidecar whose etcd is down from the start still starts and serves:
+/// plain tokens verify, one-time tokens are refused `unavailable`, and the
+/// directory's health is NOT_SERVING.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_replay_fails_closed_when_etcd_never_answered() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("probe a port")
+        .port();
+    let bank = Bank::new();
+    let payments = bank.start(bank.peer("payments").standby_key(false)).await;
+    let ledger = bank
+        .start(
+            bank.peer("ledger")
+                .standby_key(false)
+                .peer("payments", payments.peer_addr())
+                .config(&format!(
+                    "[directory]\netcd = [\"http://127.0.0.1:{dead}\"]\nrequest_timeout = \"500ms\"\nconnect_timeout = \"500ms\"\n"
+                )),
+        )
+        .await;
+    assert!(
+        eventually(10, || async {
+            !ledger.kids_of("payments").await.is_empty()
+        })
+        .await,
+        "mesh peers still work"
+    );
+    let plain = payments.mint("ledger").await.token;
+    assert_eq!(ledger.verify(&plain).await.err(), None);
+    let once = mint_one_time(&payments, "ledger").await;
+    assert_eq!(
+        ledger.verify(&once).await.err().as_deref(),
+        Some("unavailable")
+    );
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tokend::connect(&ledger.socket()).await.expect("connect"),
+    );
+    let status = health
+        .check(HealthCheckRequest {
+            service: "tokend.directory".into(),
+        })
+        .await
+        .expect("check")
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+}

@@ -166,8 +166,13 @@ fn latest_key(dir: &Path) -> Result<crate::keys::SigningKey, String> {
     crate::keys::parse_pkcs8_pem(&file, &bytes).map_err(|e| e.to_string())
 }
 
-/// Runs the demo; 0 when every step behaved as it should.
-pub(super) async fn run() -> u8 {
+/// Runs the demo (with `directory`, the etcd one); 0 when every step
+/// behaved as it should.
+pub(super) async fn run(directory: bool) -> u8 {
+    if directory && !super::demo_directory::etcd_on_path() {
+        eprintln!("tokend demo --directory: needs `etcd` on PATH (Debian package etcd-server)");
+        return 1;
+    }
     let root = match tempfile_dir() {
         Ok(r) => r,
         Err(e) => {
@@ -175,7 +180,11 @@ pub(super) async fn run() -> u8 {
             return 1;
         }
     };
-    let result = demo(&root).await;
+    let result = if directory {
+        super::demo_directory::demo(&root).await
+    } else {
+        demo(&root).await
+    };
     let _ = std::fs::remove_dir_all(&root);
     match result {
         Ok(()) => {

@@ -2,6 +2,7 @@
 //! parsers and dispatch. Opens no sockets or files itself.
 
 mod demo;
+mod demo_directory;
 mod offline;
 mod remote;
 
@@ -101,7 +102,12 @@ pub enum Command {
     Ca(CaCommand),
     /// Start a small bank of sidecars in this process and show minting,
     /// verification, a refused impersonation and a rotation.
-    Demo,
+    Demo {
+        /// Instead: two replicas each of payments and ledger sharing a
+        /// throwaway etcd directory (needs `etcd` on PATH).
+        #[arg(long)]
+        directory: bool,
+    },
 }
 
 /// `tokend ca ...`
@@ -270,7 +276,7 @@ pub async fn run(cli: Cli) -> u8 {
             dns,
             days,
         }) => offline::ca_issue(&ca, &name, &out, &dns, days),
-        Command::Demo => demo::run().await,
+        Command::Demo { directory } => demo::run(directory).await,
     }
 }
 

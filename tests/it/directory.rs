@@ -668,3 +668,42 @@ async fn directory_accept_narrows_discovery() {
     assert_eq!(open.verify(&t).await.err(), None);
     assert!(narrow.issuer("payments").await.instances.is_empty());
 }
+
+/// `tokend demo --directory` (etcd on PATH) shows two replicas discovered
+/// through etcd and accepted at both ledger replicas, a one-time token
+/// accepted once across them, and a revocation refused; exit 0.
+#[test]
+fn demo_directory_shows_replicas_and_the_shared_claim() {
+    assert!(
+        std::process::Command::new("etcd")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "`etcd` is not on PATH: install the Debian package etcd-server"
+    );
+    let out = run_to_exit(
+        std::process::Command::new(bin())
+            .args(["demo", "--directory"])
+            .env("TOKEND_LOG", "warn"),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("hold 2 payments instances from etcd"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.matches(": ACCEPTED").count(), 4, "{stdout}");
+    assert!(
+        stdout.contains("refused replayed and accepted")
+            || stdout.contains("accepted and refused replayed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ledger refuses it (revoked_key)"),
+        "{stdout}"
+    );
+}

@@ -84,6 +84,19 @@ impl Refused {
     }
 }
 
+/// The identity and instance `key` names under `keys` (`prefix + "keys/"`):
+/// `<td>/<service>/<instance>` of trust domain `td`, nothing more.
+fn parse_key(keys: &str, td: &TrustDomain, key: &str) -> Option<(SpiffeId, String)> {
+    let rest = key.strip_prefix(keys)?;
+    let mut it = rest.split('/');
+    let (domain, service, instance) = (it.next()?, it.next()?, it.next()?);
+    if it.next().is_some() || domain != td.as_str() || instance.is_empty() {
+        return None;
+    }
+    let id = td.id(service).ok()?;
+    Some((id, instance.to_owned()))
+}
+
 /// The `instance` claim of a compact JWS, read without verifying it.
 fn claimed_instance(value: &[u8]) -> Option<String> {
     use base64::Engine as _;
@@ -130,14 +143,7 @@ impl DirectoryInstaller {
 
     /// The identity and instance a key names.
     fn parse_key(&self, key: &str) -> Option<(SpiffeId, String)> {
-        let rest = key.strip_prefix(&self.keys)?;
-        let mut it = rest.split('/');
-        let (td, service, instance) = (it.next()?, it.next()?, it.next()?);
-        if it.next().is_some() || td != self.td.as_str() || instance.is_empty() {
-            return None;
-        }
-        let id = self.td.id(service).ok()?;
-        Some((id, instance.to_owned()))
+        parse_key(&self.keys, &self.td, key)
     }
 
     async fn install(&self, key: &str, value: &[u8]) -> Result<(), Refused> {
@@ -209,5 +215,45 @@ impl DirectorySink for DirectoryInstaller {
             // simply not there: nothing to mark.
             let _ = self.sink.gone(identity.as_str(), &instance).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only `keys/<this td>/<service>/<instance>` names an instance.
+    #[test]
+    fn keys_name_identity_and_instance() {
+        let td = TrustDomain::new("bank.internal").expect("td");
+        let k = "/t/keys/";
+        let (id, inst) = parse_key(k, &td, "/t/keys/bank.internal/payments/ab12").expect("ok");
+        assert_eq!(id.as_str(), "spiffe://bank.internal/payments");
+        assert_eq!(inst, "ab12");
+        for bad in [
+            "/t/keys/other.td/payments/ab12",
+            "/t/keys/bank.internal/payments/",
+            "/t/keys/bank.internal/payments",
+            "/t/keys/bank.internal/payments/ab/extra",
+            "/u/keys/bank.internal/payments/ab12",
+            "/t/keys/bank.internal/pay ments/ab12",
+        ] {
+            assert!(parse_key(k, &td, bad).is_none(), "{bad}");
+        }
+    }
+
+    /// The instance claim is read from the payload; anything unreadable is None.
+    #[test]
+    fn instance_claim_read_unverified() {
+        use base64::Engine as _;
+        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(br#"{"instance":"i-1","seq":3}"#);
+        assert_eq!(
+            claimed_instance(format!("h.{p}.s").as_bytes()).as_deref(),
+            Some("i-1")
+        );
+        assert_eq!(claimed_instance(b"garbage"), None);
+        assert_eq!(claimed_instance(b"a.!!!.c"), None);
+        assert_eq!(claimed_instance(&[0xff, b'.', b'x']), None);
     }
 }

@@ -400,3 +400,59 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
 }
+
+/// The document sequence survives SIGKILL: real `tokend` processes,
+/// payments is killed with -9 and started again; ledger (which remembers
+/// payments' high-water mark) installs its next document without a
+/// rollback refusal, under the same instance id, with a higher sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_sequence_survives_sigkill() {
+    use crate::support::{Sidecar as Process, ca_init, tmp};
+    let root = tmp();
+    ca_init(root.path());
+    let mut payments = Process::start_peer(root.path(), "payments", &[], "");
+    let ledger = Process::start_peer(
+        root.path(),
+        "ledger",
+        &[("payments", payments.peer_addr())],
+        "",
+    );
+    let instance = |p: &Process| -> Option<(String, u64)> {
+        let e = p.issuer_entry("payments");
+        let i = e["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["seq"].as_u64() > Some(0))?
+            .clone();
+        Some((i["instance"].as_str()?.to_owned(), i["seq"].as_u64()?))
+    };
+    assert!(
+        eventually(10, || async { instance(&ledger).is_some() }).await,
+        "ledger holds payments' document: {}",
+        ledger.issuer_entry("payments")
+    );
+    let (id_before, seq_before) = instance(&ledger).expect("instance");
+    payments.kill9();
+    payments.restart();
+    assert!(
+        eventually(15, || async {
+            instance(&ledger).is_some_and(|(i, s)| i == id_before && s > seq_before)
+        })
+        .await,
+        "a higher sequence of the same instance after SIGKILL: before {seq_before}, now {}",
+        ledger.issuer_entry("payments")
+    );
+    let entry = ledger.issuer_entry("payments");
+    assert!(
+        !entry["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rollback"),
+        "no rollback refusal: {entry}"
+    );
+    let token = payments.mint("ledger").await;
+    ledger
+        .verify(&token.token)
+        .await
+        .expect("verifies after the restart");
+}

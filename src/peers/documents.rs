@@ -77,6 +77,20 @@ impl DocumentSink {
         &self.limits
     }
 
+    /// Verifies `jws` now (`engine::verify_document` with this sink's
+    /// anchors and limits), installing nothing: for a relay that checks
+    /// more (say, that the identity is the one its key path names) before
+    /// `install_verified`.
+    pub fn verify(&self, jws: &[u8]) -> Result<Arc<VerifiedDocument>, PeerError> {
+        let now = self.clock.now();
+        Ok(Arc::new(verify_document(
+            jws,
+            &self.anchors,
+            now,
+            &self.limits,
+        )?))
+    }
+
     /// Verifies `jws` now and installs it, filed under its certificate's
     /// identity. With `proven` (the identity a TLS connection proved), that
     /// identity must also be the document's. `source` labels where it came
@@ -89,8 +103,7 @@ impl DocumentSink {
         proven: Option<&SpiffeId>,
         source: &str,
     ) -> Result<Arc<VerifiedDocument>, PeerError> {
-        let now = self.clock.now();
-        let doc = Arc::new(verify_document(jws, &self.anchors, now, &self.limits)?);
+        let doc = self.verify(jws)?;
         let identity = &doc.claims.identity;
         if let Some(proven) = proven
             && proven != identity
@@ -100,6 +113,20 @@ impl DocumentSink {
                 document: identity.clone(),
             });
         }
+        self.install_verified(doc.clone(), source).await?;
+        Ok(doc)
+    }
+
+    /// Installs a document `verify` accepted, through the trust writer
+    /// (where the rollback check runs). An identity the trust view does not
+    /// know is refused as `NotConfigured`, or registered if the sink is
+    /// `discovering`.
+    pub async fn install_verified(
+        &self,
+        doc: Arc<VerifiedDocument>,
+        source: &str,
+    ) -> Result<(), PeerError> {
+        let identity = &doc.claims.identity;
         if !self.view.current().knows(identity.as_str()) {
             if !self.discover {
                 return Err(PeerError::NotConfigured(identity.clone()));
@@ -113,13 +140,13 @@ impl DocumentSink {
         }
         self.feed
             .apply(TrustUpdate::Document {
-                document: doc.clone(),
+                document: doc,
                 source: source.to_owned(),
-                at: now,
+                at: self.clock.now(),
             })
             .await?;
         metrics::counter!("tokend_documents_installed_total").increment(1);
-        Ok(doc)
+        Ok(())
     }
 
     /// Marks (`issuer`, `instance`) gone (a lease deleted, a connection

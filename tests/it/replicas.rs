@@ -456,3 +456,39 @@ async fn document_sequence_survives_sigkill() {
         .await
         .expect("verifies after the restart");
 }
+
+/// A peer address given as a host name is resolved, and each address it
+/// resolves to is an instance (here `localhost`, which must resolve to
+/// 127.0.0.1 only: tests dial nothing else; where it also resolves to
+/// another address the test says so and stops, as the unit test
+/// `peers::group::tests::targets_follow_resolution` covers the logic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_is_resolved_to_its_instances() {
+    let answer: Vec<SocketAddr> = tokio::net::lookup_host("localhost:7443")
+        .await
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    if answer.is_empty() || answer.iter().any(|a| a.ip().to_string() != "127.0.0.1") {
+        eprintln!("SKIPPED: localhost resolves to {answer:?}, not 127.0.0.1 only");
+        return;
+    }
+    let bank = Bank::new();
+    let payments = bank.start(bank.lean_peer("payments").replica(1)).await;
+    let port = payments.peer_addr().port();
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer_named("payments", &format!("https://localhost:{port}")),
+        )
+        .await;
+    knows_instances(&ledger, "payments", 1).await;
+    let instances = ledger.issuer("payments").await.instances;
+    assert_eq!(
+        instances[0].source,
+        format!("peer:https://localhost:{port} (127.0.0.1:{port})")
+    );
+    ledger
+        .verify(&payments.mint("ledger").await.token)
+        .await
+        .expect("verifies");
+}

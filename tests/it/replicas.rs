@@ -492,3 +492,111 @@ async fn a_host_name_is_resolved_to_its_instances() {
         .await
         .expect("verifies");
 }
+
+/// Over the mesh a document must also be of the identity the connection
+/// proved: a peer proving archive that serves payments' genuine document
+/// is refused (and nothing is filed under either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_document_must_match_the_connection() {
+    let bank = Bank::new();
+    let payments = bank.start(bank.lean_peer("payments").replica(1)).await;
+    let genuine = fetch_document(&bank, payments.peer_addr()).await;
+    let (_tx, rx) = tokio::sync::watch::channel(Some(genuine));
+    let archive = serve_fake(
+        &bank,
+        "archive",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let dead: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer("payments", archive)
+                .peer("archive", dead),
+        )
+        .await;
+    assert!(
+        eventually(5, || async {
+            ledger
+                .issuer("archive")
+                .await
+                .last_error
+                .contains("the connection proved")
+        })
+        .await,
+        "refused, naming why: {:?}",
+        ledger.issuer("archive").await
+    );
+    assert!(ledger.issuer("payments").await.instances.is_empty());
+    assert!(ledger.issuer("archive").await.instances.is_empty());
+    assert_eq!(
+        ledger
+            .verify(&payments.mint("ledger").await.token)
+            .await
+            .err()
+            .as_deref(),
+        Some("unknown_kid")
+    );
+}
+
+/// A relay replaying an older document of an instance (from before its
+/// rotation) after the newer one is refused as a rollback: the newer set
+/// stays, and the refusal is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_relay_cannot_roll_back() {
+    let bank = Bank::new();
+    let payments = bank
+        .start(
+            bank.lean_peer("payments")
+                .replica(1)
+                .config("[rotation]\npublish_ahead = \"60s\""),
+        )
+        .await;
+    let older = fetch_document(&bank, payments.peer_addr()).await;
+    let next_kid = payments.rotate().await;
+    let newer = fetch_document(&bank, payments.peer_addr()).await;
+    assert_ne!(older, newer);
+    let (tx, rx) = tokio::sync::watch::channel(Some(newer));
+    let relay = serve_fake(
+        &bank,
+        "payments",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let ledger = bank
+        .start(bank.lean_peer("ledger").peer("payments", relay))
+        .await;
+    assert!(
+        eventually(5, || async {
+            ledger.kids_of("payments").await.contains(&next_kid)
+        })
+        .await,
+        "the newer document is installed"
+    );
+    tx.send_replace(Some(older));
+    assert!(
+        eventually(5, || async {
+            ledger
+                .issuer("payments")
+                .await
+                .last_error
+                .contains("rollback")
+        })
+        .await,
+        "the replay is refused as a rollback: {:?}",
+        ledger.issuer("payments").await
+    );
+    assert!(
+        ledger.kids_of("payments").await.contains(&next_kid),
+        "the newer set stays"
+    );
+}

@@ -600,3 +600,53 @@ async fn mesh_relay_cannot_roll_back() {
         "the newer set stays"
     );
 }
+
+/// A peer key that cannot sign documents (here ECDSA P-384, which served
+/// peers before documents existed) still serves: the sidecar starts, serves
+/// plain key sets only, and its tokens verify at a verifier that falls back
+/// to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_key_that_cannot_sign_documents_still_serves() {
+    use std::os::unix::fs::PermissionsExt;
+    let bank = Bank::new();
+    let builder = bank.lean_peer("payments").replica(1);
+    let peer_dir = builder.dir().join("peer");
+    std::fs::create_dir_all(&peer_dir).expect("mkdir");
+    let ca_pem = std::fs::read_to_string(bank.ca().join("ca.pem")).expect("ca");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(bank.ca().join("ca.key")).expect("ca key"),
+    )
+    .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::new(vec!["payments".to_owned()]).expect("params");
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        id("payments").as_str().try_into().expect("uri"),
+    ));
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("p384");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    std::fs::write(peer_dir.join("cert.pem"), cert.pem()).expect("cert");
+    let key_path = peer_dir.join("key.pem");
+    std::fs::write(&key_path, key.serialize_pem()).expect("key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let payments = bank.start(builder).await;
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer("payments", payments.peer_addr()),
+        )
+        .await;
+    ledger.learns(&["payments"]).await;
+    let instances = ledger.issuer("payments").await.instances;
+    assert!(
+        instances.iter().all(|i| i.seq == 0),
+        "plain sets only: {instances:?}"
+    );
+    ledger
+        .verify(&payments.mint("ledger").await.token)
+        .await
+        .expect("verifies");
+}

@@ -439,12 +439,15 @@ async fn bind_peer_api(
     if advertise.is_none() {
         tracing::warn!(listen = %addr, "peer_api.listen is an unspecified address and peer_api.advertise is not set: documents carry no address, so verifiers cannot fetch them directly");
     }
+    // The key is read for every signature (and the anchors for every
+    // check), so renewed peer material is followed.
     let publisher = match tls.document_key() {
-        Ok(key) => {
+        Ok(_) => {
             let instance = InstanceState::open(&config.keys_dir).map_err(KeyError::from)?;
+            let signer = tls.clone();
             Some(DocumentPublisher::new(
                 config.id.clone(),
-                key,
+                Arc::new(move || signer.document_key().map_err(|e| e.to_string())),
                 instance,
                 keys.clone(),
                 clock.clone(),
@@ -529,8 +532,9 @@ fn trust_sources(
     let mut refresher = Refresher::new(MIN_REFRESH_INTERVAL);
     let (mut groups, mut files) = (Vec::new(), Vec::new());
     let documents = tls.map(|t| {
+        let anchors = t.clone();
         DocumentSink::new(
-            t.document_anchors(),
+            Arc::new(move || anchors.document_anchors()),
             DocumentLimits {
                 clock_skew: config.tokens.clock_skew,
                 ..DocumentLimits::default()

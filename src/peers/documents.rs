@@ -15,15 +15,28 @@ use crate::engine::{
 use crate::identity::SpiffeId;
 use crate::time::SharedClock;
 
+/// Where the CA anchors come from: read on every verification, so a
+/// reloaded CA bundle is followed (the daemon reads them from `PeerTls`).
+pub(crate) type AnchorSource = Arc<dyn Fn() -> DocumentAnchors + Send + Sync>;
+
 /// Verifies documents and installs them through the trust writer. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DocumentSink {
-    anchors: DocumentAnchors,
+    anchors: AnchorSource,
     limits: DocumentLimits,
     feed: TrustFeed,
     view: TrustView,
     clock: SharedClock,
     discover: bool,
+}
+
+impl std::fmt::Debug for DocumentSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocumentSink")
+            .field("trust_domain", &(self.anchors)().trust_domain().to_string())
+            .field("discover", &self.discover)
+            .finish_non_exhaustive()
+    }
 }
 
 // === impl DocumentSink ===
@@ -33,7 +46,7 @@ impl DocumentSink {
     /// Only issuers the trust view already knows are installed (see
     /// `discovering`).
     pub(crate) fn new(
-        anchors: DocumentAnchors,
+        anchors: AnchorSource,
         limits: DocumentLimits,
         feed: TrustFeed,
         view: TrustView,
@@ -67,9 +80,9 @@ impl DocumentSink {
         &self.clock
     }
 
-    /// The anchors documents are checked against.
-    pub fn anchors(&self) -> &DocumentAnchors {
-        &self.anchors
+    /// The anchors documents are checked against now.
+    pub fn anchors(&self) -> DocumentAnchors {
+        (self.anchors)()
     }
 
     /// The limits documents are checked within.
@@ -85,7 +98,7 @@ impl DocumentSink {
         let now = self.clock.now();
         Ok(Arc::new(verify_document(
             jws,
-            &self.anchors,
+            &(self.anchors)(),
             now,
             &self.limits,
         )?))

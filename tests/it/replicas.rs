@@ -650,3 +650,48 @@ async fn a_peer_key_that_cannot_sign_documents_still_serves() {
         .await
         .expect("verifies");
 }
+
+/// A withheld revocation does not last: payments revokes a key while the
+/// only relay ledger hears it through keeps serving the document from
+/// before. The relay can delay the revocation, but once that document is in
+/// the last fifth of its life ledger fetches the current one from payments
+/// itself, and the revoked key is refused (`revoked_key`) before the
+/// withheld document would even have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_revocation_ends_within_the_document_lifetime() {
+    let bank = Bank::new();
+    let x = bank
+        .start(bank.peer("payments").replica(1).document_lifetime("60s"))
+        .await;
+    let (_tx, rx) = tokio::sync::watch::channel(Some(fetch_document(&bank, x.peer_addr()).await));
+    let relay = serve_fake(
+        &bank,
+        "payments",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let ledger = bank
+        .start(bank.lean_peer("ledger").peer("payments", relay))
+        .await;
+    knows_instances(&ledger, "payments", 1).await;
+    let token = x.mint("ledger").await;
+    ledger.verify(&token.token).await.expect("verifies");
+    x.revoke(&token.kid).await;
+    ledger
+        .verify(&token.token)
+        .await
+        .expect("withheld by the relay: still accepted, within the bound");
+    bank.advance(49); // into the last fifth of the withheld document's 60 s
+    assert!(
+        eventually(10, || async {
+            ledger.verify(&token.token).await.err().as_deref() == Some("revoked_key")
+        })
+        .await,
+        "the revocation arrives through the direct fetch: {:?}",
+        ledger.issuer("payments").await
+    );
+}

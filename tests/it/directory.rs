@@ -542,7 +542,7 @@ async fn directory_withheld_revocation_is_caught_by_the_direct_fetch() {
         .start(
             bank.replica("payments", 0)
                 .config(&directory(&etcd, "/pub/"))
-                .peer_api_config("document_lifetime = \"10s\""),
+                .document_lifetime("10s"),
         )
         .await;
     let src = key_of(&etcd, "/pub/", "payments").await;

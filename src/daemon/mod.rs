@@ -223,7 +223,7 @@ impl Daemon {
                 &config.trust_domain,
                 &config.name,
                 sink.clone(),
-                server.publisher.subscribe(),
+                server.publisher.as_ref().map(DocumentPublisher::subscribe),
             )),
             _ => None,
         };

@@ -33,26 +33,40 @@ use crate::peers::DocumentSink;
 #[derive(Debug)]
 pub(crate) struct Directory {
     watcher: Watcher,
-    publisher: Publisher,
+    /// None when this instance's certificate key cannot sign documents: it
+    /// then only reads the directory.
+    publisher: Option<Publisher>,
     state: DirectoryState,
 }
 
 // === impl Directory ===
 
 impl Directory {
-    /// Publishes `docs` (this instance of `service`) and installs what the
-    /// watched prefixes hold through `sink` (discovering issuers of `td`,
-    /// narrowed by `accept`).
+    /// Publishes `docs` (this instance of `service`), if it signs any, and
+    /// installs what the watched prefixes hold through `sink` (discovering
+    /// issuers of `td`, narrowed by `accept`).
     pub(crate) fn new(
         client: etcd_client::Client,
         config: &DirectoryConfig,
         td: &TrustDomain,
         service: &str,
         sink: DocumentSink,
-        docs: Documents,
+        docs: Option<Documents>,
     ) -> Self {
-        let instance = docs.borrow().instance.clone();
-        let key = format!("{}keys/{}/{service}/{instance}", config.prefix, td.as_str());
+        let publisher = match docs {
+            Some(docs) => {
+                let instance = docs.borrow().instance.clone();
+                let key = format!("{}keys/{}/{service}/{instance}", config.prefix, td.as_str());
+                Some(Publisher::new(client.clone(), key, config.lease_ttl, docs))
+            }
+            None => {
+                tracing::warn!(
+                    "[directory]: this instance's peer certificate key cannot sign key-set \
+                     documents; it reads the directory but does not publish its keys there"
+                );
+                None
+            }
+        };
         let installer = DirectoryInstaller::new(
             sink.discovering(),
             &config.prefix,
@@ -67,7 +81,7 @@ impl Directory {
                 Arc::new(installer),
                 state.clone(),
             ),
-            publisher: Publisher::new(client, key, config.lease_ttl, docs),
+            publisher,
             state,
         }
     }
@@ -79,11 +93,13 @@ impl Directory {
 
     /// Runs both loops on `tracker` until `cancel`.
     pub(crate) fn spawn(self, tracker: &TaskTracker, cancel: &CancellationToken) {
-        let key = self.publisher.key().to_owned();
-        tracker.spawn(tracing::Instrument::instrument(
-            self.publisher.run(cancel.clone()),
-            tracing::info_span!("directory_publisher", key = %key),
-        ));
+        if let Some(publisher) = self.publisher {
+            let key = publisher.key().to_owned();
+            tracker.spawn(tracing::Instrument::instrument(
+                publisher.run(cancel.clone()),
+                tracing::info_span!("directory_publisher", key = %key),
+            ));
+        }
         tracker.spawn(tracing::Instrument::instrument(
             self.watcher.run(cancel.clone()),
             tracing::info_span!("directory_watcher"),

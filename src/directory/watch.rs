@@ -23,6 +23,24 @@ use super::state::DirectoryState;
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest reconnect delay bound.
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Keys per page of a full read: a whole prefix in one response would pass
+/// gRPC's message limit at a few thousand documents.
+const PAGE: i64 = 256;
+/// Largest etcd response accepted: a page of documents at their size limit
+/// (256 × 128 KiB), or a watch catching up after a reconnect.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// The end of the key range `prefix` covers (etcd's prefix semantics).
+pub(crate) fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
 
 /// Future returned by a sink.
 pub(crate) type SinkFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
@@ -144,29 +162,45 @@ impl Watcher {
         self.follow().await
     }
 
-    /// Reads every prefix at one revision; reports keys that vanished.
+    /// Reads every prefix at one revision, a page at a time; reports keys
+    /// that vanished.
     async fn read_all(&mut self) -> Result<i64, String> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let mut present = HashSet::new();
         let mut rev = 0;
         for prefix in self.prefixes.clone() {
-            let opts = GetOptions::new().with_prefix();
-            let opts = if rev > 0 {
-                opts.with_revision(rev)
-            } else {
-                opts
-            };
-            let mut got = self
-                .client
-                .get(prefix.as_str(), Some(opts))
-                .await
-                .map_err(|e| e.to_string())?;
-            if rev == 0 {
-                rev = got.header().map_or(0, |h| h.revision());
-            }
-            for kv in got.take_kvs() {
-                let key = text(kv.key());
-                self.sink.put(&key, kv.value()).await;
-                present.insert(key);
+            let end = prefix_end(&prefix);
+            let mut from = prefix.as_bytes().to_vec();
+            loop {
+                let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+                if rev > 0 {
+                    opts = opts.with_revision(rev);
+                }
+                let mut got = kv
+                    .get(from.clone(), Some(opts))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if rev == 0 {
+                    rev = got.header().map_or(0, |h| h.revision());
+                }
+                let more = got.more();
+                let kvs = got.take_kvs();
+                let Some(last) = kvs.last().map(|kv| kv.key().to_vec()) else {
+                    break;
+                };
+                for kv in kvs {
+                    let key = text(kv.key());
+                    self.sink.put(&key, kv.value()).await;
+                    present.insert(key);
+                }
+                if !more {
+                    break;
+                }
+                from = last;
+                from.push(0);
             }
         }
         let gone: Vec<String> = self.known.difference(&present).cloned().collect();
@@ -181,6 +215,10 @@ impl Watcher {
 
     /// Watches every prefix from `resume` on one stream.
     async fn follow(&mut self) -> Ended {
+        let mut watch = self
+            .client
+            .watch_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES);
         let mut stream = None;
         for prefix in &self.prefixes {
             let opts = WatchOptions::new()
@@ -188,7 +226,7 @@ impl Watcher {
                 .with_start_revision(self.resume)
                 .with_progress_notify();
             match &mut stream {
-                None => match self.client.watch(prefix.as_str(), Some(opts)).await {
+                None => match watch.watch(prefix.as_str(), Some(opts)).await {
                     Ok(s) => stream = Some(s),
                     Err(e) => return Ended::Error(e.to_string()),
                 },
@@ -245,6 +283,14 @@ impl Watcher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A prefix's range ends just past every key that starts with it.
+    #[test]
+    fn prefix_range_end() {
+        assert_eq!(prefix_end("/t/keys/"), b"/t/keys0".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+        assert_eq!(prefix_end(""), vec![0]);
+    }
 
     /// Backoff grows exponentially, is capped, and is jittered below the cap.
     #[test]

@@ -707,3 +707,29 @@ fn demo_directory_shows_replicas_and_the_shared_claim() {
         "{stdout}"
     );
 }
+
+/// A full read larger than one page (and than gRPC's 4 MiB default
+/// message limit as a single response): 600 refused entries sorted before
+/// the one real document, then a fresh verifier still finds the real one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directory_full_read_is_paged() {
+    let etcd = Etcd::start();
+    let bank = Bank::new();
+    let payments = replica(&bank, &etcd, "payments", 0, "/p/").await;
+    key_of(&etcd, "/p/", "payments").await;
+    let mut c = etcd.client().await;
+    let filler = vec![b'x'; 8 * 1024];
+    for i in 0..600 {
+        c.put(
+            format!("/p/keys/{TD}/payments/!{i:04}"),
+            filler.clone(),
+            None,
+        )
+        .await
+        .expect("put");
+    }
+    let ledger = verifier(&bank, &etcd, "ledger", "/p/").await;
+    wait_live(&ledger, "payments", 1).await;
+    let t = payments.mint("ledger").await.token;
+    assert_eq!(ledger.verify(&t).await.err(), None);
+}

@@ -7,7 +7,7 @@
 //! sequence is not lower than one already seen (the writer's rollback
 //! check). Anything else is refused with its reason: counted in
 //! `tokend_directory_refusals_total{reason}` and logged (at most once a
-//! second), naming the key. A delete marks the instance gone: its keys
+//! second per reason), naming the key. A delete marks the instance gone: its keys
 //! stay until its document's `exp` or their expiry hints.
 
 use super::watch::{DirectorySink, SinkFuture};
@@ -78,7 +78,6 @@ impl Refused {
             Refused::PathMismatch { .. } | Refused::IdentityMismatch { .. } => "path_mismatch",
             Refused::Peer(PeerError::Document(d)) => d.kind(),
             Refused::Peer(PeerError::Set(SetError::Rollback { .. })) => "rollback",
-            Refused::Peer(PeerError::ProvenMismatch { .. }) => "path_mismatch",
             Refused::Peer(_) => "refused",
         }
     }
@@ -95,18 +94,6 @@ fn parse_key(keys: &str, td: &TrustDomain, key: &str) -> Option<(SpiffeId, Strin
     }
     let id = td.id(service).ok()?;
     Some((id, instance.to_owned()))
-}
-
-/// The `instance` claim of a compact JWS, read without verifying it.
-fn claimed_instance(value: &[u8]) -> Option<String> {
-    use base64::Engine as _;
-    let text = std::str::from_utf8(value).ok()?;
-    let payload = text.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload)
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    claims.get("instance")?.as_str().map(str::to_owned)
 }
 
 // === impl DirectoryInstaller ===
@@ -153,33 +140,27 @@ impl DirectoryInstaller {
         {
             return Err(Refused::NotAccepted(path_identity));
         }
-        // The instance the document names must be the key's: read from the
-        // payload before verifying (cheap), and those same bytes are what
-        // `install` then verifies, so the check holds for the verified
-        // document. Unreadable bytes are left to `install` to refuse.
-        if let Some(instance) = claimed_instance(value)
-            && instance != path_instance
-        {
+        // Verified first (chain, signature, limits, times); then the
+        // certificate's identity and the document's instance must be the
+        // ones the key names, before anything is installed.
+        let doc = self.sink.verify(value)?;
+        if doc.claims.identity != path_identity {
+            return Err(Refused::IdentityMismatch {
+                path_identity,
+                document: doc.claims.identity.clone(),
+            });
+        }
+        if doc.claims.instance != path_instance {
             return Err(Refused::PathMismatch {
-                instance,
+                instance: doc.claims.instance.clone(),
                 path_identity,
                 path_instance,
             });
         }
-        // The certificate must prove the identity the key names: `proven`
-        // is checked before anything is installed.
-        match self
-            .sink
-            .install(value, Some(&path_identity), &format!("directory:{key}"))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(PeerError::ProvenMismatch { proven, document }) => Err(Refused::IdentityMismatch {
-                path_identity: proven,
-                document,
-            }),
-            Err(e) => Err(Refused::Peer(e)),
-        }
+        self.sink
+            .install_verified(doc, &format!("directory:{key}"))
+            .await?;
+        Ok(())
     }
 
     fn refused(&self, key: &str, why: &Refused) {
@@ -240,20 +221,5 @@ mod tests {
         ] {
             assert!(parse_key(k, &td, bad).is_none(), "{bad}");
         }
-    }
-
-    /// The instance claim is read from the payload; anything unreadable is None.
-    #[test]
-    fn instance_claim_read_unverified() {
-        use base64::Engine as _;
-        let p = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode(br#"{"instance":"i-1","seq":3}"#);
-        assert_eq!(
-            claimed_instance(format!("h.{p}.s").as_bytes()).as_deref(),
-            Some("i-1")
-        );
-        assert_eq!(claimed_instance(b"garbage"), None);
-        assert_eq!(claimed_instance(b"a.!!!.c"), None);
-        assert_eq!(claimed_instance(&[0xff, b'.', b'x']), None);
     }
 }

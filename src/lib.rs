@@ -62,7 +62,8 @@ pub use crate::keys::{
     parse_pkcs8_pem,
 };
 pub use crate::peers::{
-    DirectFetcher, DocumentPublisher, DocumentSink, PeerError, PublishError, peer_key_set_update,
+    DirectFetcher, DocumentHandle, DocumentPublisher, DocumentSink, PeerError, PublishError,
+    peer_key_set_update,
 };
 pub use crate::reason::{Reason, Refusal};
 pub use crate::telemetry::{LogFormat, init as init_logs};

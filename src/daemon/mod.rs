@@ -261,6 +261,15 @@ impl Daemon {
             .map(DocumentPublisher::subscribe)
     }
 
+    /// The publisher's handle: `fresh()` gives the current document, signed
+    /// anew first if it is past half its life or older than the key set.
+    pub fn document_handle(&self) -> Option<crate::peers::DocumentHandle> {
+        self.peer_server
+            .as_ref()
+            .and_then(|p| p.publisher.as_ref())
+            .map(DocumentPublisher::handle)
+    }
+
     /// Where a relay (the directory) hands the documents it receives: they
     /// are verified and installed exactly as a peer's. Present when the
     /// peer API (its CA) is configured.
@@ -470,7 +479,7 @@ async fn bind_peer_api(
         config.limits.peer_watches_per_caller,
     );
     if let Some(p) = &publisher {
-        api = api.with_documents(p.subscribe());
+        api = api.with_documents(p.handle());
     }
     Ok(PeerServer {
         addr,

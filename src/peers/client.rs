@@ -239,10 +239,16 @@ impl PeerClient {
         };
         metrics::counter!("tokend_peer_refusals_total", "peer" => self.name.clone(), "kind" => kind)
             .increment(1);
-        self.feed.note(TrustUpdate::Error {
-            issuer: issuer.to_string(),
-            error: error.to_string(),
-        });
+        // Shown under the identity the certificate proved, and under the
+        // one configured for this address when that differs.
+        for issuer in
+            std::iter::once(issuer).chain((issuer != &self.expected).then_some(&self.expected))
+        {
+            self.feed.note(TrustUpdate::Error {
+                issuer: issuer.to_string(),
+                error: error.to_string(),
+            });
+        }
     }
 
     /// One unary fetch (used for the unknown-kid refresh): the document,

@@ -24,7 +24,7 @@ pub use self::direct::DirectFetcher;
 pub use self::documents::DocumentSink;
 pub(crate) use self::file::{JwksFileSource, MAX_JWKS_BYTES};
 pub(crate) use self::group::PeerGroup;
-pub use self::publisher::{DocumentPublisher, PublishError};
+pub use self::publisher::{DocumentHandle, DocumentPublisher, PublishError};
 pub(crate) use self::refresh::Refresher;
 pub(crate) use self::server::{PeerKeysApi, serve};
 pub(crate) use self::tls::{PeerTls, TlsError, uri_sans};

@@ -23,9 +23,14 @@ const AHEAD: i64 = 600;
 const GRACE: i64 = 300 + 30;
 
 /// A (payments) and B (ledger, trusting A), in-process on the bank's clock;
-/// returns once B holds A's first key set.
+/// returns once B holds A's first key set. A's signed key-set documents
+/// live an hour: the walk steps the clock 240 s at a time, milliseconds
+/// apart, so with the default 5 minutes every step would need A's re-signed
+/// document to reach B before the next one (real time never jumps so).
 async fn pair(bank: &Bank) -> (Node, Node) {
-    let a = bank.start(bank.peer("payments").config(HOURLY)).await;
+    let a = bank
+        .start(bank.peer("payments").config(HOURLY).document_lifetime("1h"))
+        .await;
     let b = bank
         .start(
             bank.peer("ledger")
@@ -167,7 +172,10 @@ async fn no_failed_call_across_five_rotations() {
         let (mut mint, mut verify) = (a.tokens().await, b.tokens().await);
         let (steady, stop) = (steady.clone(), stop.clone());
         tokio::spawn(async move {
-            let (mut calls, mut kids) = (0u32, Vec::new());
+            // Numbered apart from the walk's calls: the same claims would
+            // share the mint cache, and the walk would then get (and check
+            // after a clock step) a token the hammer minted earlier.
+            let (mut calls, mut kids) = (1_000_000u32, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 {
                     let _steady = steady.read().await;

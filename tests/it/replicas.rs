@@ -411,11 +411,15 @@ async fn document_sequence_survives_sigkill() {
     let root = tmp();
     ca_init(root.path());
     let mut payments = Process::start_peer(root.path(), "payments", &[], "");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
     let ledger = Process::start_peer(
         root.path(),
         "ledger",
         &[("payments", payments.peer_addr())],
-        "",
+        &format!("[metrics]\nlisten = \"{metrics}\""),
     );
     let instance = |p: &Process| -> Option<(String, u64)> {
         let e = p.issuer_entry("payments");
@@ -455,6 +459,24 @@ async fn document_sequence_survives_sigkill() {
         .verify(&token.token)
         .await
         .expect("verifies after the restart");
+    // Metrics show the instances: one live instance of payments.
+    let text = scrape(metrics);
+    for needle in [
+        "tokend_peer_instances{issuer=\"spiffe://bank.internal/payments\"} 1",
+        "tokend_documents_installed_total",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+}
+
+fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("response");
+    body
 }
 
 /// A peer address given as a host name is resolved, and each address it

@@ -7,6 +7,7 @@
 //! keys (behind the `Refresh` trait, once per verification) and the replay
 //! store. Tests and benches build an `Engine` directly.
 
+mod authz;
 mod cache;
 #[cfg(test)]
 mod contract;
@@ -23,6 +24,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+#[cfg(test)]
+pub(crate) use self::authz::HeaderClaim;
+pub(crate) use self::authz::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};

@@ -17,9 +17,18 @@ use tokend::pb::tokend as pb;
 use crate::inproc::{Bank, Node};
 use crate::support::{id, payload, with_payload};
 
-/// A Check of a GET / carrying `headers`, on a route with `ext`.
+/// A Check of a GET /accounts carrying `headers`, on a route with `ext`.
 pub async fn check(node: &Node, headers: &[(&str, &str)], ext: &[(&str, &str)]) -> CheckResponse {
-    let channel = tokend::connect(&node.socket()).await.expect("connect");
+    check_on(&node.socket(), headers, ext).await
+}
+
+/// `check` against the sidecar listening on `socket`.
+pub async fn check_on(
+    socket: &std::path::Path,
+    headers: &[(&str, &str)],
+    ext: &[(&str, &str)],
+) -> CheckResponse {
+    let channel = tokend::connect(socket).await.expect("connect");
     let pairs = |p: &[(&str, &str)]| -> HashMap<String, String> {
         p.iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -375,4 +384,78 @@ async fn callers_not_allowed_are_refused() {
         tokend::reason_of(&e),
         Some(tokend::Reason::PermissionDenied)
     );
+}
+
+/// A sidecar process counts Check decisions by mode and outcome, logs each
+/// refusal at info with its reason (never the token, never the query), and a
+/// misconfigured route at error, naming the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_are_counted_and_refusals_logged() {
+    use std::io::{Read, Write};
+
+    let root = crate::support::tmp();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("probe");
+    let a = crate::support::Sidecar::start(
+        root.path(),
+        "ledger",
+        &format!("[metrics]\nlisten = \"{port}\""),
+    );
+    let t = a.mint("ledger").await.token;
+    let mut claims = payload(&t);
+    claims["sub"] = id("admin").into();
+    let tampered = with_payload(&t, &claims);
+    let sock = a.socket.clone();
+    allowed(&check_on(&sock, &[("authorization", &format!("Bearer {t}"))], &[]).await);
+    let r = check_on(
+        &sock,
+        &[("authorization", &format!("Bearer {tampered}"))],
+        &[],
+    )
+    .await;
+    assert_eq!(refusal(&r).2, "bad_signature");
+    denied(&check_on(&sock, &[], &[]).await);
+    denied(&check_on(&sock, &[], &[("required_claim", "x")]).await);
+    allowed(&check_on(&sock, &[], &[("mode", "outbound"), ("audience", "archive")]).await);
+
+    let mut s = std::net::TcpStream::connect(port).expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    for (mode, outcome) in [
+        ("inbound", "ok"),
+        ("inbound", "invalid_token"),
+        ("inbound", "no_token"),
+        ("invalid", "misconfigured"),
+        ("outbound", "ok"),
+    ] {
+        let needle = format!("tokend_ext_authz_total{{mode=\"{mode}\",outcome=\"{outcome}\"}} 1");
+        assert!(text.contains(&needle), "{needle} missing from:\n{text}");
+    }
+
+    let log = a.stderr();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("ext_authz refused"))
+        .collect();
+    assert_eq!(refused.len(), 2, "{log}");
+    assert!(
+        refused[0].contains("INFO") && refused[0].contains("bad_signature"),
+        "{log}"
+    );
+    assert!(refused[1].contains("no bearer token"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("misconfigured")
+            && l.contains("required_claim")),
+        "{log}"
+    );
+    for secret in [t.as_str(), tampered.as_str(), "secret=1"] {
+        assert!(!log.contains(secret), "the log shows {secret:?}:\n{log}");
+    }
+    for part in t.split('.') {
+        assert!(!log.contains(part), "the log shows part of a token:\n{log}");
+    }
 }

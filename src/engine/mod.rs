@@ -5,7 +5,9 @@
 //! and the one-time claim (behind the `ReplayStore` trait). The only async
 //! parts are the two things a decision may wait on: a refresh of a peer's
 //! keys (behind the `Refresh` trait, once per verification) and the replay
-//! store. Tests and benches build an `Engine` directly.
+//! store. Tests and benches build an `Engine` directly. `authz` holds the
+//! access rules and claim headers Envoy's external authorization applies
+//! to a verified token.
 
 mod authz;
 mod cache;

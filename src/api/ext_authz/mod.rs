@@ -209,3 +209,43 @@ impl Authorization for ExtAuthzApi {
         Ok(Response::new(decision.into_response()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    /// The raw header list (Envoy's `encode_raw_headers`) is read when sent,
+    /// one entry per header line, so two `authorization` lines are two
+    /// values; otherwise the map is.
+    #[test]
+    fn authorization_from_raw_headers_or_map() {
+        let raw = |entries: &[(&str, &[u8])]| HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: entries
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).to_owned(),
+                        value: String::new(),
+                        raw_value: v.to_vec(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        let one = raw(&[("Authorization", b"Bearer a.b.c"), ("x-other", b"1")]);
+        assert_eq!(authorization_values(&one), Ok(vec!["Bearer a.b.c"]));
+        let two = raw(&[
+            ("authorization", b"Bearer a.b.c"),
+            ("authorization", b"Bearer d"),
+        ]);
+        let values = authorization_values(&two).expect("utf-8");
+        assert!(matches!(credentials(&values), Credentials::Malformed(_)));
+        assert!(authorization_values(&raw(&[("authorization", b"\xff")])).is_err());
+        let mut map = HttpRequest::default();
+        map.headers
+            .insert("authorization".into(), "Bearer a.b.c".into());
+        assert_eq!(authorization_values(&map), Ok(vec!["Bearer a.b.c"]));
+    }
+}

@@ -303,6 +303,11 @@ async fn mesh() -> (Bank, Node, Node, Envoy, u16, u16) {
             "tokend_ledger",
             &[
                 route("/teller-only", "upstream", &[("allowed_issuers", "teller")]),
+                route(
+                    "/needs-role",
+                    "upstream",
+                    &[("required_claims", "role=teller")]
+                ),
                 route("/", "upstream", &[]),
             ],
         ),
@@ -339,7 +344,9 @@ fn invalid_token(reason: &str) -> String {
 /// Through a real Envoy, inbound: a valid token reaches the upstream with
 /// the verified subject (and a client-sent `x-tokend-sub` never does); a
 /// tampered token, one for another audience, or none is a 401 with the
-/// reason; an issuer the route does not allow is a 403.
+/// reason; an issuer the route does not allow, or a required claim
+/// missing, is a 403; two authorization headers are a 400; a one-time
+/// token passes once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_inbound_verifies_and_authorizes() {
     let (_bank, payments, _ledger, envoy, inbound, _) = mesh().await;
@@ -385,9 +392,72 @@ async fn envoy_inbound_verifies_and_authorizes() {
         (401, "Bearer")
     );
 
-    let forbidden = get(inbound, "/teller-only", &[("authorization", &bearer)]).await;
-    assert_eq!(forbidden.status, 403, "{forbidden:?}");
-    assert_eq!(forbidden.header("tokend-reason"), "permission_denied");
+    for path in ["/teller-only", "/needs-role"] {
+        let forbidden = get(inbound, path, &[("authorization", &bearer)]).await;
+        assert_eq!(forbidden.status, 403, "{path}: {forbidden:?}");
+        assert_eq!(forbidden.header("tokend-reason"), "permission_denied");
+        assert!(
+            forbidden
+                .header("www-authenticate")
+                .contains("insufficient_scope"),
+            "{forbidden:?}"
+        );
+    }
+    let teller = payments
+        .tokens()
+        .await
+        .mint(tokend::pb::tokend::MintRequest {
+            audience: "ledger".into(),
+            claims_json: r#"{"role":"teller"}"#.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("mint")
+        .into_inner()
+        .token;
+    let r = get(
+        inbound,
+        "/needs-role",
+        &[("authorization", &format!("Bearer {teller}"))],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+
+    // Two authorization headers are not one Bearer token.
+    let two = get(
+        inbound,
+        "/accounts",
+        &[("authorization", &bearer), ("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(two.status, 400, "{two:?}");
+    assert_eq!(two.header("tokend-reason"), "malformed");
+
+    // A one-time token passes once.
+    let once = payments
+        .tokens()
+        .await
+        .mint(tokend::pb::tokend::MintRequest {
+            audience: "ledger".into(),
+            one_time: true,
+            ..Default::default()
+        })
+        .await
+        .expect("mint")
+        .into_inner()
+        .token;
+    let once = format!("Bearer {once}");
+    assert_eq!(
+        get(inbound, "/accounts", &[("authorization", &once)])
+            .await
+            .status,
+        200
+    );
+    let again = get(inbound, "/accounts", &[("authorization", &once)]).await;
+    assert_eq!(
+        (again.status, again.header("www-authenticate")),
+        (401, invalid_token("replayed").as_str())
+    );
 }
 
 /// Through a real Envoy, outbound: the application's call, with no token

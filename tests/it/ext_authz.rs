@@ -388,7 +388,8 @@ async fn callers_not_allowed_are_refused() {
 
 /// A sidecar process counts Check decisions by mode and outcome, logs each
 /// refusal at info with its reason (never the token, never the query), and a
-/// misconfigured route at error, naming the key.
+/// misconfigured route at error, naming the key; grpc.health.v1 reports
+/// the service (for Envoy's cluster health checks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_are_counted_and_refusals_logged() {
     use std::io::{Read, Write};
@@ -434,6 +435,22 @@ async fn decisions_are_counted_and_refusals_logged() {
         let needle = format!("tokend_ext_authz_total{{mode=\"{mode}\",outcome=\"{outcome}\"}} 1");
         assert!(text.contains(&needle), "{needle} missing from:\n{text}");
     }
+
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        tokend::connect(&sock).await.expect("connect"),
+    );
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "envoy.service.auth.v3.Authorization".into(),
+        })
+        .await
+        .expect("health")
+        .into_inner()
+        .status;
+    assert_eq!(
+        serving,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let log = a.stderr();
     let refused: Vec<&str> = log

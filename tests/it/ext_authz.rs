@@ -229,7 +229,8 @@ async fn inbound_refusals_carry_the_reason() {
 
 /// A valid token an authorization rule refuses is a 403: an issuer the
 /// route does not allow, or a required claim missing; the config's
-/// defaults apply where the route sets none.
+/// defaults apply where the route sets none. Configured claim headers
+/// replace the defaults, whose names are still stripped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_refuse_with_403() {
     let bank = Bank::new();
@@ -281,6 +282,37 @@ async fn rules_refuse_with_403() {
         .await,
     );
     assert_eq!(code, 500);
+
+    // With other claim headers configured, the default names are still
+    // stripped from the client's request.
+    let custom = bank
+        .start(
+            bank.lean("custom")
+                .config("[ext_authz]\nheaders = { x-caller = \"sub\", x-role = \"role\" }"),
+        )
+        .await;
+    let own = format!(
+        "Bearer {}",
+        mint_with(&custom, "custom", r#"{"role":"teller"}"#, false).await
+    );
+    let (set, mut removed) = allowed(
+        &check(
+            &custom,
+            &[("authorization", &own), ("x-tokend-sub", "x")],
+            &[],
+        )
+        .await,
+    );
+    removed.sort();
+    assert_eq!(removed, ["x-tokend-act", "x-tokend-iss", "x-tokend-sub"]);
+    assert!(
+        set.contains(&("x-caller".into(), id("custom"), true)),
+        "{set:?}"
+    );
+    assert!(
+        set.contains(&("x-role".into(), "teller".into(), true)),
+        "{set:?}"
+    );
 }
 
 /// A delegated token passes its current actor upstream; a one-time token

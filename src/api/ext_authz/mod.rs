@@ -29,7 +29,7 @@ use super::status::status;
 use super::token::refresh_budget;
 use super::uds::Callers;
 use crate::config::ExtAuthzConfig;
-use crate::engine::{AccessRules, Engine, MintRequest};
+use crate::engine::{AccessRules, ClaimHeader, Engine, MintRequest};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::reason::{Reason, Refusal};
 
@@ -40,6 +40,10 @@ pub(crate) struct ExtAuthzApi {
     td: TrustDomain,
     callers: Callers,
     config: Arc<ExtAuthzConfig>,
+    /// The default claim headers the config does not set: removed from
+    /// every allowed request all the same, so an application that trusted
+    /// them before they were turned off is not fed a client's value.
+    strip: Arc<[String]>,
 }
 
 impl ExtAuthzApi {
@@ -51,11 +55,17 @@ impl ExtAuthzApi {
         callers: Callers,
         config: ExtAuthzConfig,
     ) -> Self {
+        let strip = ClaimHeader::defaults()
+            .into_iter()
+            .map(|d| d.header)
+            .filter(|name| config.headers.iter().all(|h| &h.header != name))
+            .collect();
         Self {
             engine,
             td,
             callers,
             config: Arc::new(config),
+            strip,
         }
     }
 
@@ -103,7 +113,7 @@ impl ExtAuthzApi {
         if let Err(r) = rules.check(&verified) {
             return Decision::Forbidden(r.context(format!("sub {}", verified.subject)));
         }
-        let (mut set, mut remove) = (Vec::new(), Vec::new());
+        let (mut set, mut remove) = (Vec::new(), self.strip.to_vec());
         for h in &self.config.headers {
             match h.value(&verified) {
                 Some(v) => set.push((h.header.clone(), v)),

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub(crate) use self::ext_authz::ExtAuthzConfig;
 use crate::identity::{SpiffeId, TrustDomain};
+
+mod ext_authz;
 
 /// A configuration problem, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +89,8 @@ struct FileConfig {
     metrics: Option<MetricsFile>,
     #[serde(default)]
     limits: LimitsFile,
+    #[serde(default)]
+    ext_authz: ext_authz::ExtAuthzFile,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -271,6 +276,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection, stream, size and time limits of the listeners.
     pub limits: LimitsConfig,
+    /// Envoy external authorization defaults.
+    pub ext_authz: ExtAuthzConfig,
 }
 
 /// `serve` flags that override the file.
@@ -358,6 +365,7 @@ impl Config {
         let local = local_socket(f.socket, f.socket_mode, f.keys_dir, ov, &rel)?;
         let peer_api = peer_api(f.peer_api, ov, &rel)?;
         let peers = peers(f.peers, &who, peer_api.is_some(), &rel)?;
+        let ext_authz = f.ext_authz.build(&who.trust_domain)?;
         Ok(Self {
             name: who.name,
             trust_domain: who.trust_domain,
@@ -373,6 +381,7 @@ impl Config {
             peers,
             metrics_listen: metrics(f.metrics, ov)?,
             limits: limits(f.limits)?,
+            ext_authz,
         })
     }
 }

@@ -13,7 +13,7 @@
 //!    rotation planner (pure) and its loop; published as `KeySet` snapshots.
 //! 3. `engine`: mint, verify (`verify_at`, pure, at an explicit `now`), the
 //!    verify cache, delegation, one-time claims, immutable `TrustSet`
-//!    snapshots. Opens no socket and no file.
+//!    snapshots, ext_authz access rules. Opens no socket and no file.
 //! 4. `config`: TOML → typed sections that build their policies.
 //! 5. `listen`: both listeners' caps, deadlines and accept back-off.
 //! 6. `peers` (trust sources feeding one writer; the peer-facing server),

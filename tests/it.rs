@@ -14,8 +14,12 @@ mod inproc;
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/envoy.rs"]
+mod envoy;
 #[path = "it/exchange.rs"]
 mod exchange;
+#[path = "it/ext_authz.rs"]
+mod ext_authz;
 #[path = "it/hardening.rs"]
 mod hardening;
 #[path = "it/interop.rs"]

@@ -1,9 +1,11 @@
 //! The local API: one tonic server on the Unix socket carrying tokend.v1
-//! (token, admin), the SPIFFE Workload API (JWT part) and grpc.health.v1.
+//! (token, admin), the SPIFFE Workload API (JWT part), Envoy's external
+//! authorization and grpc.health.v1.
 //! Each service holds only the handles it uses; `status` is the one place
 //! refusals become wire statuses. No business logic here.
 
 mod admin;
+mod ext_authz;
 mod spiffe;
 mod status;
 mod token;
@@ -11,10 +13,12 @@ mod uds;
 
 use std::future::Future;
 
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::UnixListener;
 use tonic::transport::server::UdsConnectInfo;
 
 pub(crate) use self::admin::AdminApi;
+pub(crate) use self::ext_authz::ExtAuthzApi;
 pub(crate) use self::spiffe::SpiffeApi;
 pub use self::status::{REASON_KEY, detail_of, reason_of};
 pub(crate) use self::token::TokenApi;
@@ -33,7 +37,13 @@ pub(crate) struct LocalApi {
     pub admin: AdminApi,
     /// The SPIFFE Workload API.
     pub spiffe: SpiffeApi,
+    /// Envoy external authorization.
+    pub ext_authz: ExtAuthzApi,
 }
+
+/// Largest Check request: Envoy sends the request's headers, up to its
+/// default 60 KiB header limit.
+const MAX_CHECK_BYTES: usize = 64 * 1024;
 
 /// Serves every local service on `listener` until `shutdown` completes, then
 /// finishes in-flight calls and returns. `listen` caps connections and closes
@@ -55,6 +65,9 @@ pub(crate) async fn serve(
     reporter
         .set_serving::<SpiffeWorkloadApiServer<SpiffeApi>>()
         .await;
+    reporter
+        .set_serving::<AuthorizationServer<ExtAuthzApi>>()
+        .await;
     let max = limits.max_request_bytes;
     crate::listen::server(&limits, limits.max_streams_per_connection)
         .layer(crate::listen::TrackLayer::<UdsConnectInfo>::new())
@@ -68,6 +81,10 @@ pub(crate) async fn serve(
                 .max_decoding_message_size(max),
         )
         .add_service(SpiffeWorkloadApiServer::new(api.spiffe).max_decoding_message_size(max))
+        .add_service(
+            AuthorizationServer::new(api.ext_authz)
+                .max_decoding_message_size(max.max(MAX_CHECK_BYTES)),
+        )
         .serve_with_incoming_shutdown(crate::listen::unix(listener, listen), shutdown)
         .await
 }

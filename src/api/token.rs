@@ -43,7 +43,7 @@ impl TokenApi {
 
 /// Half of the caller's gRPC deadline (`grpc-timeout`), if it sent one: how
 /// long a verification may wait for a peer's keys and still answer in time.
-fn refresh_budget<T>(req: &Request<T>) -> Option<Duration> {
+pub(super) fn refresh_budget<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;

@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
-use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
+use crate::api::{AdminApi, Callers, ExtAuthzApi, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
@@ -419,7 +419,13 @@ fn local_api(
             callers.clone(),
             config.admin_uids.clone(),
         ),
-        spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
+        spiffe: SpiffeApi::new(engine.clone(), callers.clone(), shutdown.clone()),
+        ext_authz: ExtAuthzApi::new(
+            engine,
+            config.trust_domain.clone(),
+            callers,
+            config.ext_authz.clone(),
+        ),
     }
 }
 

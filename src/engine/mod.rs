@@ -5,8 +5,11 @@
 //! and the one-time claim (behind the `ReplayStore` trait). The only async
 //! parts are the two things a decision may wait on: a refresh of a peer's
 //! keys (behind the `Refresh` trait, once per verification) and the replay
-//! store. Tests and benches build an `Engine` directly.
+//! store. Tests and benches build an `Engine` directly. `authz` holds the
+//! access rules and claim headers Envoy's external authorization applies
+//! to a verified token.
 
+mod authz;
 mod cache;
 #[cfg(test)]
 mod contract;
@@ -23,6 +26,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+#[cfg(test)]
+pub(crate) use self::authz::HeaderClaim;
+pub(crate) use self::authz::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};

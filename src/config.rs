@@ -117,6 +117,8 @@ struct PeerApiFile {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    document_lifetime: Option<HumanDuration>,
+    advertise: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,6 +126,7 @@ struct PeerApiFile {
 struct PeerFile {
     name: String,
     address: Option<String>,
+    addresses: Option<Vec<String>>,
     jwks_file: Option<PathBuf>,
 }
 
@@ -181,7 +184,21 @@ pub struct PeerApiConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+    /// How long each signed key-set document of this instance is valid
+    /// (re-signed at half of it, and on every key change): the bound on how
+    /// long a relay can withhold a revocation.
+    pub document_lifetime: Duration,
+    /// The peer API address written into the documents for a direct fetch
+    /// (`https://host:port`); when not set, the daemon uses
+    /// `https://<bound listen address>` unless that is an unspecified
+    /// address (0.0.0.0, ::), and then none (no direct fetch of it).
+    pub advertise: Option<String>,
 }
+
+/// The shortest `[peer_api] document_lifetime`.
+pub(crate) const MIN_DOCUMENT_LIFETIME: Duration = Duration::from_secs(10);
+/// Addresses of one peer at most.
+pub(crate) const MAX_PEER_ADDRESSES: usize = 64;
 
 /// The smallest `limits.max_request_bytes`: a largest token (8 KiB) with an
 /// audience and framing must still fit.
@@ -228,8 +245,9 @@ impl Default for LimitsConfig {
 /// Where a peer's keys come from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerSource {
-    /// A live peer over mTLS.
-    Address(String),
+    /// A live peer over mTLS, at one or more addresses (`https://host:port`);
+    /// a host name stands for every address it resolves to.
+    Addresses(Vec<String>),
     /// An offline JWKS file.
     JwksFile(PathBuf),
 }
@@ -545,14 +563,42 @@ fn peer_api(
                     format!("{listen_text:?} is not an address like 127.0.0.1:7443"),
                 )
             })?;
+            let document_lifetime = within_duration(
+                "peer_api.document_lifetime",
+                p.document_lifetime,
+                crate::engine::DEFAULT_DOCUMENT_LIFETIME,
+                MIN_DOCUMENT_LIFETIME,
+                crate::engine::MAX_DOCUMENT_LIFETIME,
+            )?;
+            let advertise = match p.advertise {
+                Some(a) => Some(https_url("peer_api.advertise", a)?),
+                None => None,
+            };
             Ok(Some(PeerApiConfig {
                 listen,
                 ca: rel(p.ca),
                 cert: rel(p.cert),
                 key: rel(p.key),
+                document_lifetime,
+                advertise,
             }))
         }
     }
+}
+
+/// Checks `a` is an `https://host:port` URL, naming `key` otherwise.
+fn https_url(key: &str, a: String) -> Result<String, ConfigError> {
+    let ok = a
+        .strip_prefix("https://")
+        .and_then(|rest| rest.parse::<http::uri::Authority>().ok())
+        .is_some_and(|auth| auth.port_u16().is_some() && !auth.host().is_empty());
+    if !ok || a.len() > 256 {
+        return Err(invalid(
+            key,
+            format!("{a:?} must be an https://host:port URL"),
+        ));
+    }
+    Ok(a)
 }
 
 fn peers(
@@ -568,7 +614,7 @@ fn peers(
     }
     if peers
         .iter()
-        .any(|p| matches!(p.source, PeerSource::Address(_)))
+        .any(|p| matches!(p.source, PeerSource::Addresses(_)))
         && !have_peer_api
     {
         return Err(invalid(
@@ -599,21 +645,41 @@ fn one_peer(
     if earlier.iter().any(|q| q.id == pid) {
         return Err(invalid(
             &format!("{key}.name"),
-            format!("peer {:?} is listed twice", p.name),
+            format!(
+                "peer {:?} is listed twice; give a service's replicas as addresses = [...] in one entry",
+                p.name
+            ),
         ));
     }
-    let source = match (p.address, p.jwks_file) {
-        (Some(a), None) => {
-            if !(a.starts_with("https://")) {
+    let source = match (p.address, p.addresses, p.jwks_file) {
+        (Some(a), None, None) => {
+            PeerSource::Addresses(vec![https_url(&format!("{key}.address"), a)?])
+        }
+        (None, Some(list), None) => {
+            let k = format!("{key}.addresses");
+            if list.is_empty() || list.len() > MAX_PEER_ADDRESSES {
                 return Err(invalid(
-                    &format!("{key}.address"),
-                    format!("{a:?} must be an https:// URL"),
+                    &k,
+                    format!("must list 1 to {MAX_PEER_ADDRESSES} addresses"),
                 ));
             }
-            PeerSource::Address(a)
+            let mut out: Vec<String> = Vec::with_capacity(list.len());
+            for a in list {
+                let a = https_url(&k, a)?;
+                if out.contains(&a) {
+                    return Err(invalid(&k, format!("{a:?} is listed twice")));
+                }
+                out.push(a);
+            }
+            PeerSource::Addresses(out)
         }
-        (None, Some(f)) => PeerSource::JwksFile(rel(f)),
-        _ => return Err(invalid(key, "give exactly one of address or jwks_file")),
+        (None, None, Some(f)) => PeerSource::JwksFile(rel(f)),
+        _ => {
+            return Err(invalid(
+                key,
+                "give exactly one of address, addresses or jwks_file",
+            ));
+        }
     };
     Ok(PeerConfig {
         name: p.name,

@@ -49,15 +49,21 @@ pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::config::check_config;
 pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar, SidecarError};
 pub use crate::engine::{
-    Engine, MintPolicy, MintRequest, Minted, TrustSet, TrustUpdate, TrustView, Unverified,
-    Verified, VerifyPolicy, verify_at,
+    DEFAULT_DOCUMENT_LIFETIME, DEFAULT_INSTANCE, DOCUMENT_TYPE, DocumentAnchors, DocumentClaims,
+    DocumentError, DocumentKey, DocumentKeyError, DocumentLimits, DocumentState, Engine,
+    InstanceKeys, IssuerKeys, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LIFETIME, MintPolicy, MintRequest,
+    Minted, SetError, SignedDocument, TrustSet, TrustUpdate, TrustView, Unverified, Verified,
+    VerifiedDocument, VerifyPolicy, sign_document, verify_at, verify_document,
 };
 pub use crate::identity::{SpiffeId, TrustDomain};
 pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};
 pub use crate::keys::{
-    KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8, parse_pkcs8_pem,
+    InstanceState, KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8,
+    parse_pkcs8_pem,
 };
-pub use crate::peers::peer_key_set_update;
+pub use crate::peers::{
+    DirectFetcher, DocumentPublisher, DocumentSink, PeerError, PublishError, peer_key_set_update,
+};
 pub use crate::reason::{Reason, Refusal};
 pub use crate::telemetry::{LogFormat, init as init_logs};
 pub use crate::time::{Clock, ManualClock, SharedClock, Sleep, SystemClock, TokioClock, UnixTime};

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::status::{bad_request, key_status, status};
 use super::uds::Callers;
-use crate::engine::TrustView;
+use crate::engine::{InstanceKeys, TrustView};
 use crate::identity::SpiffeId;
 use crate::keys::{
     Command, KeyError, KeyRecord, KeySet, KeyView, delete_after, retires_at, state_at,
@@ -38,6 +38,23 @@ fn key_info(rec: &KeyRecord, set: &KeySet, now: crate::time::UnixTime) -> pb::Ke
         retires_at: retires_at(rec, &all).map_or(0, |t| t.as_secs()),
         deleted_after: delete_after(rec, &all, &set.lifecycle).map_or(0, |t| t.as_secs()),
         bits: rec.bits,
+    }
+}
+
+/// One instance of a trusted issuer, as `jwks --all` shows it.
+fn instance_info((id, inst): (&str, &InstanceKeys)) -> pb::InstanceKeys {
+    let doc = inst.document();
+    pb::InstanceKeys {
+        instance: id.to_owned(),
+        source: inst.source.clone(),
+        kids: inst.keys().iter().map(|k| k.kid().to_owned()).collect(),
+        revoked_kids: inst.revoked().to_vec(),
+        updated_at: inst.updated_at.as_secs(),
+        seq: doc.map_or(0, |d| d.seq),
+        document_expires_at: doc.map_or(0, |d| d.expires_at.as_secs()),
+        address: doc.and_then(|d| d.address.clone()).unwrap_or_default(),
+        stale: inst.is_stale(),
+        gone: inst.is_gone(),
     }
 }
 
@@ -144,17 +161,21 @@ impl pb::admin_service_server::AdminService for AdminApi {
             updated_at: self.clock.now().as_secs(),
             revoked_kids: own.revoked_kids().map(str::to_owned).collect(),
             last_error: String::new(),
+            instances: Vec::new(),
         }];
         if req.into_inner().all {
             let trust = self.trust.current();
+            let now = self.clock.now();
             for (issuer, keys) in trust.issuers() {
+                let usable = keys.usable_keys(now);
                 issuers.push(pb::IssuerKeys {
                     issuer: issuer.to_owned(),
                     source: keys.source.clone(),
-                    jwks_json: crate::jose::to_jwks_json(keys.keys().iter().map(|k| k.as_ref())),
+                    jwks_json: crate::jose::to_jwks_json(usable.iter().map(|k| k.as_ref())),
                     updated_at: keys.updated_at.as_secs(),
                     revoked_kids: keys.revoked(),
                     last_error: keys.last_error.clone().unwrap_or_default(),
+                    instances: keys.instances().into_iter().map(instance_info).collect(),
                 });
             }
         }

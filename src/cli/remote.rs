@@ -238,6 +238,18 @@ pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
                             "revoked_kids": i.revoked_kids,
                             "last_error": if i.last_error.is_empty() { serde_json::Value::Null } else { i.last_error.clone().into() },
                             "jwks": doc(&i.jwks_json),
+                            "instances": i.instances.iter().map(|n| serde_json::json!({
+                                "instance": n.instance,
+                                "source": n.source,
+                                "kids": n.kids,
+                                "revoked_kids": n.revoked_kids,
+                                "updated_at": n.updated_at,
+                                "seq": n.seq,
+                                "document_expires_at": n.document_expires_at,
+                                "address": n.address,
+                                "stale": n.stale,
+                                "gone": n.gone,
+                            })).collect::<Vec<_>>(),
                         })
                     })
                     .collect();

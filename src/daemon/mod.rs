@@ -20,12 +20,14 @@ use tracing::Instrument;
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, ExtAuthzApi, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
+use crate::engine::{DocumentLimits, SignedDocument};
 use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
+use crate::keys::InstanceState;
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
-    JwksFileSource, PeerClient, PeerError, PeerKeysApi, PeerTls, Refresher, TlsError, TrustFeed,
-    TrustWriter,
+    DirectFetcher, DocumentPublisher, DocumentSink, JwksFileSource, PeerContext, PeerError,
+    PeerGroup, PeerKeysApi, PeerTls, PublishError, Refresher, TlsError, TrustWriter,
 };
 use crate::replay_log::JournalReplay;
 use crate::time::SharedClock;
@@ -63,6 +65,9 @@ pub enum DaemonError {
         /// Why.
         detail: String,
     },
+    /// The first signed key-set document could not be made.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
@@ -89,21 +94,24 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 /// How long in-flight calls may run after a shutdown signal.
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
-/// The peer API, bound and ready to serve.
+/// The peer API, bound and ready to serve, and the publisher of the
+/// documents it serves.
 struct PeerServer {
     addr: SocketAddr,
     tcp: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     api: PeerKeysApi,
+    publisher: DocumentPublisher,
 }
 
 /// Where peer keys come from, before they run.
 struct TrustSources {
     writer: TrustWriter,
     view: TrustView,
-    clients: Vec<Arc<PeerClient>>,
+    groups: Vec<Arc<PeerGroup>>,
     files: Vec<Arc<JwksFileSource>>,
     refresher: Refresher,
+    documents: Option<DocumentSink>,
 }
 
 /// A built, not yet running, sidecar.
@@ -113,8 +121,10 @@ pub struct Daemon {
     keys: KeyView,
     commands: mpsc::Receiver<Command>,
     writer: TrustWriter,
-    clients: Vec<Arc<PeerClient>>,
+    groups: Vec<Arc<PeerGroup>>,
     files: Vec<Arc<JwksFileSource>>,
+    document_sink: Option<DocumentSink>,
+    direct: Option<DirectFetcher>,
     api: LocalApi,
     listener: UnixListener,
     socket: PathBuf,
@@ -182,7 +192,7 @@ impl Daemon {
         let shutdown = CancellationToken::new();
         let peer_server = match (&config.peer_api, &peer_tls) {
             (Some(p), Some(tls)) => {
-                Some(bind_peer_api(&config, p.listen, tls, &keys, &shutdown).await?)
+                Some(bind_peer_api(&config, p, tls, &keys, &clock, &shutdown).await?)
             }
             _ => None,
         };
@@ -204,8 +214,17 @@ impl Daemon {
             keys,
             commands,
             writer: sources.writer,
-            clients: sources.clients,
+            groups: sources.groups,
             files: sources.files,
+            direct: match (&sources.documents, &peer_tls) {
+                (Some(sink), Some(tls)) => Some(DirectFetcher::new(
+                    sink.clone(),
+                    tls.client_config()?,
+                    tls.trust_domain().clone(),
+                )),
+                _ => None,
+            },
+            document_sink: sources.documents,
             api,
             listener,
             socket: config.socket,
@@ -232,6 +251,20 @@ impl Daemon {
         self.peer_addr
     }
 
+    /// This instance's signed key-set documents (the current one, then each
+    /// new one), when it serves a peer API: what a relay (the directory)
+    /// publishes.
+    pub fn documents(&self) -> Option<tokio::sync::watch::Receiver<Arc<SignedDocument>>> {
+        self.peer_server.as_ref().map(|p| p.publisher.subscribe())
+    }
+
+    /// Where a relay (the directory) hands the documents it receives: they
+    /// are verified and installed exactly as a peer's. Present when the
+    /// peer API (its CA) is configured.
+    pub fn document_sink(&self) -> Option<DocumentSink> {
+        self.document_sink.clone()
+    }
+
     /// Serves until `shutdown` completes; in-flight calls finish, background
     /// tasks stop, and the socket file is removed.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
@@ -254,7 +287,18 @@ impl Daemon {
                 .instrument(tracing::info_span!("rotation", id = %self.id)),
         );
         tracker.spawn(self.writer.run(cancel.clone()));
-        if let Some(PeerServer { tcp, tls, api, .. }) = self.peer_server {
+        if let Some(direct) = self.direct {
+            tracker.spawn(direct.run(cancel.clone()));
+        }
+        if let Some(PeerServer {
+            tcp,
+            tls,
+            api,
+            publisher,
+            ..
+        }) = self.peer_server
+        {
+            tracker.spawn(publisher.run(cancel.clone()));
             let stop = cancel.clone();
             let peer_listen = listen(self.caps.peer);
             tracker.spawn(async move {
@@ -274,9 +318,8 @@ impl Daemon {
         for source in self.files {
             tracker.spawn(source.watch(cancel.clone()));
         }
-        for client in self.clients {
-            let span = tracing::info_span!("peer", peer = ?client);
-            tracker.spawn(client.run(cancel.clone()).instrument(span));
+        for group in self.groups {
+            tracker.spawn(group.run(cancel.clone()));
         }
         tracing::info!(
             id = %self.id,
@@ -367,33 +410,51 @@ fn fd_caps(config: &Config) -> FdCaps {
     caps
 }
 
-/// Binds the peer API's listener; its service serves the own keys.
+/// Binds the peer API's listener; its service serves the own keys and the
+/// documents of a publisher signing with the peer certificate's key.
 async fn bind_peer_api(
     config: &Config,
-    listen: SocketAddr,
+    p: &crate::config::PeerApiConfig,
     tls: &PeerTls,
     keys: &KeyView,
+    clock: &SharedClock,
     shutdown: &CancellationToken,
 ) -> Result<PeerServer, DaemonError> {
     let err = |source| DaemonError::Listen {
         what: "peer_api.listen",
-        addr: listen,
+        addr: p.listen,
         source,
     };
-    let tcp = TcpListener::bind(listen).await.map_err(err)?;
+    let tcp = TcpListener::bind(p.listen).await.map_err(err)?;
     let addr = tcp.local_addr().map_err(err)?;
+    let advertise = p
+        .advertise
+        .clone()
+        .or_else(|| (!addr.ip().is_unspecified()).then(|| format!("https://{addr}")));
+    let instance = InstanceState::open(&config.keys_dir).map_err(KeyError::from)?;
+    let publisher = DocumentPublisher::new(
+        config.id.clone(),
+        tls.document_key()?,
+        instance,
+        keys.clone(),
+        clock.clone(),
+        p.document_lifetime,
+        advertise,
+    )?;
     let api = PeerKeysApi::new(
         config.id.clone(),
         config.trust_domain.clone(),
         keys.clone(),
         shutdown.clone(),
         config.limits.peer_watches_per_caller,
-    );
+    )
+    .with_documents(publisher.subscribe());
     Ok(PeerServer {
         addr,
         tcp,
         tls: tls.rustls_server_config()?,
         api,
+        publisher,
     })
 }
 
@@ -452,7 +513,19 @@ fn trust_sources(
 ) -> Result<TrustSources, DaemonError> {
     let (mut writer, feed, view) = TrustWriter::new();
     let mut refresher = Refresher::new(MIN_REFRESH_INTERVAL);
-    let (mut clients, mut files) = (Vec::new(), Vec::new());
+    let (mut groups, mut files) = (Vec::new(), Vec::new());
+    let documents = tls.map(|t| {
+        DocumentSink::new(
+            t.document_anchors(),
+            DocumentLimits {
+                clock_skew: config.tokens.clock_skew,
+                ..DocumentLimits::default()
+            },
+            feed.clone(),
+            view.clone(),
+            clock.clone(),
+        )
+    });
     for peer in &config.peers {
         let issuer = peer.id.as_str();
         match &peer.source {
@@ -465,51 +538,41 @@ fn trust_sources(
                 refresher.add(issuer, source.clone());
                 files.push(source);
             }
-            PeerSource::Address(addr) => {
-                let client = peer_client(&peer.name, peer, addr, tls, &feed, &view, clock)?;
+            PeerSource::Addresses(addresses) => {
+                let (Some(tls), Some(documents)) = (tls, &documents) else {
+                    return Err(PeerError::Address {
+                        name: peer.name.clone(),
+                        address: addresses.join(", "),
+                        detail: "needs [peer_api] for mTLS".into(),
+                    }
+                    .into());
+                };
+                let cx = PeerContext {
+                    tls: tls.client_config()?,
+                    td: tls.trust_domain().clone(),
+                    feed: feed.clone(),
+                    view: view.clone(),
+                    documents: documents.clone(),
+                    clock: clock.clone(),
+                };
+                let group = PeerGroup::new(&peer.name, peer.id.clone(), addresses.clone(), cx)?;
                 writer
                     .apply(TrustUpdate::Register {
                         issuer: issuer.to_owned(),
-                        source: format!("peer:{addr}"),
+                        source: group.source(),
                     })
                     .map_err(PeerError::from)?;
-                refresher.add(issuer, client.clone());
-                clients.push(client);
+                refresher.add(issuer, group.clone());
+                groups.push(group);
             }
         }
     }
     Ok(TrustSources {
         writer,
         view,
-        clients,
+        groups,
         files,
         refresher,
+        documents,
     })
-}
-
-fn peer_client(
-    name: &str,
-    peer: &crate::config::PeerConfig,
-    addr: &str,
-    tls: Option<&PeerTls>,
-    feed: &TrustFeed,
-    view: &TrustView,
-    clock: &SharedClock,
-) -> Result<Arc<PeerClient>, PeerError> {
-    let Some(tls) = tls else {
-        return Err(PeerError::Address {
-            name: name.to_owned(),
-            address: addr.to_owned(),
-            detail: "needs [peer_api] for mTLS".into(),
-        });
-    };
-    PeerClient::new(
-        name,
-        peer.id.clone(),
-        addr,
-        tls,
-        feed.clone(),
-        view.clone(),
-        clock.clone(),
-    )
 }

@@ -39,13 +39,17 @@ pub enum SidecarError {
 pub struct Sidecar {
     root: PathBuf,
     name: String,
+    /// The directory name under `root` (the name, or `name-N` for a replica).
+    dir_name: String,
     trust_domain: String,
     extra: String,
     ca: Option<PathBuf>,
     listen: Option<SocketAddr>,
-    peers: Vec<(String, SocketAddr)>,
+    peers: Vec<(String, Vec<SocketAddr>)>,
     clock: Option<SharedClock>,
     standby: bool,
+    /// `[peer_api] document_lifetime`, if set.
+    document_lifetime: Option<String>,
 }
 
 /// A sidecar running in this process.
@@ -68,6 +72,7 @@ impl Sidecar {
         Self {
             root: root.to_owned(),
             name: name.to_owned(),
+            dir_name: name.to_owned(),
             trust_domain: "bank.internal".into(),
             extra: String::new(),
             ca: None,
@@ -75,7 +80,15 @@ impl Sidecar {
             peers: Vec::new(),
             clock: None,
             standby: true,
+            document_lifetime: None,
         }
+    }
+
+    /// Replica `n` of its service: the same name (and identity), its own
+    /// directory `root/name-n`, so its own keys, instance id and peer port.
+    pub fn replica(mut self, n: u32) -> Self {
+        self.dir_name = format!("{}-{n}", self.name);
+        self
     }
 
     /// Another trust domain.
@@ -106,7 +119,21 @@ impl Sidecar {
 
     /// Trust the peer `name` served at `addr`.
     pub fn peer(mut self, name: &str, addr: SocketAddr) -> Self {
-        self.peers.push((name.to_owned(), addr));
+        self.peers.push((name.to_owned(), vec![addr]));
+        self
+    }
+
+    /// Trust the peer `name` served by replicas at each of `addrs` (one
+    /// `[[peers]]` entry with `addresses = [...]`).
+    pub fn peer_replicas(mut self, name: &str, addrs: &[SocketAddr]) -> Self {
+        self.peers.push((name.to_owned(), addrs.to_vec()));
+        self
+    }
+
+    /// Sign key-set documents valid for `lifetime` (`[peer_api]
+    /// document_lifetime`, like `"60s"`).
+    pub fn document_lifetime(mut self, lifetime: &str) -> Self {
+        self.document_lifetime = Some(lifetime.to_owned());
         self
     }
 
@@ -126,7 +153,7 @@ impl Sidecar {
 
     /// The directory this sidecar lives in.
     pub fn dir(&self) -> PathBuf {
-        self.root.join(&self.name)
+        self.root.join(&self.dir_name)
     }
 
     fn setup(&self, detail: impl std::fmt::Display) -> SidecarError {
@@ -158,11 +185,24 @@ impl Sidecar {
                 "[peer_api]\nlisten = \"{listen}\"\nca = \"{}\"\ncert = \"peer/cert.pem\"\nkey = \"peer/key.pem\"\n",
                 ca.join(crate::ca::CA_CERT).display()
             ));
+            if let Some(l) = &self.document_lifetime {
+                toml.push_str(&format!("document_lifetime = \"{l}\"\n"));
+            }
         }
-        for (peer, addr) in &self.peers {
-            toml.push_str(&format!(
-                "[[peers]]\nname = \"{peer}\"\naddress = \"https://{addr}\"\n"
-            ));
+        for (peer, addrs) in &self.peers {
+            match addrs.as_slice() {
+                [addr] => toml.push_str(&format!(
+                    "[[peers]]\nname = \"{peer}\"\naddress = \"https://{addr}\"\n"
+                )),
+                many => {
+                    let list: Vec<String> =
+                        many.iter().map(|a| format!("\"https://{a}\"")).collect();
+                    toml.push_str(&format!(
+                        "[[peers]]\nname = \"{peer}\"\naddresses = [{}]\n",
+                        list.join(", ")
+                    ));
+                }
+            }
         }
         Ok(toml)
     }

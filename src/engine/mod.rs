@@ -2,7 +2,8 @@
 //! and no file. `Engine` joins a minter (this sidecar's keys, through a
 //! `KeyView`), the pure verifier (`verify_at`, over `Anchors`: the own keys
 //! and an immutable `TrustSet` snapshot), delegation (RFC 8693 exchange)
-//! and the one-time claim (behind the `ReplayStore` trait). The only async
+//! and the one-time claim (behind the `ReplayStore` trait), and the signed
+//! key-set documents replicas publish (`document`: build, sign, verify). The only async
 //! parts are the two things a decision may wait on: a refresh of a peer's
 //! keys (behind the `Refresh` trait, once per verification) and the replay
 //! store. Tests and benches build an `Engine` directly. `authz` holds the
@@ -14,6 +15,7 @@ mod cache;
 #[cfg(test)]
 mod contract;
 mod delegation;
+mod document;
 mod mint;
 mod replay;
 mod trust;
@@ -30,13 +32,21 @@ use serde_json::{Map, Value};
 pub(crate) use self::authz::HeaderClaim;
 pub(crate) use self::authz::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
+pub use self::document::{
+    DEFAULT_DOCUMENT_LIFETIME, DOCUMENT_TYPE, DocumentAnchors, DocumentClaims, DocumentError,
+    DocumentKey, DocumentKeyError, DocumentLimits, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LIFETIME,
+    SignedDocument, VerifiedDocument, sign_document, verify_document,
+};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};
 pub(crate) use self::replay::{
     ClaimFuture, MemoryReplay, OneTimeId, ReplayStore, digest as replay_digest,
 };
-pub(crate) use self::trust::{Anchors, MAX_KEYS_PER_ISSUER, SetError};
-pub use self::trust::{TrustSet, TrustUpdate, TrustView};
+pub(crate) use self::trust::{Anchors, MAX_KEYS_PER_ISSUER};
+pub use self::trust::{
+    DEFAULT_INSTANCE, DocumentState, InstanceKeys, IssuerKeys, SetError, TrustSet, TrustUpdate,
+    TrustView,
+};
 pub use self::verify::{Unverified, Verified, VerifyPolicy, verify_at};
 use crate::identity::SpiffeId;
 use crate::jose::PREV_TOKEN;

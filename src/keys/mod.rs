@@ -5,6 +5,7 @@
 
 mod disk;
 mod generate;
+mod instance;
 mod key;
 mod rotation;
 mod safe_path;
@@ -18,6 +19,7 @@ pub use self::disk::parse_pkcs8_pem;
 pub(crate) use self::disk::{DiskError, atomic_write};
 pub(crate) use self::generate::GenerateError;
 pub use self::generate::generate_pkcs8;
+pub use self::instance::InstanceState;
 pub(crate) use self::key::{
     KeyMaterialError, KeyRecord, delete_after, ever_signs, retires_at, state_at,
 };
@@ -112,6 +114,27 @@ impl KeySet {
             .iter()
             .filter(|e| e.record.revoked_at.is_some())
             .map(|e| e.record.kid.as_str())
+    }
+
+    /// kid → the latest instant a token signed by that (unrevoked) key can
+    /// still be valid if this sidecar rotates on schedule: a retired key's
+    /// last token expires at retirement + grace; a key with no successor yet
+    /// is given two rotation intervals beyond its activation, plus grace.
+    /// Peers keep a key they can no longer refresh until this instant.
+    pub fn expiry_hints(&self) -> std::collections::BTreeMap<String, UnixTime> {
+        let records = self.records();
+        let lc = self.lifecycle;
+        records
+            .iter()
+            .filter(|r| r.revoked_at.is_none())
+            .map(|r| {
+                let until = match retires_at(r, &records) {
+                    Some(t) => t + lc.grace,
+                    None => r.activates_at + 2 * lc.interval + lc.grace,
+                };
+                (r.kid.clone(), until)
+            })
+            .collect()
     }
 
     /// The published set as a JWKS document.

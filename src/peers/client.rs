@@ -1,33 +1,36 @@
-//! One live peer: connect over mTLS, fetch its keys, watch for changes, and
-//! install them in the trust store under the identity its CERTIFICATE proves
-//! (never the name configured for the address, never what the message says).
+//! One live peer connection (one address, so one instance behind it at a
+//! time): connect over mTLS, watch the instance's signed key-set documents
+//! (or, from a release without them, its plain key sets), and install them
+//! in the trust store under the identity its CERTIFICATE proves (never the
+//! name configured for the address, never what the message says). A
+//! document is checked exactly as one relayed by anyone else, and the
+//! identity the TLS connection proved must also be the document's.
 //! Reconnects back off exponentially with full jitter; while out of contact
-//! the last keys stay in use until their publisher's expiry hints. Bounded:
-//! message size, key count, key policy, and time to answer.
+//! the last keys stay in use until their document expires or their
+//! publisher's expiry hints pass. Bounded: message size, key count, key
+//! policy, and time to answer.
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
 use rand::Rng;
-use rustls::pki_types::ServerName;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Streaming;
 
+use super::connect::{
+    ANSWER_TIMEOUT, PeerApi, Slot, authority_of, connect, proven_identity, status,
+};
 use super::refresh::KeySource;
-use super::tls::spiffe_id_of;
-use super::{LogLimit, PeerError, TrustFeed};
+use super::{DocumentSink, LogLimit, PeerError, TrustFeed};
 use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate, TrustView};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
 use crate::time::{SharedClock, UnixTime};
 
-/// The largest peer message accepted.
-const MAX_PEER_MESSAGE: usize = super::MAX_JWKS_BYTES + 16 * 1024;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -39,18 +42,32 @@ fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
     Duration::from_millis(rng.gen_range(0..=cap.as_millis() as u64))
 }
 
-/// A configured live peer.
+/// What this client's connections delivered, to mark stale on loss.
+#[derive(Debug, Default)]
+struct Delivered {
+    /// The identity the last connection proved.
+    identity: Option<SpiffeId>,
+    /// Instances installed through this address.
+    instances: HashSet<String>,
+    /// The document instance last served at this address.
+    last_document_instance: Option<String>,
+}
+
+/// A configured live peer at one address.
 pub(crate) struct PeerClient {
     name: String,
     expected: SpiffeId,
+    /// The address as configured (with the resolved IP when it was a name).
+    address: String,
+    /// Where to dial: `host:port`.
     authority: String,
     td: TrustDomain,
     tls: Arc<rustls::ClientConfig>,
     feed: TrustFeed,
     view: TrustView,
+    documents: DocumentSink,
     clock: SharedClock,
-    /// The identity the last watched connection proved (marked stale on loss).
-    watched: Mutex<Option<SpiffeId>>,
+    delivered: Mutex<Delivered>,
     /// Refusals of this peer's sets are logged at most once a second.
     log_limit: LogLimit,
 }
@@ -64,227 +81,295 @@ impl std::fmt::Debug for PeerClient {
     }
 }
 
-type Slot = Arc<Mutex<Option<SpiffeId>>>;
-
-/// The identity the server's certificate proved on this channel's connection.
-fn proven_identity(slot: &Slot) -> Result<SpiffeId, PeerError> {
-    slot.lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clone()
-        .ok_or(PeerError::NoIdentity)
-}
-
-fn status(rpc: &'static str) -> impl FnOnce(tonic::Status) -> PeerError {
-    move |s| PeerError::Status {
-        rpc,
-        code: s.code(),
-        message: s.message().to_owned(),
-    }
+/// Everything a peer client needs besides its address.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerContext {
+    /// The client side of the peer TLS.
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// The trust domain.
+    pub(crate) td: TrustDomain,
+    /// The trust writer's feed.
+    pub(crate) feed: TrustFeed,
+    /// The trust snapshots.
+    pub(crate) view: TrustView,
+    /// Where documents are verified and installed.
+    pub(crate) documents: DocumentSink,
+    /// The clock.
+    pub(crate) clock: SharedClock,
 }
 
 // === impl PeerClient ===
 
 impl PeerClient {
-    /// A client for peer `name` at `address` (`https://host:port`); the
-    /// daemon registers `expected` with the writer before it runs.
+    /// A client for peer `name` at `address` (`https://host:port`), dialling
+    /// `dial` instead of the address's host when given (one resolved
+    /// address of a name); the daemon registers `expected` with the writer
+    /// before it runs.
     pub(crate) fn new(
         name: &str,
         expected: SpiffeId,
         address: &str,
-        tls: &super::PeerTls,
-        feed: TrustFeed,
-        view: TrustView,
-        clock: SharedClock,
+        dial: Option<SocketAddr>,
+        cx: &PeerContext,
     ) -> Result<Arc<Self>, PeerError> {
-        let bad = |detail: String| PeerError::Address {
-            name: name.to_owned(),
-            address: address.to_owned(),
-            detail,
+        let authority = match dial {
+            Some(a) => a.to_string(),
+            None => authority_of(address).map_err(|detail| PeerError::Address {
+                name: name.to_owned(),
+                address: address.to_owned(),
+                detail,
+            })?,
         };
-        let uri: Uri = address.parse().map_err(|e| bad(format!("{e}")))?;
-        let authority = uri
-            .authority()
-            .filter(|a| a.port_u16().is_some())
-            .ok_or_else(|| bad("needs host:port".into()))?
-            .to_string();
+        let label = match dial {
+            Some(a) => format!("{address} ({a})"),
+            None => address.to_owned(),
+        };
         Ok(Arc::new(Self {
             name: name.to_owned(),
             expected,
+            address: label,
             authority,
-            td: tls.trust_domain().clone(),
-            tls: tls.client_config().map_err(|e| bad(e.to_string()))?,
-            feed,
-            view,
-            clock,
-            watched: Mutex::default(),
+            td: cx.td.clone(),
+            tls: cx.tls.clone(),
+            feed: cx.feed.clone(),
+            view: cx.view.clone(),
+            documents: cx.documents.clone(),
+            clock: cx.clock.clone(),
+            delivered: Mutex::default(),
             log_limit: LogLimit::default(),
         }))
     }
 
-    /// A fresh channel over one mTLS connection, and the slot its connector
-    /// fills with the identity the server's certificate proves.
-    async fn connect(
-        &self,
-    ) -> Result<(pb::peer_service_client::PeerServiceClient<Channel>, Slot), PeerError> {
-        let slot: Slot = Arc::default();
-        let (tls, authority, td, seen) = (
-            self.tls.clone(),
-            self.authority.clone(),
-            self.td.clone(),
-            slot.clone(),
-        );
-        let server_name = ServerName::try_from(self.name.clone())
-            .map_err(|e| PeerError::Connect(format!("server name {}: {e}", self.name)))?;
-        let connector = tower::service_fn(move |_: Uri| {
-            let (tls, authority, td, seen, server_name) = (
-                tls.clone(),
-                authority.clone(),
-                td.clone(),
-                seen.clone(),
-                server_name.clone(),
-            );
-            async move {
-                let tcp = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio::net::TcpStream::connect(&authority),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
-                })??;
-                let stream = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    tokio_rustls::TlsConnector::from(tls).connect(server_name, tcp),
-                )
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })??;
-                let leaf = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .cloned();
-                let id = leaf
-                    .ok_or_else(|| "no server certificate".to_owned())
-                    .and_then(|der| spiffe_id_of(&der, &td))
-                    .map_err(std::io::Error::other)?;
-                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-                Ok::<_, std::io::Error>(TokioIo::new(stream))
-            }
-        });
-        let channel = Endpoint::try_from(format!("http://{}", self.authority))
-            .map_err(|e| PeerError::Connect(e.to_string()))?
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
-            .connect_with_connector(connector)
-            .await
-            .map_err(|e| PeerError::Connect(error_chain(&e)))?;
-        let client = pb::peer_service_client::PeerServiceClient::new(channel)
-            .max_decoding_message_size(MAX_PEER_MESSAGE);
-        Ok((client, slot))
+    /// The address this client dials, as shown in sources.
+    pub(crate) fn address(&self) -> &str {
+        &self.address
     }
 
-    /// Validates a key set and installs it under `identity`. Refusals keep the previous set.
-    async fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), PeerError> {
+    async fn connect(&self) -> Result<(PeerApi, Slot), PeerError> {
+        connect(&self.authority, &self.name, self.tls.clone(), &self.td).await
+    }
+
+    fn source(&self) -> String {
+        format!("peer:{}", self.address)
+    }
+
+    fn delivered(&self) -> std::sync::MutexGuard<'_, Delivered> {
+        self.delivered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn warn_if_unexpected(&self, identity: &SpiffeId, claims: &str) {
         if identity != &self.expected {
             tracing::warn!(
                 configured = %self.expected,
                 presented = %identity,
-                claims = ?msg.issuer,
+                claims = ?claims,
                 "peer address serves another identity; filing its keys under the certificate's identity"
             );
         }
+    }
+
+    /// Validates a plain key set (a release without documents) and installs
+    /// it as this address's instance under `identity`.
+    async fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), PeerError> {
+        self.warn_if_unexpected(identity, &msg.issuer);
         if !self.view.current().knows(identity.as_str()) {
             return Err(PeerError::NotConfigured(identity.clone()));
         }
         let version = msg.version;
-        let update = key_set_update(identity.as_str(), msg, self.clock.now())?;
-        let n = match &update {
-            TrustUpdate::Replace { keys, .. } => keys.len(),
-            _ => 0,
+        let TrustUpdate::Replace {
+            keys,
+            revoked,
+            expires,
+            at,
+            ..
+        } = key_set_update(identity.as_str(), msg, self.clock.now())?
+        else {
+            return Err(PeerError::StreamEnded);
         };
-        self.feed.apply(update).await?;
+        let n = keys.len();
+        let instance = self.source();
+        self.feed
+            .apply(TrustUpdate::Instance {
+                issuer: identity.to_string(),
+                instance: instance.clone(),
+                source: self.source(),
+                keys,
+                revoked,
+                expires,
+                at,
+            })
+            .await?;
+        self.delivered().instances.insert(instance);
         tracing::debug!(issuer = %identity, keys = n, version, "installed peer keys");
-        metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string()).set(n as f64);
-        metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
+        self.count_installed(identity);
         Ok(())
+    }
+
+    /// Verifies and installs a signed document served by `identity`.
+    async fn install_document(
+        &self,
+        identity: &SpiffeId,
+        msg: pb::KeySetDocument,
+    ) -> Result<(), PeerError> {
+        self.warn_if_unexpected(identity, "<signed document>");
+        let doc = self
+            .documents
+            .install(msg.jws.as_bytes(), Some(identity), &self.source())
+            .await?;
+        let instance = doc.claims.instance.clone();
+        let previous = {
+            let mut d = self.delivered();
+            d.instances.insert(instance.clone());
+            d.last_document_instance.replace(instance.clone())
+        };
+        // Another instance now answers at this address: the one before left it.
+        if let Some(prev) = previous.filter(|p| *p != instance) {
+            self.documents.gone(identity.as_str(), &prev).await?;
+            self.delivered().instances.remove(&prev);
+        }
+        tracing::debug!(issuer = %identity, instance, seq = doc.claims.seq, "installed peer document");
+        self.count_installed(identity);
+        Ok(())
+    }
+
+    fn count_installed(&self, identity: &SpiffeId) {
+        if let Some(i) = self.view.current().issuer(identity.as_str()) {
+            metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string())
+                .set(i.keys().len() as f64);
+            metrics::gauge!("tokend_peer_instances", "issuer" => identity.to_string())
+                .set(i.instances().len() as f64);
+        }
+        metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
     }
 
     fn refuse(&self, identity: Option<&SpiffeId>, error: &PeerError) {
         let issuer = identity.unwrap_or(&self.expected);
         if let Some(suppressed) = self.log_limit.allow() {
-            tracing::warn!(peer = %self.name, issuer = %issuer, error = %error, suppressed, "refused peer key set; previous set stays");
+            tracing::warn!(peer = %self.name, address = %self.address, issuer = %issuer, error = %error, suppressed, "refused peer key set; previous set stays");
         }
-        metrics::counter!("tokend_peer_refusals_total", "peer" => self.name.clone()).increment(1);
+        let kind = match error {
+            PeerError::Document(e) => e.kind(),
+            _ => "other",
+        };
+        metrics::counter!("tokend_peer_refusals_total", "peer" => self.name.clone(), "kind" => kind)
+            .increment(1);
         self.feed.note(TrustUpdate::Error {
             issuer: issuer.to_string(),
             error: error.to_string(),
         });
     }
 
-    /// One unary fetch (used for the unknown-kid refresh).
-    async fn fetch_once(&self) -> Result<(), PeerError> {
+    /// One unary fetch (used for the unknown-kid refresh): the document,
+    /// or the plain set from a release without documents.
+    pub(crate) async fn fetch_once(&self) -> Result<(), PeerError> {
+        let timeout = |what| PeerError::Timeout {
+            what,
+            after: ANSWER_TIMEOUT,
+        };
         let (mut client, slot) = tokio::time::timeout(ANSWER_TIMEOUT, self.connect())
             .await
-            .map_err(|_| PeerError::Timeout {
-                what: "connect",
-                after: ANSWER_TIMEOUT,
-            })??;
-        let msg = tokio::time::timeout(ANSWER_TIMEOUT, client.get_keys(pb::GetKeysRequest {}))
-            .await
-            .map_err(|_| PeerError::Timeout {
-                what: "GetKeys",
-                after: ANSWER_TIMEOUT,
-            })?
-            .map_err(status("GetKeys"))?
-            .into_inner();
+            .map_err(|_| timeout("connect"))??;
+        let doc = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            client.get_document(pb::GetDocumentRequest {}),
+        )
+        .await
+        .map_err(|_| timeout("GetDocument"))?;
         let identity = proven_identity(&slot)?;
-        let result = self.install_set(&identity, msg).await;
+        let result = match doc {
+            Ok(d) => self.install_document(&identity, d.into_inner()).await,
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                let msg =
+                    tokio::time::timeout(ANSWER_TIMEOUT, client.get_keys(pb::GetKeysRequest {}))
+                        .await
+                        .map_err(|_| timeout("GetKeys"))?
+                        .map_err(status("GetKeys"))?
+                        .into_inner();
+                self.install_set(&identity, msg).await
+            }
+            Err(s) => Err(status("GetDocument")(s)),
+        };
         if let Err(e) = &result {
             self.refuse(Some(&identity), e);
         }
         result
     }
 
-    /// Watches until the stream ends or fails; returns whether any set arrived.
+    /// The next message of a watch: `None` when it ended or `cancel` fired;
+    /// the first one must come within `ANSWER_TIMEOUT`.
+    async fn next<T>(
+        &self,
+        stream: &mut Streaming<T>,
+        first: bool,
+        rpc: &'static str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<T>, PeerError> {
+        let next = if first {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                m = tokio::time::timeout(ANSWER_TIMEOUT, stream.message()) => {
+                    m.map_err(|_| PeerError::Timeout { what: rpc, after: ANSWER_TIMEOUT })?
+                }
+            }
+        } else {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                m = stream.message() => m,
+            }
+        };
+        next.map_err(status(rpc))
+    }
+
+    /// Watches until the stream ends or fails; returns whether anything
+    /// arrived. Prefers documents; a peer that answers UNIMPLEMENTED (an
+    /// older release) is watched for plain key sets instead.
     async fn watch(&self, cancel: &CancellationToken) -> Result<bool, PeerError> {
         let (mut client, slot) = self.connect().await?;
-        let mut stream =
-            tokio::time::timeout(ANSWER_TIMEOUT, client.watch_keys(pb::GetKeysRequest {}))
-                .await
-                .map_err(|_| PeerError::Timeout {
-                    what: "WatchKeys",
-                    after: ANSWER_TIMEOUT,
-                })?
-                .map_err(status("WatchKeys"))?
-                .into_inner();
+        let opened = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            client.watch_documents(pb::GetDocumentRequest {}),
+        )
+        .await
+        .map_err(|_| PeerError::Timeout {
+            what: "WatchDocuments",
+            after: ANSWER_TIMEOUT,
+        })?;
         let identity = proven_identity(&slot)?;
-        *self.watched.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
+        self.delivered().identity = Some(identity.clone());
         let mut got_any = false;
-        loop {
-            let next = if got_any {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(got_any),
-                    m = stream.message() => m,
-                }
-            } else {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(got_any),
-                    m = tokio::time::timeout(ANSWER_TIMEOUT, stream.message()) => {
-                        m.map_err(|_| PeerError::Timeout { what: "WatchKeys first key set", after: ANSWER_TIMEOUT })?
+        match opened {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    let msg = self
+                        .next(&mut stream, !got_any, "WatchDocuments", cancel)
+                        .await;
+                    let Some(msg) = self.received(msg, &identity, &mut got_any)? else {
+                        return Ok(got_any);
+                    };
+                    if let Err(e) = self.install_document(&identity, msg).await {
+                        if matches!(e, PeerError::WriterGone) {
+                            return Ok(got_any);
+                        }
+                        self.refuse(Some(&identity), &e);
                     }
                 }
-            };
-            match next {
-                Ok(Some(msg)) => {
-                    if !got_any {
-                        metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone())
-                            .set(1.0);
-                    }
-                    got_any = true;
+            }
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                let mut stream =
+                    tokio::time::timeout(ANSWER_TIMEOUT, client.watch_keys(pb::GetKeysRequest {}))
+                        .await
+                        .map_err(|_| PeerError::Timeout {
+                            what: "WatchKeys",
+                            after: ANSWER_TIMEOUT,
+                        })?
+                        .map_err(status("WatchKeys"))?
+                        .into_inner();
+                loop {
+                    let msg = self.next(&mut stream, !got_any, "WatchKeys", cancel).await;
+                    let Some(msg) = self.received(msg, &identity, &mut got_any)? else {
+                        return Ok(got_any);
+                    };
                     if let Err(e) = self.install_set(&identity, msg).await {
                         if matches!(e, PeerError::WriterGone) {
                             return Ok(got_any);
@@ -292,18 +377,71 @@ impl PeerClient {
                         self.refuse(Some(&identity), &e);
                     }
                 }
-                Ok(None) => return Ok(got_any),
-                Err(s) => {
-                    let e = status("WatchKeys")(s);
-                    self.refuse(Some(&identity), &e);
-                    return Err(e);
-                }
+            }
+            Err(s) => {
+                let e = status("WatchDocuments")(s);
+                self.refuse(Some(&identity), &e);
+                Err(e)
             }
         }
     }
 
-    /// Runs until cancelled: watch, and on any failure back off and reconnect.
-    pub(crate) async fn run(self: Arc<Self>, cancel: CancellationToken) {
+    /// Books a received message: marks the peer connected on the first.
+    fn received<T>(
+        &self,
+        msg: Result<Option<T>, PeerError>,
+        identity: &SpiffeId,
+        got_any: &mut bool,
+    ) -> Result<Option<T>, PeerError> {
+        match msg {
+            Ok(Some(m)) => {
+                if !*got_any {
+                    metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone()).set(1.0);
+                }
+                *got_any = true;
+                Ok(Some(m))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                self.refuse(Some(identity), &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Marks what this address delivered stale (contact lost) or gone.
+    fn mark(&self, gone: bool) {
+        let (identity, instances) = {
+            let d = self.delivered();
+            (d.identity.clone(), d.instances.clone())
+        };
+        for issuer in std::iter::once(self.expected.clone()).chain(identity) {
+            for instance in &instances {
+                self.feed.note(if gone {
+                    TrustUpdate::InstanceGone {
+                        issuer: issuer.to_string(),
+                        instance: instance.clone(),
+                        at: self.clock.now(),
+                    }
+                } else {
+                    TrustUpdate::InstanceStale {
+                        issuer: issuer.to_string(),
+                        instance: instance.clone(),
+                        stale: true,
+                    }
+                });
+            }
+        }
+    }
+
+    /// Runs until cancelled: watch, and on any failure back off and
+    /// reconnect. `retired` (the address left the peer's DNS answer) marks
+    /// what it delivered gone when it is cancelled.
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        cancel: CancellationToken,
+        retired: CancellationToken,
+    ) {
         let mut attempt = 0u32;
         loop {
             match self.watch(&cancel).await {
@@ -311,7 +449,7 @@ impl PeerClient {
                 Ok(false) => {}
                 Err(e) => {
                     if let Some(suppressed) = self.log_limit.allow() {
-                        tracing::warn!(peer = %self.name, error = %e, suppressed, "peer unreachable; keeping its last keys");
+                        tracing::warn!(peer = %self.name, address = %self.address, error = %e, suppressed, "peer unreachable; keeping its last keys");
                     }
                     self.feed.note(TrustUpdate::Error {
                         issuer: self.expected.to_string(),
@@ -320,24 +458,22 @@ impl PeerClient {
                 }
             }
             if cancel.is_cancelled() {
+                if retired.is_cancelled() {
+                    self.mark(true);
+                }
                 return;
             }
-            let seen = self
-                .watched
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            for issuer in std::iter::once(self.expected.clone()).chain(seen) {
-                self.feed.note(TrustUpdate::Stale {
-                    issuer: issuer.to_string(),
-                    stale: true,
-                });
-            }
+            self.mark(false);
             metrics::gauge!("tokend_peer_connected", "peer" => self.name.clone()).set(0.0);
             let delay = backoff(attempt, &mut rand::thread_rng());
             attempt = attempt.saturating_add(1);
             tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => {
+                    if retired.is_cancelled() {
+                        self.mark(true);
+                    }
+                    return;
+                }
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -387,17 +523,6 @@ pub fn peer_key_set_update(
     at: UnixTime,
 ) -> Result<TrustUpdate, String> {
     key_set_update(issuer, msg, at).map_err(|e| e.to_string())
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

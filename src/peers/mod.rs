@@ -5,7 +5,12 @@
 //! through the `Refresher` (`refresh`) the engine calls on an unknown kid.
 
 mod client;
+mod connect;
+mod direct;
+mod documents;
 mod file;
+mod group;
+mod publisher;
 mod refresh;
 mod server;
 mod tls;
@@ -13,9 +18,13 @@ mod writer;
 
 use std::time::Duration;
 
-pub(crate) use self::client::PeerClient;
+pub(crate) use self::client::PeerContext;
 pub use self::client::peer_key_set_update;
+pub use self::direct::DirectFetcher;
+pub use self::documents::DocumentSink;
 pub(crate) use self::file::{JwksFileSource, MAX_JWKS_BYTES};
+pub(crate) use self::group::PeerGroup;
+pub use self::publisher::{DocumentPublisher, PublishError};
 pub(crate) use self::refresh::Refresher;
 pub(crate) use self::server::{PeerKeysApi, serve};
 pub(crate) use self::tls::{PeerTls, TlsError, uri_sans};
@@ -62,6 +71,17 @@ pub enum PeerError {
     /// The connection proved no SPIFFE ID.
     #[error("the TLS connection proved no peer identity")]
     NoIdentity,
+    /// A signed key-set document is refused (its reason names why).
+    #[error(transparent)]
+    Document(#[from] crate::engine::DocumentError),
+    /// A peer connection proved one identity and served a document of another.
+    #[error("the connection proved {proven} but served a key-set document of {document}")]
+    ProvenMismatch {
+        /// The identity the TLS certificate proved.
+        proven: SpiffeId,
+        /// The identity of the document's certificate.
+        document: SpiffeId,
+    },
     /// The certificate proves an identity this sidecar does not trust.
     #[error("{0} (from its certificate) is not a configured peer; keys ignored")]
     NotConfigured(SpiffeId),

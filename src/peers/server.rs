@@ -1,6 +1,8 @@
 //! The peer-facing `PeerService` over mTLS TCP: GetKeys, and WatchKeys which
-//! sends the current set and then every change as it is published. Reads the
-//! `KeyView` only; client certificates are required by the TLS layer.
+//! sends the current set and then every change as it is published; and
+//! GetDocument / WatchDocuments, the same as this instance's signed key-set
+//! documents (from the `DocumentPublisher`). Reads the `KeyView` and the
+//! document watch only; client certificates are required by the TLS layer.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -10,14 +12,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 
 use crate::config::LimitsConfig;
+use crate::engine::SignedDocument;
 use crate::identity::{SpiffeId, TrustDomain};
-use crate::keys::{KeySet, KeyView, retires_at};
+use crate::keys::{KeySet, KeyView};
 use crate::proto::tokend::v1 as pb;
 
 /// Serves this sidecar's public keys to peers.
@@ -26,6 +30,7 @@ pub(crate) struct PeerKeysApi {
     id: SpiffeId,
     td: TrustDomain,
     keys: KeyView,
+    documents: Option<watch::Receiver<Arc<SignedDocument>>>,
     shutdown: tokio_util::sync::CancellationToken,
     watches: Arc<WatchSlots>,
 }
@@ -78,29 +83,19 @@ impl std::fmt::Debug for PeerKeysApi {
     }
 }
 
-/// The wire form of a key set, with each key's expiry hint: a retired key's
-/// last token expires at retirement + grace; a key with no successor yet is
-/// given two rotation intervals of slack beyond its activation, plus grace.
+/// The wire form of a key set, with each key's expiry hint
+/// (`KeySet::expiry_hints`).
 fn key_set_message(id: &SpiffeId, set: &KeySet) -> pb::PeerKeySet {
-    let records = set.records();
-    let lc = set.lifecycle;
-    let key_expires_at: HashMap<String, i64> = records
-        .iter()
-        .filter(|r| r.revoked_at.is_none())
-        .map(|r| {
-            let until = match retires_at(r, &records) {
-                Some(t) => t + lc.grace,
-                None => r.activates_at + 2 * lc.interval + lc.grace,
-            };
-            (r.kid.clone(), until.as_secs())
-        })
-        .collect();
     pb::PeerKeySet {
         issuer: id.to_string(),
         jwks_json: set.jwks_json(),
         revoked_kids: set.revoked_kids().map(str::to_owned).collect(),
         version: set.version,
-        key_expires_at,
+        key_expires_at: set
+            .expiry_hints()
+            .into_iter()
+            .map(|(kid, t)| (kid, t.as_secs()))
+            .collect(),
     }
 }
 
@@ -118,12 +113,28 @@ impl PeerKeysApi {
             id,
             td,
             keys,
+            documents: None,
             shutdown,
             watches: Arc::new(WatchSlots {
                 max: watches_per_caller,
                 open: Mutex::default(),
             }),
         }
+    }
+
+    /// Also serves the documents `documents` carries.
+    pub(crate) fn with_documents(
+        mut self,
+        documents: watch::Receiver<Arc<SignedDocument>>,
+    ) -> Self {
+        self.documents = Some(documents);
+        self
+    }
+
+    fn documents(&self) -> Result<&watch::Receiver<Arc<SignedDocument>>, Status> {
+        self.documents.as_ref().ok_or_else(|| {
+            Status::unimplemented("this sidecar publishes no signed key-set documents")
+        })
     }
 
     fn caller<T>(&self, req: &Request<T>) -> String {
@@ -138,6 +149,13 @@ impl PeerKeysApi {
 }
 
 type KeyStream = Pin<Box<dyn Stream<Item = Result<pb::PeerKeySet, Status>> + Send>>;
+type DocumentStream = Pin<Box<dyn Stream<Item = Result<pb::KeySetDocument, Status>> + Send>>;
+
+fn document_message(doc: &SignedDocument) -> pb::KeySetDocument {
+    pb::KeySetDocument {
+        jws: doc.jws.to_string(),
+    }
+}
 
 #[tonic::async_trait]
 impl pb::peer_service_server::PeerService for PeerKeysApi {
@@ -171,6 +189,39 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         let stream = WatchStream::new(self.keys.subscribe()).map(move |set| {
             let _held = &slot;
             Ok(key_set_message(&id, &set))
+        });
+        let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn get_document(
+        &self,
+        req: Request<pb::GetDocumentRequest>,
+    ) -> Result<Response<pb::KeySetDocument>, Status> {
+        tracing::debug!(peer = %self.caller(&req), "GetDocument");
+        let doc = self.documents()?.borrow().clone();
+        Ok(Response::new(document_message(&doc)))
+    }
+
+    type WatchDocumentsStream = DocumentStream;
+
+    async fn watch_documents(
+        &self,
+        req: Request<pb::GetDocumentRequest>,
+    ) -> Result<Response<DocumentStream>, Status> {
+        let documents = self.documents()?.clone();
+        let caller = self.caller(&req);
+        let Some(slot) = self.watches.take(&caller) else {
+            tracing::warn!(peer = %caller, max = self.watches.max, "too many document watches; refused");
+            return Err(Status::resource_exhausted(format!(
+                "at most {} concurrent watches per peer identity",
+                self.watches.max
+            )));
+        };
+        tracing::info!(peer = %caller, "peer watching documents");
+        let stream = WatchStream::new(documents).map(move |doc| {
+            let _held = &slot;
+            Ok(document_message(&doc))
         });
         let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))

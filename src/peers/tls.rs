@@ -252,6 +252,28 @@ impl PeerTls {
         Ok(Arc::new(cfg))
     }
 
+    /// The key that signs this instance's key-set documents: the peer
+    /// certificate's private key and chain (a PKCS#8 key, ECDSA P-256 as
+    /// `tokend ca issue` makes it, or RSA). Read through this accessor only,
+    /// so the certificate may be swapped underneath (hot reload).
+    pub(crate) fn document_key(&self) -> Result<crate::engine::DocumentKey, TlsError> {
+        let config = |e: String| TlsError::Config(format!("peer_api.key for documents: {e}"));
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| config(e.to_string()))?;
+        let PrivateKeyDer::Pkcs8(pkcs8) = key else {
+            return Err(config("not a PKCS#8 \"PRIVATE KEY\"".into()));
+        };
+        let chain: Vec<Vec<u8>> = self.chain.iter().map(|c| c.as_ref().to_vec()).collect();
+        crate::engine::DocumentKey::from_pkcs8(pkcs8.secret_pkcs8_der(), &chain)
+            .map_err(|e| config(e.to_string()))
+    }
+
+    /// What a key-set document must chain to: this trust domain and the
+    /// peer CA roots.
+    pub(crate) fn document_anchors(&self) -> crate::engine::DocumentAnchors {
+        crate::engine::DocumentAnchors::new(self.td.clone(), self.roots.clone())
+    }
+
     /// The trust domain.
     pub(crate) fn trust_domain(&self) -> &TrustDomain {
         &self.td

@@ -227,8 +227,26 @@ type SetStream = std::pin::Pin<
     Box<dyn tokio_stream::Stream<Item = Result<pb::PeerKeySet, tonic::Status>> + Send>,
 >;
 
+type DocStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::KeySetDocument, tonic::Status>> + Send>,
+>;
+
 #[tonic::async_trait]
 impl pb::peer_service_server::PeerService for HostilePeer {
+    // An older release: no signed documents, so clients fall back to GetKeys.
+    async fn get_document(
+        &self,
+        _: tonic::Request<pb::GetDocumentRequest>,
+    ) -> Result<tonic::Response<pb::KeySetDocument>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no documents"))
+    }
+    type WatchDocumentsStream = DocStream;
+    async fn watch_documents(
+        &self,
+        _: tonic::Request<pb::GetDocumentRequest>,
+    ) -> Result<tonic::Response<DocStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("no documents"))
+    }
     async fn get_keys(
         &self,
         _: tonic::Request<pb::GetKeysRequest>,

@@ -14,17 +14,48 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use crate::inproc::{Bank, logs};
 use crate::support::{eventually, forge, id};
 
-/// A peer that serves whatever the test scripts.
+/// A peer that serves whatever the test scripts: plain key sets, and signed
+/// documents only if `documents` is given (else it answers UNIMPLEMENTED
+/// for them, as a release before signed documents does).
 #[derive(Clone)]
-struct FakePeer {
-    watch: Vec<pb::PeerKeySet>,
-    unary: pb::PeerKeySet,
+pub(crate) struct FakePeer {
+    pub(crate) watch: Vec<pb::PeerKeySet>,
+    pub(crate) unary: pb::PeerKeySet,
+    pub(crate) documents: Option<tokio::sync::watch::Receiver<Option<String>>>,
 }
 
 type SetStream = Pin<Box<dyn Stream<Item = Result<pb::PeerKeySet, tonic::Status>> + Send>>;
+type DocStream = Pin<Box<dyn Stream<Item = Result<pb::KeySetDocument, tonic::Status>> + Send>>;
+
+impl FakePeer {
+    fn documents(&self) -> Result<&tokio::sync::watch::Receiver<Option<String>>, tonic::Status> {
+        self.documents
+            .as_ref()
+            .ok_or_else(|| tonic::Status::unimplemented("an older release: no documents"))
+    }
+}
 
 #[tonic::async_trait]
 impl pb::peer_service_server::PeerService for FakePeer {
+    async fn get_document(
+        &self,
+        _: tonic::Request<pb::GetDocumentRequest>,
+    ) -> Result<tonic::Response<pb::KeySetDocument>, tonic::Status> {
+        match self.documents()?.borrow().clone() {
+            Some(jws) => Ok(tonic::Response::new(pb::KeySetDocument { jws })),
+            None => Err(tonic::Status::unavailable("nothing to relay")),
+        }
+    }
+    type WatchDocumentsStream = DocStream;
+    async fn watch_documents(
+        &self,
+        _: tonic::Request<pb::GetDocumentRequest>,
+    ) -> Result<tonic::Response<DocStream>, tonic::Status> {
+        let rx = self.documents()?.clone();
+        let s = tokio_stream::wrappers::WatchStream::new(rx)
+            .filter_map(|d| d.map(|jws| Ok(pb::KeySetDocument { jws })));
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
     async fn get_keys(
         &self,
         _: tonic::Request<pb::GetKeysRequest>,
@@ -43,14 +74,14 @@ impl pb::peer_service_server::PeerService for FakePeer {
 }
 
 /// Issues `<bank>/<name>/peer/{cert,key}.pem` from the bank's CA.
-fn issue(bank: &Bank, name: &str) -> PathBuf {
+pub(crate) fn issue(bank: &Bank, name: &str) -> PathBuf {
     let dir = bank.root().join(name).join("peer");
     tokend::ca_issue(&bank.ca(), name, &dir, &[], 1).expect("ca issue");
     dir
 }
 
 /// Serves `fake` with mTLS as `name`, with a certificate from `bank`'s CA.
-async fn serve_fake(bank: &Bank, name: &str, fake: FakePeer) -> SocketAddr {
+pub(crate) async fn serve_fake(bank: &Bank, name: &str, fake: FakePeer) -> SocketAddr {
     let peer_dir = issue(bank, name);
     let read = |p: &Path| std::fs::read(p).expect("read pem");
     let tls = tonic::transport::ServerTlsConfig::new()
@@ -73,7 +104,7 @@ async fn serve_fake(bank: &Bank, name: &str, fake: FakePeer) -> SocketAddr {
     addr
 }
 
-fn new_key() -> SigningKey {
+pub(crate) fn new_key() -> SigningKey {
     SigningKey::from_pkcs8(&tokend::generate_pkcs8(2048).expect("keygen")).expect("key")
 }
 
@@ -82,7 +113,7 @@ fn jwks_of(keys: &[&SigningKey]) -> String {
     serde_json::json!({ "keys": keys }).to_string()
 }
 
-fn set_of(claimed: &str, keys: &[&SigningKey]) -> pb::PeerKeySet {
+pub(crate) fn set_of(claimed: &str, keys: &[&SigningKey]) -> pb::PeerKeySet {
     pb::PeerKeySet {
         issuer: id(claimed),
         jwks_json: jwks_of(keys),
@@ -159,6 +190,7 @@ async fn keys_are_bound_to_the_certificate_not_the_message() {
     let fake = FakePeer {
         watch: vec![set_of("payments", &[&x])],
         unary: set_of("payments", &[&x]),
+        documents: None,
     };
     let impostor = serve_fake(&bank, "archive", fake).await;
     let dead: SocketAddr = "127.0.0.1:9".parse().expect("addr");
@@ -234,7 +266,7 @@ async fn get_keys(
         .map_err(|s| format!("GetKeys: {s}"))
 }
 
-fn identity_of(dir: &Path) -> Identity {
+pub(crate) fn identity_of(dir: &Path) -> Identity {
     Identity::from_pem(
         std::fs::read(dir.join("cert.pem")).expect("cert"),
         std::fs::read(dir.join("key.pem")).expect("key"),
@@ -256,6 +288,7 @@ async fn foreign_ca_and_missing_certificates_are_refused() {
         FakePeer {
             watch: vec![],
             unary: set_of("payments", &[&new_key()]),
+            documents: None,
         },
     )
     .await;
@@ -338,10 +371,22 @@ async fn peer_restart_and_brand_new_key() {
         .await
         .unwrap_or_else(|e| panic!("new kid learnt on demand: {e}"));
     assert_eq!(v.kid, fresh.kid);
-    assert_eq!(
-        b.kids_of("payments").await,
-        vec![fresh.kid.clone()],
-        "A's new set replaced the old one"
+    // A wiped keys directory is a new instance of payments: the address now
+    // answers as it, so the instance before is marked gone (its keys stay
+    // only until its last document expires).
+    assert!(b.kids_of("payments").await.contains(&fresh.kid));
+    let instances = b.issuer("payments").await.instances;
+    assert!(
+        instances
+            .iter()
+            .any(|i| i.gone && i.kids.contains(&first.kid)),
+        "{instances:?}"
+    );
+    assert!(
+        instances
+            .iter()
+            .any(|i| !i.gone && i.kids == vec![fresh.kid.clone()] && i.seq > 0),
+        "{instances:?}"
     );
 }
 
@@ -369,6 +414,7 @@ async fn oversized_key_sets_are_refused() {
         FakePeer {
             watch: vec![set_of("mallory", &[&m_key]), many.clone()],
             unary: many,
+            documents: None,
         },
     )
     .await;
@@ -386,6 +432,7 @@ async fn oversized_key_sets_are_refused() {
         FakePeer {
             watch: vec![set_of("bulk", &[&k_key]), huge.clone()],
             unary: huge,
+            documents: None,
         },
     )
     .await;

@@ -1,0 +1,192 @@
+//! The direct fetch: the fallback that keeps a relay from withholding a
+//! document (a revocation) for longer than a document's lifetime, and keeps
+//! an instance's keys usable when only its relay failed. For every instance
+//! whose keys came from a signed document — whichever source relayed it,
+//! the mesh, the directory or anything later — once that document is in
+//! the last `1 / REFRESH_DIVISOR` of its life and no newer one has
+//! arrived, this task asks the instance itself, at the address its own
+//! document names, over mTLS: the connection must prove the document's
+//! identity, and the answer is verified and installed like any document.
+//! Only if that fails too do the keys stop being usable at the document's
+//! `exp` (the trust lookup enforces that on its own).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::connect::{ANSWER_TIMEOUT, authority_of, connect, proven_identity, status};
+use super::{DocumentSink, PeerError};
+use crate::engine::TrustSet;
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::proto::tokend::v1 as pb;
+use crate::time::UnixTime;
+
+/// A document is due for a direct fetch in the last fifth of its life.
+pub(crate) const REFRESH_DIVISOR: u32 = 5;
+/// How soon a failed direct fetch of one instance is tried again.
+const RETRY: Duration = Duration::from_secs(2);
+
+/// One instance to fetch directly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Due {
+    /// The identity.
+    pub(crate) issuer: String,
+    /// The instance.
+    pub(crate) instance: String,
+    /// The sequence of the document that is running out.
+    pub(crate) seq: u64,
+    /// Its own peer API address.
+    pub(crate) address: String,
+}
+
+/// When a document of life `iat..exp` is due for a direct fetch.
+pub(crate) fn refresh_at(iat: UnixTime, exp: UnixTime) -> UnixTime {
+    exp - exp.since(iat) / REFRESH_DIVISOR
+}
+
+/// The instances due at `now`, and the next instant another one becomes
+/// due. Pure.
+pub(crate) fn plan(set: &TrustSet, now: UnixTime) -> (Vec<Due>, Option<UnixTime>) {
+    let mut due = Vec::new();
+    let mut next: Option<UnixTime> = None;
+    for (issuer, keys) in set.issuers() {
+        for (instance, inst) in keys.instances() {
+            let Some(doc) = inst.document() else {
+                continue;
+            };
+            let Some(address) = &doc.address else {
+                continue;
+            };
+            let at = refresh_at(doc.issued_at, doc.expires_at);
+            if at <= now {
+                due.push(Due {
+                    issuer: issuer.to_owned(),
+                    instance: instance.to_owned(),
+                    seq: doc.seq,
+                    address: address.clone(),
+                });
+            } else {
+                next = Some(next.map_or(at, |n| n.min(at)));
+            }
+        }
+    }
+    (due, next)
+}
+
+/// The task that fetches documents from their instances directly.
+#[derive(Debug)]
+pub struct DirectFetcher {
+    sink: DocumentSink,
+    tls: Arc<rustls::ClientConfig>,
+    td: TrustDomain,
+    /// (issuer, instance, seq) → when it was last tried.
+    tried: HashMap<(String, String, u64), UnixTime>,
+}
+
+// === impl DirectFetcher ===
+
+impl DirectFetcher {
+    /// A fetcher installing through `sink`, connecting with `tls`.
+    pub(crate) fn new(sink: DocumentSink, tls: Arc<rustls::ClientConfig>, td: TrustDomain) -> Self {
+        Self {
+            sink,
+            tls,
+            td,
+            tried: HashMap::new(),
+        }
+    }
+
+    /// Fetches `due`'s current document from the instance and installs it.
+    async fn fetch(&self, due: &Due) -> Result<(), PeerError> {
+        let issuer = SpiffeId::parse(&due.issuer).map_err(|e| PeerError::Connect(e.to_string()))?;
+        let authority = authority_of(&due.address).map_err(|detail| PeerError::Address {
+            name: issuer.service().to_owned(),
+            address: due.address.clone(),
+            detail,
+        })?;
+        let timeout = |what| PeerError::Timeout {
+            what,
+            after: ANSWER_TIMEOUT,
+        };
+        let (mut client, slot) = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            connect(&authority, issuer.service(), self.tls.clone(), &self.td),
+        )
+        .await
+        .map_err(|_| timeout("connect"))??;
+        let doc = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            client.get_document(pb::GetDocumentRequest {}),
+        )
+        .await
+        .map_err(|_| timeout("GetDocument"))?
+        .map_err(status("GetDocument"))?
+        .into_inner();
+        let proven = proven_identity(&slot)?;
+        self.sink
+            .install(
+                doc.jws.as_bytes(),
+                Some(&proven),
+                &format!("direct:{}", due.address),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs until cancelled: wakes when a document becomes due, when trust
+    /// changes, and to retry a failed fetch.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let view = self.sink.view().clone();
+        let clock = self.sink.clock().clone();
+        let mut changes = view.subscribe();
+        loop {
+            let now = clock.now();
+            let (due, next) = plan(&view.current(), now);
+            self.tried.retain(|(i, n, s), _| {
+                due.iter()
+                    .any(|d| (&d.issuer, &d.instance, &d.seq) == (i, n, s))
+            });
+            let mut wake = next;
+            for d in &due {
+                let key = (d.issuer.clone(), d.instance.clone(), d.seq);
+                if let Some(&last) = self.tried.get(&key)
+                    && now < last + RETRY
+                {
+                    let again = last + RETRY;
+                    wake = Some(wake.map_or(again, |w| w.min(again)));
+                    continue;
+                }
+                self.tried.insert(key, now);
+                let again = now + RETRY;
+                wake = Some(wake.map_or(again, |w| w.min(again)));
+                metrics::counter!("tokend_direct_fetch_total").increment(1);
+                match self.fetch(d).await {
+                    Ok(()) => {
+                        tracing::info!(issuer = %d.issuer, instance = %d.instance, address = %d.address, "document fetched directly from its instance");
+                    }
+                    Err(e) => {
+                        metrics::counter!("tokend_direct_fetch_failures_total").increment(1);
+                        tracing::warn!(issuer = %d.issuer, instance = %d.instance, address = %d.address, error = %e, "direct fetch of a running-out document failed; its keys stop at its expiry unless a newer one arrives");
+                    }
+                }
+            }
+            let sleep = async {
+                match wake {
+                    Some(w) => clock.sleep_until(w).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = sleep => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `DocumentSink`: how any trust source installs a signed key-set document,
+//! whoever relayed it (a mesh peer, the etcd directory, a direct fetch):
+//! verify it (`engine::verify_document`: chain to the CA, the certificate's
+//! identity, signature, limits, times), optionally require the identity a
+//! TLS connection proved to be the document's, then hand it to the trust
+//! writer, where the rollback check runs against the high-water mark of its
+//! (identity, instance). A refusal keeps what was installed before.
+
+use std::sync::Arc;
+
+use super::{PeerError, TrustFeed};
+use crate::engine::{
+    DocumentAnchors, DocumentLimits, TrustUpdate, TrustView, VerifiedDocument, verify_document,
+};
+use crate::identity::SpiffeId;
+use crate::time::SharedClock;
+
+/// Verifies documents and installs them through the trust writer. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct DocumentSink {
+    anchors: DocumentAnchors,
+    limits: DocumentLimits,
+    feed: TrustFeed,
+    view: TrustView,
+    clock: SharedClock,
+    discover: bool,
+}
+
+// === impl DocumentSink ===
+
+impl DocumentSink {
+    /// A sink checking against `anchors` within `limits`, feeding `feed`.
+    /// Only issuers the trust view already knows are installed (see
+    /// `discovering`).
+    pub(crate) fn new(
+        anchors: DocumentAnchors,
+        limits: DocumentLimits,
+        feed: TrustFeed,
+        view: TrustView,
+        clock: SharedClock,
+    ) -> Self {
+        Self {
+            anchors,
+            limits,
+            feed,
+            view,
+            clock,
+            discover: false,
+        }
+    }
+
+    /// The same sink, but an identity of the trust domain it does not know
+    /// yet is registered (with the document's source as its source) instead
+    /// of refused: issuers discovered through a directory.
+    pub fn discovering(mut self) -> Self {
+        self.discover = true;
+        self
+    }
+
+    /// The trust snapshots documents are installed into.
+    pub(crate) fn view(&self) -> &TrustView {
+        &self.view
+    }
+
+    /// The clock documents are checked at.
+    pub(crate) fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The anchors documents are checked against.
+    pub fn anchors(&self) -> &DocumentAnchors {
+        &self.anchors
+    }
+
+    /// The limits documents are checked within.
+    pub fn limits(&self) -> &DocumentLimits {
+        &self.limits
+    }
+
+    /// Verifies `jws` now and installs it, filed under its certificate's
+    /// identity. With `proven` (the identity a TLS connection proved), that
+    /// identity must also be the document's. `source` labels where it came
+    /// from (`peer:<address>`, `directory:<…>`, `direct:<address>`).
+    /// Returns the installed document; a re-delivery of the installed one is
+    /// accepted and changes nothing.
+    pub async fn install(
+        &self,
+        jws: &[u8],
+        proven: Option<&SpiffeId>,
+        source: &str,
+    ) -> Result<Arc<VerifiedDocument>, PeerError> {
+        let now = self.clock.now();
+        let doc = Arc::new(verify_document(jws, &self.anchors, now, &self.limits)?);
+        let identity = &doc.claims.identity;
+        if let Some(proven) = proven
+            && proven != identity
+        {
+            return Err(PeerError::ProvenMismatch {
+                proven: proven.clone(),
+                document: identity.clone(),
+            });
+        }
+        if !self.view.current().knows(identity.as_str()) {
+            if !self.discover {
+                return Err(PeerError::NotConfigured(identity.clone()));
+            }
+            self.feed
+                .apply(TrustUpdate::Register {
+                    issuer: identity.to_string(),
+                    source: source.to_owned(),
+                })
+                .await?;
+        }
+        self.feed
+            .apply(TrustUpdate::Document {
+                document: doc.clone(),
+                source: source.to_owned(),
+                at: now,
+            })
+            .await?;
+        metrics::counter!("tokend_documents_installed_total").increment(1);
+        Ok(doc)
+    }
+
+    /// Marks (`issuer`, `instance`) gone (a lease deleted, a connection
+    /// dropped for good): its keys stay until min(document exp, expiry
+    /// hint), and its high-water mark is kept.
+    pub async fn gone(&self, issuer: &str, instance: &str) -> Result<(), PeerError> {
+        self.feed
+            .apply(TrustUpdate::InstanceGone {
+                issuer: issuer.to_owned(),
+                instance: instance.to_owned(),
+                at: self.clock.now(),
+            })
+            .await
+    }
+}

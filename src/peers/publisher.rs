@@ -1,0 +1,193 @@
+//! This instance's signed key-set documents. `DocumentPublisher` owns the
+//! instance's sequence (`keys::InstanceState`) and the peer certificate's
+//! key; it signs a document at once, again on every key-set change
+//! (rotation, revocation), and again at half of the document lifetime, and
+//! hands the current one out through a `watch` of `Arc<SignedDocument>`:
+//! the peer API serves it (`GetDocument`, `WatchDocuments`), and any relay
+//! (the etcd directory) publishes it. A failure to sign is logged and
+//! retried; the previous document stays current until it expires.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{DocumentClaims, DocumentKey, SignedDocument, sign_document};
+use crate::identity::SpiffeId;
+use crate::keys::{InstanceState, KeySet, KeyView};
+use crate::time::{SharedClock, UnixTime};
+
+/// How soon a failed signature is retried.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Why a document could not be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The sequence reservation could not be written.
+    #[error("cannot reserve a document sequence: {0}")]
+    Sequence(#[from] crate::keys::DiskError),
+    /// The key refused to sign.
+    #[error("cannot sign the key-set document: {0}")]
+    Sign(#[from] crate::engine::DocumentKeyError),
+}
+
+/// Signs and re-signs this instance's key-set document.
+pub struct DocumentPublisher {
+    identity: SpiffeId,
+    key: DocumentKey,
+    instance: InstanceState,
+    keys: KeyView,
+    clock: SharedClock,
+    lifetime: Duration,
+    address: Option<String>,
+    tx: watch::Sender<Arc<SignedDocument>>,
+}
+
+impl std::fmt::Debug for DocumentPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocumentPublisher")
+            .field("identity", &self.identity)
+            .field("instance", &self.instance.id())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The claims of a document for `set` signed at `now`.
+fn claims_for(
+    identity: &SpiffeId,
+    instance: &str,
+    seq: u64,
+    set: &KeySet,
+    now: UnixTime,
+    lifetime: Duration,
+    address: Option<&str>,
+) -> DocumentClaims {
+    DocumentClaims {
+        identity: identity.clone(),
+        instance: instance.to_owned(),
+        seq,
+        issued_at: now,
+        expires_at: now + lifetime,
+        address: address.map(str::to_owned),
+        keys: set.published().cloned().collect(),
+        revoked: set.revoked_kids().map(str::to_owned).collect(),
+        key_expires: set.expiry_hints(),
+    }
+}
+
+// === impl DocumentPublisher ===
+
+impl DocumentPublisher {
+    /// A publisher for `identity`, signing with `key`, sequencing with
+    /// `instance`, documents valid for `lifetime` and naming `address` (the
+    /// peer API, `https://host:port`) for a direct fetch. Signs the first
+    /// document at once.
+    pub fn new(
+        identity: SpiffeId,
+        key: DocumentKey,
+        mut instance: InstanceState,
+        keys: KeyView,
+        clock: SharedClock,
+        lifetime: Duration,
+        address: Option<String>,
+    ) -> Result<Self, PublishError> {
+        let first = sign(
+            &identity,
+            &key,
+            &mut instance,
+            &keys.current(),
+            clock.now(),
+            lifetime,
+            address.as_deref(),
+        )?;
+        let (tx, _) = watch::channel(Arc::new(first));
+        Ok(Self {
+            identity,
+            key,
+            instance,
+            keys,
+            clock,
+            lifetime,
+            address,
+            tx,
+        })
+    }
+
+    /// Every document this publisher signs, the current one first.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<SignedDocument>> {
+        self.tx.subscribe()
+    }
+
+    /// The current document.
+    pub fn current(&self) -> Arc<SignedDocument> {
+        self.tx.borrow().clone()
+    }
+
+    fn publish(&mut self) -> Result<(), PublishError> {
+        let doc = sign(
+            &self.identity,
+            &self.key,
+            &mut self.instance,
+            &self.keys.current(),
+            self.clock.now(),
+            self.lifetime,
+            self.address.as_deref(),
+        )?;
+        tracing::debug!(seq = doc.seq, exp = %doc.expires_at, "signed key-set document");
+        metrics::counter!("tokend_documents_signed_total").increment(1);
+        self.tx.send_replace(Arc::new(doc));
+        Ok(())
+    }
+
+    /// Re-signs on every key-set change and at half life, until cancelled.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut changes = self.keys.subscribe();
+        changes.mark_unchanged();
+        let mut retry_at: Option<UnixTime> = None;
+        loop {
+            let cur = self.current();
+            let half = cur.issued_at + (cur.expires_at.since(cur.issued_at) / 2);
+            let wake = retry_at.map_or(half, |r| r.min(half));
+            let clock = self.clock.clone();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = clock.sleep_until(wake) => {}
+            }
+            match self.publish() {
+                Ok(()) => retry_at = None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot sign the key-set document; the previous one stays until it expires");
+                    retry_at = Some(self.clock.now() + RETRY);
+                }
+            }
+        }
+    }
+}
+
+fn sign(
+    identity: &SpiffeId,
+    key: &DocumentKey,
+    instance: &mut InstanceState,
+    set: &KeySet,
+    now: UnixTime,
+    lifetime: Duration,
+    address: Option<&str>,
+) -> Result<SignedDocument, PublishError> {
+    let seq = instance.next_seq()?;
+    let claims = claims_for(identity, instance.id(), seq, set, now, lifetime, address);
+    let jws = sign_document(&claims, key)?;
+    Ok(SignedDocument {
+        jws: Arc::from(jws),
+        identity: identity.clone(),
+        instance: instance.id().to_owned(),
+        seq,
+        issued_at: now,
+        expires_at: claims.expires_at,
+    })
+}

@@ -43,7 +43,7 @@ mod shutdown;
 mod telemetry;
 mod time;
 
-pub use crate::api::{REASON_KEY, connect, detail_of, reason_of};
+pub use crate::api::{ERROR_DOMAIN, REASON_KEY, ServeError, connect, detail_of, reason_of};
 pub use crate::ca::{init as ca_init, issue as ca_issue};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::config::check_config;

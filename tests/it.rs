@@ -6,6 +6,8 @@
 
 #[path = "it/support.rs"]
 mod support;
+#[path = "it/tools.rs"]
+mod tools;
 
 #[path = "it/inproc.rs"]
 mod inproc;
@@ -14,6 +16,8 @@ mod inproc;
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/ecosystem.rs"]
+mod ecosystem;
 #[path = "it/exchange.rs"]
 mod exchange;
 #[path = "it/hardening.rs"]

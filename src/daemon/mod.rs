@@ -68,7 +68,7 @@ pub enum DaemonError {
     Replay(#[from] crate::replay_log::JournalError),
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] crate::api::ServeError),
 }
 
 impl DaemonError {
@@ -287,6 +287,9 @@ impl Daemon {
             "tokend serving"
         );
         let stop = cancel.clone();
+        // On shutdown every service turns NOT_SERVING, then `cancel` ends the
+        // long-lived streams (health watches, SPIFFE bundles, peer watches) so
+        // the graceful drain below only waits for ordinary calls.
         let serve = crate::api::serve(
             self.listener,
             self.api,
@@ -297,10 +300,8 @@ impl Daemon {
                     _ = shutdown => {}
                     _ = stop.cancelled() => {}
                 }
-                // Ends the long-lived streams (SPIFFE bundles, peer watches) so the
-                // graceful drain below only waits for ordinary calls.
-                stop.cancel();
             },
+            cancel.clone(),
         );
         let drained = cancel.clone();
         let result = tokio::select! {

@@ -34,6 +34,8 @@ mod mint_verify;
 mod observability;
 #[path = "it/peers.rs"]
 mod peers;
+#[path = "it/prometheus.rs"]
+mod prometheus;
 #[path = "it/robustness.rs"]
 mod robustness;
 #[path = "it/rotation.rs"]

@@ -12,6 +12,8 @@ mod tools;
 #[path = "it/inproc.rs"]
 mod inproc;
 
+#[path = "it/audit.rs"]
+mod audit;
 #[path = "it/cli.rs"]
 mod cli;
 #[path = "it/config.rs"]

@@ -88,6 +88,31 @@ pub(crate) fn key_status(e: KeyError) -> Status {
     }
 }
 
+/// Records `event` with `result`'s outcome (a refusal's code and detail, as
+/// the caller sees them) and hands `result` back. Successes are recorded
+/// only when `record_ok` (mints, exchanges, admin actions; not every
+/// verification).
+pub(crate) fn audited<T>(
+    audit: &crate::audit::Audit,
+    mut event: crate::audit::Event,
+    result: Result<T, Status>,
+    record_ok: bool,
+) -> Result<T, Status> {
+    match &result {
+        Ok(_) if !record_ok => return result,
+        Ok(_) => {}
+        Err(st) => {
+            let code = reason_of(st).map_or_else(
+                || format!("{:?}", st.code()).to_ascii_lowercase(),
+                |r| r.as_str().to_owned(),
+            );
+            event.refused(&code, detail_of(st));
+        }
+    }
+    audit.record(event);
+    result
+}
+
 /// The reason a status carries, if it came from tokend.
 pub fn reason_of(status: &Status) -> Option<Reason> {
     status

@@ -113,6 +113,9 @@ pub enum Command {
         #[arg(long, default_value = "")]
         service: String,
     },
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Show a token's header and claims, UNVERIFIED.
     Decode {
         /// The token, or `-`.
@@ -155,6 +158,18 @@ pub enum CaCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: i64,
+    },
+}
+
+/// `tokend audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files (oldest first, e.g. audit.log.2
+    /// audit.log.1 audit.log); names the first broken record and exits 1.
+    Verify {
+        /// The files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -297,6 +312,7 @@ pub async fn run(cli: Cli) -> u8 {
             Ok(s) => remote::health(&s, service).await,
             Err(e) => fail_usage(&e),
         },
+        Command::Audit(AuditCommand::Verify { files }) => offline::audit_verify(&files),
         Command::Decode { token } => match token_arg(&token) {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),

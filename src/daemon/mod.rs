@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
+use crate::audit::{Audit, AuditWriter};
 use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
@@ -66,6 +67,9 @@ pub enum DaemonError {
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
+    /// The audit file cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
     Serve(#[from] crate::api::ServeError),
@@ -125,6 +129,7 @@ pub struct Daemon {
     peer_addr: Option<SocketAddr>,
     clock: SharedClock,
     shutdown: CancellationToken,
+    audit: AuditWriter,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -147,6 +152,7 @@ impl Daemon {
                 .map_err(|detail| DaemonError::Metrics { addr, detail })?;
         }
         let caps = fd_caps(&config);
+        let (audit, audit_writer) = crate::audit::start(&config.audit, clock.clone())?;
         let (store, keys) = open_keys(&config, &clock).await?;
         let replay = Arc::new(JournalReplay::open(
             &config.keys_dir,
@@ -197,6 +203,7 @@ impl Daemon {
             commands_tx,
             &clock,
             &shutdown,
+            audit,
         );
         Ok(Self {
             id: config.id.to_string(),
@@ -216,6 +223,7 @@ impl Daemon {
             peer_addr,
             clock,
             shutdown,
+            audit: audit_writer,
         })
     }
 
@@ -322,6 +330,15 @@ impl Daemon {
         {
             tracing::warn!("background tasks did not stop within 10s");
         }
+        // The services (and their audit handles) are gone: the writer drains
+        // its queue, flushes and stops.
+        let audit = tokio::task::spawn_blocking(move || self.audit.finish());
+        if tokio::time::timeout(Duration::from_secs(5), audit)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the audit writer did not finish within 5s");
+        }
         if let Err(e) = std::fs::remove_file(&self.socket) {
             tracing::warn!(socket = %self.socket.display(), error = %e, "could not remove socket");
         }
@@ -398,7 +415,9 @@ async fn bind_peer_api(
     })
 }
 
-/// The local services, each with only the handles it uses.
+/// The local services, each with only the handles it uses (one argument
+/// per handle, so what each service gets stays visible here).
+#[allow(clippy::too_many_arguments)]
 fn local_api(
     config: &Config,
     engine: Arc<Engine>,
@@ -407,10 +426,16 @@ fn local_api(
     commands: mpsc::Sender<Command>,
     clock: &SharedClock,
     shutdown: &CancellationToken,
+    audit: Audit,
 ) -> LocalApi {
     let callers = Callers::new(config.allowed_uids.clone());
     LocalApi {
-        token: TokenApi::new(engine.clone(), config.trust_domain.clone(), callers.clone()),
+        token: TokenApi::new(
+            engine.clone(),
+            config.trust_domain.clone(),
+            callers.clone(),
+            audit.clone(),
+        ),
         admin: AdminApi::new(
             config.id.clone(),
             keys.clone(),
@@ -419,8 +444,9 @@ fn local_api(
             clock.clone(),
             callers.clone(),
             config.admin_uids.clone(),
+            audit.clone(),
         ),
-        spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
+        spiffe: SpiffeApi::new(engine, callers, shutdown.clone(), audit),
     }
 }
 

@@ -18,6 +18,8 @@ mod audit;
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/deploy.rs"]
+mod deploy;
 #[path = "it/ecosystem.rs"]
 mod ecosystem;
 #[path = "it/exchange.rs"]

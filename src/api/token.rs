@@ -145,7 +145,10 @@ impl TokenApi {
         event: &mut Event,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
         event.claimed(&req.get_ref().token);
-        event.aud = Some(r_audience(&req.get_ref().audience));
+        event.aud = Some(match req.get_ref().audience.as_str() {
+            "" => self.engine.own().to_string(),
+            text => r_audience(text),
+        });
         self.callers.check(&req).map_err(status)?;
         let wait = refresh_budget(&req);
         let r = req.into_inner();

@@ -59,6 +59,7 @@ async fn refused_verify_is_audited_once_and_the_chain_shows_edits() {
     assert_eq!(r["caller"]["uid"], my_uid);
     assert_eq!(r["caller"]["pid"], std::process::id());
     assert_eq!(r["iss"], id("payments"));
+    assert_eq!(r["aud"], id("payments"), "the audience it was verified for");
     assert_eq!(r["kid"], m.kid.as_str());
     assert_eq!(r["jti"], m.jti.as_str());
     assert!(r["time"].as_str().is_some_and(|t| t.ends_with('Z')));

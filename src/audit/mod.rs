@@ -131,7 +131,9 @@ fn bounded(s: &str) -> String {
 /// The handle services record through; cloning is cheap.
 #[derive(Clone)]
 pub(crate) struct Audit {
-    tx: SyncSender<(i64, Event)>,
+    /// `None` when nobody would see the records (no file, and the log
+    /// filters out target `audit`): then recording costs nothing.
+    tx: Option<SyncSender<(i64, Event)>>,
     dropped: Arc<AtomicU64>,
     clock: SharedClock,
 }
@@ -146,7 +148,10 @@ impl Audit {
     /// Records `event` now, without waiting: if the writer is `QUEUE`
     /// records behind, the event is dropped and counted (a gap follows).
     pub(crate) fn record(&self, event: Event) {
-        match self.tx.try_send((self.clock.now().as_secs(), event)) {
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        match tx.try_send((self.clock.now().as_secs(), event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -160,14 +165,14 @@ impl Audit {
 /// The writer thread; `finish` waits for it once every handle is gone.
 #[derive(Debug)]
 pub(crate) struct AuditWriter {
-    thread: std::thread::JoinHandle<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl AuditWriter {
     /// Blocks until the writer has written and flushed everything (every
     /// `Audit` handle must have been dropped first).
     pub(crate) fn finish(self) {
-        if self.thread.join().is_err() {
+        if self.thread.is_some_and(|t| t.join().is_err()) {
             tracing::error!("the audit writer panicked");
         }
     }
@@ -187,6 +192,14 @@ pub(crate) fn start(
     clock: SharedClock,
 ) -> Result<(Audit, AuditWriter), AuditError> {
     let (sink, head) = match &config.file {
+        None if !tracing::enabled!(target: "audit", tracing::Level::INFO) => {
+            let off = Audit {
+                tx: None,
+                dropped: Arc::default(),
+                clock,
+            };
+            return Ok((off, AuditWriter { thread: None }));
+        }
         None => (Sink::Log, Head::default()),
         Some(path) => {
             let f = FileSink {
@@ -216,7 +229,16 @@ pub(crate) fn start(
             path: config.file.clone().unwrap_or_default(),
             source,
         })?;
-    Ok((Audit { tx, dropped, clock }, AuditWriter { thread }))
+    Ok((
+        Audit {
+            tx: Some(tx),
+            dropped,
+            clock,
+        },
+        AuditWriter {
+            thread: Some(thread),
+        },
+    ))
 }
 
 struct Writer {

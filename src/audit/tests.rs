@@ -105,7 +105,7 @@ fn drops_leave_a_gap_record() {
     let (tx, rx) = std::sync::mpsc::sync_channel(2);
     let dropped = Arc::new(AtomicU64::new(0));
     let audit = Audit {
-        tx,
+        tx: Some(tx),
         dropped: dropped.clone(),
         clock: clock(),
     };
@@ -168,4 +168,14 @@ fn claimed_fields_without_the_token() {
     let mut garbage = Event::new("verify", Caller::default());
     garbage.claimed("%%%.###");
     assert!(garbage.iss.is_none() && garbage.kid.is_none());
+}
+
+/// With no file and no log subscriber listening on target `audit`, the
+/// trail is off: no writer thread, and recording is a no-op.
+#[test]
+fn off_when_nobody_listens() {
+    let (audit, writer) = start(&AuditConfig::default(), clock()).expect("start");
+    assert!(audit.tx.is_none() && writer.thread.is_none());
+    audit.record(Event::new("mint", Caller::default()));
+    writer.finish();
 }

@@ -521,3 +521,48 @@ fn health_command() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect"));
 }
+
+/// A unary call in flight when shutdown begins finishes with its own answer
+/// (here a Verify waiting for a silent peer's keys ends as `unknown_kid`),
+/// not a transport error, and the sidecar then stops cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_unary_call_finishes_across_shutdown() {
+    let bank = Bank::new();
+    // Accepts TCP connections (the kernel's backlog) and never answers TLS.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let other = bank.start(bank.lean("archive")).await;
+    let mut b = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer("payments", silent.local_addr().expect("addr")),
+        )
+        .await;
+    let key = other.signing_key();
+    let token = forge(
+        &key,
+        "kid-payments-never-published",
+        &bank.claims("payments", "ledger", 60),
+    );
+    let mut tokens = b.tokens().await;
+    let call = tokio::spawn(async move {
+        tokens
+            .verify(pb::VerifyRequest {
+                token,
+                audience: String::new(),
+            })
+            .await
+    });
+    // Let the call reach the refresh wait, then shut down under it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !call.is_finished(),
+        "the call ended before the shutdown (the refresh wait is 1 s)"
+    );
+    b.stop().await;
+    let refused = call.await.expect("join").expect_err("refused");
+    assert_eq!(
+        tokend::reason_of(&refused),
+        Some(tokend::Reason::UnknownKid),
+        "the in-flight call got {refused:?}"
+    );
+}

@@ -171,6 +171,14 @@ impl Engine {
     /// at most one per core at a time, so it never stalls the async
     /// workers that answer verifications.
     pub async fn mint_off_thread(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
+        let started = std::time::Instant::now();
+        let result = self.mint_queued(req).await;
+        metrics::histogram!("tokend_mint_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// `mint_off_thread` without the latency record.
+    async fn mint_queued(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
         if let Some(m) = self.minter.cached(&req, self.clock.now())? {
             return Ok(m);
         }

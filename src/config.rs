@@ -1045,6 +1045,75 @@ mod tests {
         );
     }
 
+    /// A peer's replicas: `addresses` (each an https://host:port URL, no
+    /// duplicates), exclusive with `address` and `jwks_file`; a second
+    /// entry for one name is refused with the hint to use `addresses`.
+    #[test]
+    fn peer_addresses() {
+        let api = "[peer_api]\nlisten = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = parse(&format!(
+            "{api}[[peers]]\nname = \"payments\"\naddresses = [\"https://10.0.0.1:7443\", \"https://payments.svc:7443\"]"
+        ))
+        .expect("addresses");
+        assert_eq!(
+            c.peers[0].source,
+            PeerSource::Addresses(vec![
+                "https://10.0.0.1:7443".into(),
+                "https://payments.svc:7443".into()
+            ])
+        );
+        for (bad, key) in [
+            ("addresses = []", "peers[0].addresses"),
+            (
+                "addresses = [\"https://a:1\", \"https://a:1\"]",
+                "peers[0].addresses",
+            ),
+            ("addresses = [\"http://a:1\"]", "peers[0].addresses"),
+            ("addresses = [\"https://a\"]", "peers[0].addresses"),
+            (
+                "address = \"https://a:1\"\naddresses = [\"https://b:1\"]",
+                "peers[0]",
+            ),
+        ] {
+            let e = parse(&format!("{api}[[peers]]\nname = \"p\"\n{bad}"))
+                .expect_err(bad)
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e = parse(&format!(
+            "{api}[[peers]]\nname = \"p\"\naddress = \"https://a:1\"\n[[peers]]\nname = \"p\"\naddress = \"https://b:1\""
+        ))
+        .expect_err("twice")
+        .to_string();
+        assert!(e.contains("addresses = [...]"), "{e}");
+    }
+
+    /// `[peer_api] document_lifetime` defaults to 5m and is bounded;
+    /// `advertise` must be an https://host:port URL.
+    #[test]
+    fn document_lifetime_and_advertise() {
+        let api = "[peer_api]\nlisten = \"0.0.0.0:7443\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let c = parse(api).expect("defaults");
+        let p = c.peer_api.expect("peer api");
+        assert_eq!(p.document_lifetime, Duration::from_secs(300));
+        assert_eq!(p.advertise, None);
+        let c = parse(&format!(
+            "{api}document_lifetime = \"2m\"\nadvertise = \"https://payments-0.svc:7443\""
+        ))
+        .expect("set");
+        let p = c.peer_api.expect("peer api");
+        assert_eq!(p.document_lifetime, Duration::from_secs(120));
+        assert_eq!(p.advertise.as_deref(), Some("https://payments-0.svc:7443"));
+        for bad in ["document_lifetime = \"2s\"", "document_lifetime = \"2h\""] {
+            let e = parse(&format!("{api}{bad}")).expect_err(bad).to_string();
+            assert!(e.contains("peer_api.document_lifetime"), "{e}");
+        }
+        let e = parse(&format!("{api}advertise = \"payments:7443\""))
+            .expect_err("not a url")
+            .to_string();
+        assert!(e.contains("peer_api.advertise"), "{e}");
+    }
+
     /// An unknown key of `[limits]` is refused and named.
     #[test]
     fn limits_unknown_key_named() {

@@ -81,11 +81,13 @@ impl SpiffeApi {
     }
 }
 
-/// Every trusted issuer's keys (this sidecar's and its peers'), grouped by
-/// trust domain, as JWKS documents.
+/// Every trusted issuer's keys usable now (this sidecar's and its peers':
+/// a key whose signed document expired is left out), grouped by trust
+/// domain, as JWKS documents.
 fn bundles(engine: &Engine) -> HashMap<String, Vec<u8>> {
     let own = engine.keys().current();
     let trust = engine.trust().current();
+    let now = engine.now();
     let mut by_td: BTreeMap<String, Vec<PublicKey>> = BTreeMap::new();
     by_td
         .entry(engine.own().trust_domain().to_owned())
@@ -96,7 +98,7 @@ fn bundles(engine: &Engine) -> HashMap<String, Vec<u8>> {
             by_td
                 .entry(id.trust_domain().to_owned())
                 .or_default()
-                .extend(keys.keys().iter().map(|k| k.as_ref().clone()));
+                .extend(keys.usable_keys(now).iter().map(|k| k.as_ref().clone()));
         }
     }
     by_td

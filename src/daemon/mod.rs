@@ -99,13 +99,13 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_secs(1);
 const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// The peer API, bound and ready to serve, and the publisher of the
-/// documents it serves.
+/// documents it serves (none when the peer key cannot sign them).
 struct PeerServer {
     addr: SocketAddr,
     tcp: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     api: PeerKeysApi,
-    publisher: DocumentPublisher,
+    publisher: Option<DocumentPublisher>,
 }
 
 /// Where peer keys come from, before they run.
@@ -263,7 +263,10 @@ impl Daemon {
     /// new one), when it serves a peer API: what a relay (the directory)
     /// publishes.
     pub fn documents(&self) -> Option<tokio::sync::watch::Receiver<Arc<SignedDocument>>> {
-        self.peer_server.as_ref().map(|p| p.publisher.subscribe())
+        self.peer_server
+            .as_ref()
+            .and_then(|p| p.publisher.as_ref())
+            .map(DocumentPublisher::subscribe)
     }
 
     /// Where a relay (the directory) hands the documents it receives: they
@@ -306,7 +309,9 @@ impl Daemon {
             ..
         }) = self.peer_server
         {
-            tracker.spawn(publisher.run(cancel.clone()));
+            if let Some(publisher) = publisher {
+                tracker.spawn(publisher.run(cancel.clone()));
+            }
             let stop = cancel.clone();
             let peer_listen = listen(self.caps.peer);
             tracker.spawn(async move {
@@ -449,24 +454,42 @@ async fn bind_peer_api(
         .advertise
         .clone()
         .or_else(|| (!addr.ip().is_unspecified()).then(|| format!("https://{addr}")));
-    let instance = InstanceState::open(&config.keys_dir).map_err(KeyError::from)?;
-    let publisher = DocumentPublisher::new(
-        config.id.clone(),
-        tls.document_key()?,
-        instance,
-        keys.clone(),
-        clock.clone(),
-        p.document_lifetime,
-        advertise,
-    )?;
-    let api = PeerKeysApi::new(
+    if advertise.is_none() {
+        tracing::warn!(listen = %addr, "peer_api.listen is an unspecified address and peer_api.advertise is not set: documents carry no address, so verifiers cannot fetch them directly");
+    }
+    // The key is read for every signature (and the anchors for every
+    // check), so renewed peer material is followed.
+    let publisher = match tls.document_key() {
+        Ok(_) => {
+            let instance = InstanceState::open(&config.keys_dir).map_err(KeyError::from)?;
+            let signer = tls.clone();
+            Some(DocumentPublisher::new(
+                config.id.clone(),
+                Arc::new(move || signer.document_key().map_err(|e| e.to_string())),
+                instance,
+                keys.clone(),
+                clock.clone(),
+                p.document_lifetime,
+                advertise,
+            )?)
+        }
+        Err(e) => {
+            // A peer key that served before documents existed (a SEC1 or
+            // PKCS#1 file, another curve) keeps working for plain key sets.
+            tracing::warn!(error = %e, "the peer key cannot sign key-set documents; serving plain key sets only (reissue the certificate with `tokend ca issue` for documents)");
+            None
+        }
+    };
+    let mut api = PeerKeysApi::new(
         config.id.clone(),
         config.trust_domain.clone(),
         keys.clone(),
         shutdown.clone(),
         config.limits.peer_watches_per_caller,
-    )
-    .with_documents(publisher.subscribe());
+    );
+    if let Some(p) = &publisher {
+        api = api.with_documents(p.subscribe());
+    }
     Ok(PeerServer {
         addr,
         tcp,
@@ -542,8 +565,9 @@ fn trust_sources(
     let mut refresher = Refresher::new(MIN_REFRESH_INTERVAL);
     let (mut groups, mut files) = (Vec::new(), Vec::new());
     let documents = tls.map(|t| {
+        let anchors = t.clone();
         DocumentSink::new(
-            t.document_anchors(),
+            Arc::new(move || anchors.document_anchors()),
             DocumentLimits {
                 clock_skew: config.tokens.clock_skew,
                 ..DocumentLimits::default()

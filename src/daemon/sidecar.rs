@@ -46,6 +46,8 @@ pub struct Sidecar {
     ca: Option<PathBuf>,
     listen: Option<SocketAddr>,
     peers: Vec<(String, Vec<SocketAddr>)>,
+    /// Peers given by URL (a host name to resolve).
+    named_peers: Vec<(String, String)>,
     clock: Option<SharedClock>,
     standby: bool,
     /// `[peer_api] document_lifetime`, if set.
@@ -78,6 +80,7 @@ impl Sidecar {
             ca: None,
             listen: None,
             peers: Vec::new(),
+            named_peers: Vec::new(),
             clock: None,
             standby: true,
             document_lifetime: None,
@@ -120,6 +123,13 @@ impl Sidecar {
     /// Trust the peer `name` served at `addr`.
     pub fn peer(mut self, name: &str, addr: SocketAddr) -> Self {
         self.peers.push((name.to_owned(), vec![addr]));
+        self
+    }
+
+    /// Trust the peer `name` at `url` (`https://host:port`; a host name
+    /// stands for every address it resolves to).
+    pub fn peer_named(mut self, name: &str, url: &str) -> Self {
+        self.named_peers.push((name.to_owned(), url.to_owned()));
         self
     }
 
@@ -188,6 +198,11 @@ impl Sidecar {
             if let Some(l) = &self.document_lifetime {
                 toml.push_str(&format!("document_lifetime = \"{l}\"\n"));
             }
+        }
+        for (peer, url) in &self.named_peers {
+            toml.push_str(&format!(
+                "[[peers]]\nname = \"{peer}\"\naddress = \"{url}\"\n"
+            ));
         }
         for (peer, addrs) in &self.peers {
             match addrs.as_slice() {

@@ -163,6 +163,12 @@ impl PublicKey {
         &self.kid
     }
 
+    /// Whether the kid is the RFC 7638 thumbprint of the key (as for every
+    /// key tokend makes): then no other key material can carry this kid.
+    pub fn kid_is_thumbprint(&self) -> bool {
+        self.kid == thumbprint(&self.n, &self.e)
+    }
+
     /// A digest of the key material, whatever its kid.
     pub fn fingerprint(&self) -> [u8; 32] {
         self.fingerprint

@@ -176,16 +176,8 @@ impl PeerClient {
             return Err(PeerError::NotConfigured(identity.clone()));
         }
         let version = msg.version;
-        let TrustUpdate::Replace {
-            keys,
-            revoked,
-            expires,
-            at,
-            ..
-        } = key_set_update(identity.as_str(), msg, self.clock.now())?
-        else {
-            return Err(PeerError::StreamEnded);
-        };
+        let (keys, revoked, expires) = key_set_parts(msg)?;
+        let at = self.clock.now();
         let n = keys.len();
         let instance = self.source();
         self.feed
@@ -201,7 +193,7 @@ impl PeerClient {
             .await?;
         self.delivered().instances.insert(instance);
         tracing::debug!(issuer = %identity, keys = n, version, "installed peer keys");
-        self.count_installed(identity);
+        self.count_update();
         Ok(())
     }
 
@@ -228,17 +220,11 @@ impl PeerClient {
             self.delivered().instances.remove(&prev);
         }
         tracing::debug!(issuer = %identity, instance, seq = doc.claims.seq, "installed peer document");
-        self.count_installed(identity);
+        self.count_update();
         Ok(())
     }
 
-    fn count_installed(&self, identity: &SpiffeId) {
-        if let Some(i) = self.view.current().issuer(identity.as_str()) {
-            metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string())
-                .set(i.keys().len() as f64);
-            metrics::gauge!("tokend_peer_instances", "issuer" => identity.to_string())
-                .set(i.instances().len() as f64);
-        }
+    fn count_update(&self) {
         metrics::counter!("tokend_peer_updates_total", "peer" => self.name.clone()).increment(1);
     }
 
@@ -494,6 +480,24 @@ pub(crate) fn key_set_update(
     msg: pb::PeerKeySet,
     at: UnixTime,
 ) -> Result<TrustUpdate, PeerError> {
+    let (keys, revoked, expires) = key_set_parts(msg)?;
+    Ok(TrustUpdate::Replace {
+        issuer: issuer.to_owned(),
+        keys,
+        revoked,
+        expires,
+        at,
+    })
+}
+
+/// A key-set message's keys, revoked kids and expiry hints, checked.
+type SetParts = (
+    Vec<crate::jose::PublicKey>,
+    Vec<String>,
+    std::collections::HashMap<String, UnixTime>,
+);
+
+fn key_set_parts(msg: pb::PeerKeySet) -> Result<SetParts, PeerError> {
     if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
         return Err(PeerError::TooLarge(msg.jwks_json.len()));
     }
@@ -503,13 +507,7 @@ pub(crate) fn key_set_update(
         .into_iter()
         .map(|(kid, t)| (kid, UnixTime::from_secs(t)))
         .collect();
-    Ok(TrustUpdate::Replace {
-        issuer: issuer.to_owned(),
-        keys,
-        revoked: msg.revoked_kids,
-        expires,
-        at,
-    })
+    Ok((keys, msg.revoked_kids, expires))
 }
 
 /// What a peer client makes of a `PeerKeySet` before the trust writer sees

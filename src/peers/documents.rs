@@ -15,15 +15,28 @@ use crate::engine::{
 use crate::identity::SpiffeId;
 use crate::time::SharedClock;
 
+/// Where the CA anchors come from: read on every verification, so a
+/// reloaded CA bundle is followed (the daemon reads them from `PeerTls`).
+pub(crate) type AnchorSource = Arc<dyn Fn() -> DocumentAnchors + Send + Sync>;
+
 /// Verifies documents and installs them through the trust writer. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DocumentSink {
-    anchors: DocumentAnchors,
+    anchors: AnchorSource,
     limits: DocumentLimits,
     feed: TrustFeed,
     view: TrustView,
     clock: SharedClock,
     discover: bool,
+}
+
+impl std::fmt::Debug for DocumentSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocumentSink")
+            .field("trust_domain", &(self.anchors)().trust_domain().to_string())
+            .field("discover", &self.discover)
+            .finish_non_exhaustive()
+    }
 }
 
 // === impl DocumentSink ===
@@ -33,7 +46,7 @@ impl DocumentSink {
     /// Only issuers the trust view already knows are installed (see
     /// `discovering`).
     pub(crate) fn new(
-        anchors: DocumentAnchors,
+        anchors: AnchorSource,
         limits: DocumentLimits,
         feed: TrustFeed,
         view: TrustView,
@@ -67,14 +80,28 @@ impl DocumentSink {
         &self.clock
     }
 
-    /// The anchors documents are checked against.
-    pub fn anchors(&self) -> &DocumentAnchors {
-        &self.anchors
+    /// The anchors documents are checked against now.
+    pub fn anchors(&self) -> DocumentAnchors {
+        (self.anchors)()
     }
 
     /// The limits documents are checked within.
     pub fn limits(&self) -> &DocumentLimits {
         &self.limits
+    }
+
+    /// Verifies `jws` now (`engine::verify_document` with this sink's
+    /// anchors and limits), installing nothing: for a relay that checks
+    /// more (say, that the identity is the one its key path names) before
+    /// `install_verified`.
+    pub fn verify(&self, jws: &[u8]) -> Result<Arc<VerifiedDocument>, PeerError> {
+        let now = self.clock.now();
+        Ok(Arc::new(verify_document(
+            jws,
+            &(self.anchors)(),
+            now,
+            &self.limits,
+        )?))
     }
 
     /// Verifies `jws` now and installs it, filed under its certificate's
@@ -89,8 +116,7 @@ impl DocumentSink {
         proven: Option<&SpiffeId>,
         source: &str,
     ) -> Result<Arc<VerifiedDocument>, PeerError> {
-        let now = self.clock.now();
-        let doc = Arc::new(verify_document(jws, &self.anchors, now, &self.limits)?);
+        let doc = self.verify(jws)?;
         let identity = &doc.claims.identity;
         if let Some(proven) = proven
             && proven != identity
@@ -100,6 +126,20 @@ impl DocumentSink {
                 document: identity.clone(),
             });
         }
+        self.install_verified(doc.clone(), source).await?;
+        Ok(doc)
+    }
+
+    /// Installs a document `verify` accepted, through the trust writer
+    /// (where the rollback check runs). An identity the trust view does not
+    /// know is refused as `NotConfigured`, or registered if the sink is
+    /// `discovering`.
+    pub async fn install_verified(
+        &self,
+        doc: Arc<VerifiedDocument>,
+        source: &str,
+    ) -> Result<(), PeerError> {
+        let identity = &doc.claims.identity;
         if !self.view.current().knows(identity.as_str()) {
             if !self.discover {
                 return Err(PeerError::NotConfigured(identity.clone()));
@@ -113,13 +153,13 @@ impl DocumentSink {
         }
         self.feed
             .apply(TrustUpdate::Document {
-                document: doc.clone(),
+                document: doc,
                 source: source.to_owned(),
-                at: now,
+                at: self.clock.now(),
             })
             .await?;
         metrics::counter!("tokend_documents_installed_total").increment(1);
-        Ok(doc)
+        Ok(())
     }
 
     /// Marks (`issuer`, `instance`) gone (a lease deleted, a connection

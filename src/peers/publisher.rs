@@ -30,12 +30,20 @@ pub enum PublishError {
     /// The key refused to sign.
     #[error("cannot sign the key-set document: {0}")]
     Sign(#[from] crate::engine::DocumentKeyError),
+    /// The peer certificate's key could not be read.
+    #[error("the peer certificate's key cannot sign key-set documents: {0}")]
+    Key(String),
 }
+
+/// Where the signing key comes from: read for every signature, so a
+/// renewed peer certificate is picked up (the daemon reads it from
+/// `PeerTls`).
+pub(crate) type SignerSource = Arc<dyn Fn() -> Result<DocumentKey, String> + Send + Sync>;
 
 /// Signs and re-signs this instance's key-set document.
 pub struct DocumentPublisher {
     identity: SpiffeId,
-    key: DocumentKey,
+    key: SignerSource,
     instance: InstanceState,
     keys: KeyView,
     clock: SharedClock,
@@ -79,13 +87,13 @@ fn claims_for(
 // === impl DocumentPublisher ===
 
 impl DocumentPublisher {
-    /// A publisher for `identity`, signing with `key`, sequencing with
-    /// `instance`, documents valid for `lifetime` and naming `address` (the
-    /// peer API, `https://host:port`) for a direct fetch. Signs the first
-    /// document at once.
-    pub fn new(
+    /// A publisher for `identity`, signing with the key `key` gives at
+    /// each signature, sequencing with `instance`, documents valid for
+    /// `lifetime` and naming `address` (the peer API, `https://host:port`)
+    /// for a direct fetch. Signs the first document at once.
+    pub(crate) fn new(
         identity: SpiffeId,
-        key: DocumentKey,
+        key: SignerSource,
         mut instance: InstanceState,
         keys: KeyView,
         clock: SharedClock,
@@ -172,16 +180,17 @@ impl DocumentPublisher {
 
 fn sign(
     identity: &SpiffeId,
-    key: &DocumentKey,
+    key: &SignerSource,
     instance: &mut InstanceState,
     set: &KeySet,
     now: UnixTime,
     lifetime: Duration,
     address: Option<&str>,
 ) -> Result<SignedDocument, PublishError> {
+    let key = key().map_err(PublishError::Key)?;
     let seq = instance.next_seq()?;
     let claims = claims_for(identity, instance.id(), seq, set, now, lifetime, address);
-    let jws = sign_document(&claims, key)?;
+    let jws = sign_document(&claims, &key)?;
     Ok(SignedDocument {
         jws: Arc::from(jws),
         identity: identity.clone(),

@@ -59,11 +59,23 @@ impl TrustWriter {
         )
     }
 
-    /// Applies `update` at once (while building, before `run`).
+    /// Applies `update` at once (while building, before `run`), and
+    /// updates the issuer's gauges: keys in its union, live instances.
     pub(crate) fn apply(&mut self, update: TrustUpdate) -> Result<(), SetError> {
+        let issuer = update.issuer().to_owned();
         let (next, result) = self.current.apply(update);
         self.current = Arc::new(next);
         self.tx.send_replace(self.current.clone());
+        if let Some(keys) = self.current.issuer(&issuer) {
+            let instances = keys
+                .instances()
+                .iter()
+                .filter(|(_, i)| !i.is_gone())
+                .count();
+            metrics::gauge!("tokend_peer_keys", "issuer" => issuer.clone())
+                .set(keys.keys().len() as f64);
+            metrics::gauge!("tokend_peer_instances", "issuer" => issuer).set(instances as f64);
+        }
         result
     }
 

@@ -400,3 +400,298 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
 }
+
+/// The document sequence survives SIGKILL: real `tokend` processes,
+/// payments is killed with -9 and started again; ledger (which remembers
+/// payments' high-water mark) installs its next document without a
+/// rollback refusal, under the same instance id, with a higher sequence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_sequence_survives_sigkill() {
+    use crate::support::{Sidecar as Process, ca_init, tmp};
+    let root = tmp();
+    ca_init(root.path());
+    let mut payments = Process::start_peer(root.path(), "payments", &[], "");
+    let ledger = Process::start_peer(
+        root.path(),
+        "ledger",
+        &[("payments", payments.peer_addr())],
+        "",
+    );
+    let instance = |p: &Process| -> Option<(String, u64)> {
+        let e = p.issuer_entry("payments");
+        let i = e["instances"]
+            .as_array()?
+            .iter()
+            .find(|i| i["seq"].as_u64() > Some(0))?
+            .clone();
+        Some((i["instance"].as_str()?.to_owned(), i["seq"].as_u64()?))
+    };
+    assert!(
+        eventually(10, || async { instance(&ledger).is_some() }).await,
+        "ledger holds payments' document: {}",
+        ledger.issuer_entry("payments")
+    );
+    let (id_before, seq_before) = instance(&ledger).expect("instance");
+    payments.kill9();
+    payments.restart();
+    assert!(
+        eventually(15, || async {
+            instance(&ledger).is_some_and(|(i, s)| i == id_before && s > seq_before)
+        })
+        .await,
+        "a higher sequence of the same instance after SIGKILL: before {seq_before}, now {}",
+        ledger.issuer_entry("payments")
+    );
+    let entry = ledger.issuer_entry("payments");
+    assert!(
+        !entry["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rollback"),
+        "no rollback refusal: {entry}"
+    );
+    let token = payments.mint("ledger").await;
+    ledger
+        .verify(&token.token)
+        .await
+        .expect("verifies after the restart");
+}
+
+/// A peer address given as a host name is resolved, and each address it
+/// resolves to is an instance (here `localhost`, which must resolve to
+/// 127.0.0.1 only: tests dial nothing else; where it also resolves to
+/// another address the test says so and stops, as the unit test
+/// `peers::group::tests::targets_follow_resolution` covers the logic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_is_resolved_to_its_instances() {
+    let answer: Vec<SocketAddr> = tokio::net::lookup_host("localhost:7443")
+        .await
+        .map(|a| a.collect())
+        .unwrap_or_default();
+    if answer.is_empty() || answer.iter().any(|a| a.ip().to_string() != "127.0.0.1") {
+        eprintln!("SKIPPED: localhost resolves to {answer:?}, not 127.0.0.1 only");
+        return;
+    }
+    let bank = Bank::new();
+    let payments = bank.start(bank.lean_peer("payments").replica(1)).await;
+    let port = payments.peer_addr().port();
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer_named("payments", &format!("https://localhost:{port}")),
+        )
+        .await;
+    knows_instances(&ledger, "payments", 1).await;
+    let instances = ledger.issuer("payments").await.instances;
+    assert_eq!(
+        instances[0].source,
+        format!("peer:https://localhost:{port} (127.0.0.1:{port})")
+    );
+    ledger
+        .verify(&payments.mint("ledger").await.token)
+        .await
+        .expect("verifies");
+}
+
+/// Over the mesh a document must also be of the identity the connection
+/// proved: a peer proving archive that serves payments' genuine document
+/// is refused (and nothing is filed under either).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_document_must_match_the_connection() {
+    let bank = Bank::new();
+    let payments = bank.start(bank.lean_peer("payments").replica(1)).await;
+    let genuine = fetch_document(&bank, payments.peer_addr()).await;
+    let (_tx, rx) = tokio::sync::watch::channel(Some(genuine));
+    let archive = serve_fake(
+        &bank,
+        "archive",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let dead: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer("payments", archive)
+                .peer("archive", dead),
+        )
+        .await;
+    assert!(
+        eventually(5, || async {
+            ledger
+                .issuer("archive")
+                .await
+                .last_error
+                .contains("the connection proved")
+        })
+        .await,
+        "refused, naming why: {:?}",
+        ledger.issuer("archive").await
+    );
+    assert!(ledger.issuer("payments").await.instances.is_empty());
+    assert!(ledger.issuer("archive").await.instances.is_empty());
+    assert_eq!(
+        ledger
+            .verify(&payments.mint("ledger").await.token)
+            .await
+            .err()
+            .as_deref(),
+        Some("unknown_kid")
+    );
+}
+
+/// A relay replaying an older document of an instance (from before its
+/// rotation) after the newer one is refused as a rollback: the newer set
+/// stays, and the refusal is named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_relay_cannot_roll_back() {
+    let bank = Bank::new();
+    let payments = bank
+        .start(
+            bank.lean_peer("payments")
+                .replica(1)
+                .config("[rotation]\npublish_ahead = \"60s\""),
+        )
+        .await;
+    let older = fetch_document(&bank, payments.peer_addr()).await;
+    let next_kid = payments.rotate().await;
+    let newer = fetch_document(&bank, payments.peer_addr()).await;
+    assert_ne!(older, newer);
+    let (tx, rx) = tokio::sync::watch::channel(Some(newer));
+    let relay = serve_fake(
+        &bank,
+        "payments",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let ledger = bank
+        .start(bank.lean_peer("ledger").peer("payments", relay))
+        .await;
+    assert!(
+        eventually(5, || async {
+            ledger.kids_of("payments").await.contains(&next_kid)
+        })
+        .await,
+        "the newer document is installed"
+    );
+    tx.send_replace(Some(older));
+    assert!(
+        eventually(5, || async {
+            ledger
+                .issuer("payments")
+                .await
+                .last_error
+                .contains("rollback")
+        })
+        .await,
+        "the replay is refused as a rollback: {:?}",
+        ledger.issuer("payments").await
+    );
+    assert!(
+        ledger.kids_of("payments").await.contains(&next_kid),
+        "the newer set stays"
+    );
+}
+
+/// A peer key that cannot sign documents (here ECDSA P-384, which served
+/// peers before documents existed) still serves: the sidecar starts, serves
+/// plain key sets only, and its tokens verify at a verifier that falls back
+/// to them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_key_that_cannot_sign_documents_still_serves() {
+    use std::os::unix::fs::PermissionsExt;
+    let bank = Bank::new();
+    let builder = bank.lean_peer("payments").replica(1);
+    let peer_dir = builder.dir().join("peer");
+    std::fs::create_dir_all(&peer_dir).expect("mkdir");
+    let ca_pem = std::fs::read_to_string(bank.ca().join("ca.pem")).expect("ca");
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(bank.ca().join("ca.key")).expect("ca key"),
+    )
+    .expect("ca key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer");
+    let mut params = rcgen::CertificateParams::new(vec!["payments".to_owned()]).expect("params");
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        id("payments").as_str().try_into().expect("uri"),
+    ));
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).expect("p384");
+    let cert = params.signed_by(&key, &issuer).expect("cert");
+    std::fs::write(peer_dir.join("cert.pem"), cert.pem()).expect("cert");
+    let key_path = peer_dir.join("key.pem");
+    std::fs::write(&key_path, key.serialize_pem()).expect("key");
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let payments = bank.start(builder).await;
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .peer("payments", payments.peer_addr()),
+        )
+        .await;
+    ledger.learns(&["payments"]).await;
+    let instances = ledger.issuer("payments").await.instances;
+    assert!(
+        instances.iter().all(|i| i.seq == 0),
+        "plain sets only: {instances:?}"
+    );
+    ledger
+        .verify(&payments.mint("ledger").await.token)
+        .await
+        .expect("verifies");
+}
+
+/// A withheld revocation does not last: payments revokes a key while the
+/// only relay ledger hears it through keeps serving the document from
+/// before. The relay can delay the revocation, but once that document is in
+/// the last fifth of its life ledger fetches the current one from payments
+/// itself, and the revoked key is refused (`revoked_key`) before the
+/// withheld document would even have expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_revocation_ends_within_the_document_lifetime() {
+    let bank = Bank::new();
+    let x = bank
+        .start(bank.peer("payments").replica(1).document_lifetime("60s"))
+        .await;
+    let (_tx, rx) = tokio::sync::watch::channel(Some(fetch_document(&bank, x.peer_addr()).await));
+    let relay = serve_fake(
+        &bank,
+        "payments",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let ledger = bank
+        .start(bank.lean_peer("ledger").peer("payments", relay))
+        .await;
+    knows_instances(&ledger, "payments", 1).await;
+    let token = x.mint("ledger").await;
+    ledger.verify(&token.token).await.expect("verifies");
+    x.revoke(&token.kid).await;
+    ledger
+        .verify(&token.token)
+        .await
+        .expect("withheld by the relay: still accepted, within the bound");
+    bank.advance(49); // into the last fifth of the withheld document's 60 s
+    assert!(
+        eventually(10, || async {
+            ledger.verify(&token.token).await.err().as_deref() == Some("revoked_key")
+        })
+        .await,
+        "the revocation arrives through the direct fetch: {:?}",
+        ledger.issuer("payments").await
+    );
+}

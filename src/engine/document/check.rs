@@ -299,6 +299,14 @@ fn keys(
         let jwk: Jwk = serde_json::from_value(j.clone())
             .map_err(|e| malformed(format!("a key of jwks: {e}")))?;
         let key = PublicKey::from_jwk(&jwk).map_err(|e| malformed(format!("jwks: {e}")))?;
+        // Keys travel under their thumbprint, so no key of a document can
+        // take the kid of another key (a colliding kid would shadow it).
+        if !key.kid_is_thumbprint() {
+            return Err(malformed(format!(
+                "jwks: kid {:?} is not the key's RFC 7638 thumbprint",
+                key.kid()
+            )));
+        }
         if out.iter().any(|k| k.kid() == key.kid()) {
             return Err(malformed(format!("jwks: duplicate kid {:?}", key.kid())));
         }

@@ -363,3 +363,22 @@ fn key_must_match_its_certificate() {
         DocumentKeyError::Mismatch
     );
 }
+
+/// A key whose kid is not its RFC 7638 thumbprint is refused: no document
+/// can carry another key's kid.
+#[test]
+fn kids_must_be_thumbprints() {
+    let ca = ca("bank.internal");
+    let key = leaf(&ca, &["spiffe://bank.internal/payments"], None);
+    let mut c = claims("payments");
+    c.keys = vec![
+        crate::jose::PublicKey::from_components(&[0xc7; 256], &[1, 0, 1], Some("chosen".into()))
+            .expect("key"),
+    ];
+    let jws = sign_document(&c, &key).expect("sign");
+    let e = verify(&jws, &anchors(&ca), NOW).expect_err("kid");
+    assert!(
+        matches!(&e, DocumentError::Malformed(m) if m.contains("thumbprint")),
+        "{e}"
+    );
+}

@@ -354,27 +354,45 @@ impl IssuerKeys {
         } else {
             current
         };
-        let mut index: HashMap<String, Usable> = HashMap::new();
+        // One entry per kid. Kids are thumbprints for every key tokend makes,
+        // so two instances listing one kid list one key; should they differ
+        // (a plain set from a compromised or foreign relay reusing a kid),
+        // a key from a signed document beats one from a plain set, then the
+        // more recent delivery wins: a poisoned entry cannot shadow a key
+        // its owner signed for.
+        let mut index: HashMap<String, (Usable, (bool, UnixTime))> = HashMap::new();
         for inst in self.instances.values() {
+            let rank = (inst.document.is_some(), inst.updated_at);
             for key in &inst.keys {
                 if self.revoked.contains(key.kid()) {
                     continue;
                 }
                 let until = inst.usable_until(key.kid());
-                index
-                    .entry(key.kid().to_owned())
-                    .and_modify(|u| {
+                let fresh = || {
+                    (
+                        Usable {
+                            key: key.clone(),
+                            until,
+                        },
+                        rank,
+                    )
+                };
+                match index.get_mut(key.kid()) {
+                    None => {
+                        index.insert(key.kid().to_owned(), fresh());
+                    }
+                    Some((u, _)) if u.key.fingerprint() == key.fingerprint() => {
                         u.until = match (u.until, until) {
                             (Some(a), Some(b)) => Some(a.max(b)),
                             _ => None,
-                        }
-                    })
-                    .or_insert_with(|| Usable {
-                        key: key.clone(),
-                        until,
-                    });
+                        };
+                    }
+                    Some(entry) if rank > entry.1 => *entry = fresh(),
+                    Some(_) => {}
+                }
             }
         }
+        let index: HashMap<String, Usable> = index.into_iter().map(|(k, (u, _))| (k, u)).collect();
         self.index = index;
     }
 }

@@ -146,6 +146,24 @@ pub enum TrustUpdate {
     },
 }
 
+// === impl TrustUpdate ===
+
+impl TrustUpdate {
+    /// The issuer the update is about.
+    pub fn issuer(&self) -> &str {
+        match self {
+            TrustUpdate::Register { issuer, .. }
+            | TrustUpdate::Replace { issuer, .. }
+            | TrustUpdate::Instance { issuer, .. }
+            | TrustUpdate::InstanceGone { issuer, .. }
+            | TrustUpdate::Stale { issuer, .. }
+            | TrustUpdate::InstanceStale { issuer, .. }
+            | TrustUpdate::Error { issuer, .. } => issuer,
+            TrustUpdate::Document { document, .. } => document.claims.identity.as_str(),
+        }
+    }
+}
+
 /// Why an update was refused (the previous set stays).
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum SetError {

@@ -327,3 +327,57 @@ mod instances {
         assert_eq!(r, Err(SetError::TooManyInstances(MAX_INSTANCES_PER_ISSUER)));
     }
 }
+
+/// A plain set that reuses a documented key's kid with other material (a
+/// poisoning relay) cannot shadow the documented key, whichever came last.
+#[test]
+fn a_plain_set_cannot_shadow_a_documented_kid() {
+    use std::sync::Arc;
+
+    use crate::engine::document::{DocumentClaims, VerifiedDocument};
+    use crate::identity::SpiffeId;
+
+    let t = UnixTime::from_secs;
+    let honest = PublicKey::from_components(&[0xd3; 256], &[1, 0, 1], None).expect("key");
+    let poison = PublicKey::from_components(&[0xe5; 256], &[1, 0, 1], Some(honest.kid().into()))
+        .expect("key");
+    let (set, _) = TrustSet::default().apply(TrustUpdate::Register {
+        issuer: "spiffe://td/p".into(),
+        source: "t".into(),
+    });
+    let doc = TrustUpdate::Document {
+        document: Arc::new(VerifiedDocument {
+            claims: DocumentClaims {
+                identity: SpiffeId::parse("spiffe://td/p").expect("id"),
+                instance: "a".into(),
+                seq: 1,
+                issued_at: t(100),
+                expires_at: t(400),
+                address: None,
+                keys: vec![honest.clone()],
+                revoked: vec![],
+                key_expires: Default::default(),
+            },
+            usable_until: t(400),
+            jws: Arc::from("x"),
+        }),
+        source: "t".into(),
+        at: t(100),
+    };
+    let (set, r) = set.apply(doc);
+    r.expect("doc");
+    let (set, r) = set.apply(TrustUpdate::Instance {
+        issuer: "spiffe://td/p".into(),
+        instance: "relay".into(),
+        source: "t".into(),
+        keys: vec![poison],
+        revoked: vec![],
+        expires: HashMap::new(),
+        at: t(200),
+    });
+    r.expect("plain");
+    match set.lookup("spiffe://td/p", honest.kid(), t(250)) {
+        Lookup::Found(k) => assert_eq!(k.fingerprint(), honest.fingerprint()),
+        other => panic!("{other:?}"),
+    }
+}

@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
-use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
+use crate::api::{AdminApi, Callers, ExtAuthzApi, LocalApi, SocketError, SpiffeApi, TokenApi};
+use crate::audit::{Audit, AuditWriter};
 use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::engine::{DocumentLimits, SignedDocument};
 use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
@@ -71,9 +72,12 @@ pub enum DaemonError {
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
+    /// The audit file cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] crate::api::ServeError),
 }
 
 impl DaemonError {
@@ -135,6 +139,7 @@ pub struct Daemon {
     peer_addr: Option<SocketAddr>,
     clock: SharedClock,
     shutdown: CancellationToken,
+    audit: AuditWriter,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -157,6 +162,7 @@ impl Daemon {
                 .map_err(|detail| DaemonError::Metrics { addr, detail })?;
         }
         let caps = fd_caps(&config);
+        let (audit, audit_writer) = crate::audit::start(&config.audit, clock.clone())?;
         let (store, keys) = open_keys(&config, &clock).await?;
         let replay = Arc::new(JournalReplay::open(
             &config.keys_dir,
@@ -207,6 +213,7 @@ impl Daemon {
             commands_tx,
             &clock,
             &shutdown,
+            audit,
         );
         Ok(Self {
             id: config.id.to_string(),
@@ -235,6 +242,7 @@ impl Daemon {
             peer_addr,
             clock,
             shutdown,
+            audit: audit_writer,
         })
     }
 
@@ -344,6 +352,9 @@ impl Daemon {
             "tokend serving"
         );
         let stop = cancel.clone();
+        // On shutdown every service turns NOT_SERVING, then `cancel` ends the
+        // long-lived streams (health watches, SPIFFE bundles, peer watches) so
+        // the graceful drain below only waits for ordinary calls.
         let serve = crate::api::serve(
             self.listener,
             self.api,
@@ -354,10 +365,8 @@ impl Daemon {
                     _ = shutdown => {}
                     _ = stop.cancelled() => {}
                 }
-                // Ends the long-lived streams (SPIFFE bundles, peer watches) so the
-                // graceful drain below only waits for ordinary calls.
-                stop.cancel();
             },
+            cancel.clone(),
         );
         let drained = cancel.clone();
         let result = tokio::select! {
@@ -377,6 +386,15 @@ impl Daemon {
             .is_err()
         {
             tracing::warn!("background tasks did not stop within 10s");
+        }
+        // The services (and their audit handles) are gone: the writer drains
+        // its queue, flushes and stops.
+        let audit = tokio::task::spawn_blocking(move || self.audit.finish());
+        if tokio::time::timeout(Duration::from_secs(5), audit)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the audit writer did not finish within 5s");
         }
         if let Err(e) = std::fs::remove_file(&self.socket) {
             tracing::warn!(socket = %self.socket.display(), error = %e, "could not remove socket");
@@ -490,7 +508,9 @@ async fn bind_peer_api(
     })
 }
 
-/// The local services, each with only the handles it uses.
+/// The local services, each with only the handles it uses (one argument
+/// per handle, so what each service gets stays visible here).
+#[allow(clippy::too_many_arguments)]
 fn local_api(
     config: &Config,
     engine: Arc<Engine>,
@@ -499,10 +519,16 @@ fn local_api(
     commands: mpsc::Sender<Command>,
     clock: &SharedClock,
     shutdown: &CancellationToken,
+    audit: Audit,
 ) -> LocalApi {
     let callers = Callers::new(config.allowed_uids.clone());
     LocalApi {
-        token: TokenApi::new(engine.clone(), config.trust_domain.clone(), callers.clone()),
+        token: TokenApi::new(
+            engine.clone(),
+            config.trust_domain.clone(),
+            callers.clone(),
+            audit.clone(),
+        ),
         admin: AdminApi::new(
             config.id.clone(),
             keys.clone(),
@@ -511,8 +537,15 @@ fn local_api(
             clock.clone(),
             callers.clone(),
             config.admin_uids.clone(),
+            audit.clone(),
         ),
-        spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
+        spiffe: SpiffeApi::new(engine.clone(), callers.clone(), shutdown.clone(), audit),
+        ext_authz: ExtAuthzApi::new(
+            engine,
+            config.trust_domain.clone(),
+            callers,
+            config.ext_authz.clone(),
+        ),
     }
 }
 

@@ -22,14 +22,22 @@ const INTERVAL: i64 = 3600;
 const AHEAD: i64 = 600;
 const GRACE: i64 = 300 + 30;
 
+/// Lifetime of A's key-set documents here: the walk steps the clock by up
+/// to `STEP` at a time, faster than a re-signed document crosses the
+/// stream under load; an hour (the longest allowed) keeps a stepped clock
+/// from outrunning A's document, which this test is not about (the
+/// replicas and directory tests cover document expiry).
+const DOCUMENT_LIFETIME: &str = "1h";
+
 /// A (payments) and B (ledger, trusting A), in-process on the bank's clock;
-/// returns once B holds A's first key set. A's signed key-set documents
-/// live an hour: the walk steps the clock 240 s at a time, milliseconds
-/// apart, so with the default 5 minutes every step would need A's re-signed
-/// document to reach B before the next one (real time never jumps so).
+/// returns once B holds A's first key set.
 async fn pair(bank: &Bank) -> (Node, Node) {
     let a = bank
-        .start(bank.peer("payments").config(HOURLY).document_lifetime("1h"))
+        .start(
+            bank.peer("payments")
+                .config(HOURLY)
+                .document_lifetime(DOCUMENT_LIFETIME),
+        )
         .await;
     let b = bank
         .start(

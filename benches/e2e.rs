@@ -8,6 +8,9 @@
 //! `--sidecar DIR [--verify-cache N]` runs a `tokend::Sidecar` (the whole
 //! daemon, as `tokend serve` builds it) in that child, so the server's CPU
 //! (utime + stime from /proc/<pid>/stat) is separate from the client's.
+//! The open-loop verify is run twice: alone, and beside a second client
+//! sending uncached (one-time) mints at a quarter of the raw signing rate,
+//! which shows whether an RSA signature stalls the verifies behind it.
 //! Nothing here asserts a timing.
 
 use std::future::Future;
@@ -16,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tokend::pb::tokend as pb;
@@ -432,6 +435,45 @@ fn open_loop(
     r
 }
 
+/// A second client: `op` on a fixed schedule at `rate`/s on its own
+/// thread until `stop`, each call spawned on `rt` (so a slow answer never
+/// slows the schedule). Returns how many calls succeeded.
+fn background(
+    rt: &tokio::runtime::Runtime,
+    conns: &[Channel],
+    rate: f64,
+    op: &Op,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let handle = rt.handle().clone();
+    let conns = conns.to_vec();
+    let op = op.clone();
+    std::thread::spawn(move || {
+        let interval = Duration::from_secs_f64(1.0 / rate);
+        let ok = Arc::new(AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut calls = Vec::new();
+        let mut k = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let at = start + interval.mul_f64(k as f64);
+            if let Some(wait) = at.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let (ch, op, ok) = (conns[k % conns.len()].clone(), op.clone(), ok.clone());
+            calls.push(handle.spawn(async move {
+                if op(ch, k).await {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+            k += 1;
+        }
+        for c in calls {
+            let _ = handle.block_on(c);
+        }
+        ok.load(Ordering::Relaxed)
+    })
+}
+
 // === the run ===
 
 fn bench() {
@@ -584,6 +626,31 @@ fn bench() {
         &verify_distinct,
     );
     let open_echo = open_loop(&rt, &echo, &echo_conns, "echo", offered, &echo_op);
+    // The same open-loop verify while a second client sends uncached
+    // (one-time) mints at a quarter of this machine's raw signing rate: an
+    // RSA signature must not stall the verifies queued behind it.
+    let mint_rate = (sign_rate / 4.0).max(1.0);
+    let one_time_mint = op(move |mut c, _| async move {
+        c.mint(pb::MintRequest {
+            audience: "ledger".into(),
+            one_time: true,
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let minting = background(&rt, &nc_conns, mint_rate, &one_time_mint, stop.clone());
+    let open_verify_minting = open_loop(
+        &rt,
+        &nocache,
+        &nc_conns,
+        "verify, distinct, beside uncached mints",
+        offered,
+        &verify_distinct,
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mints_done = minting.join().expect("mint load thread");
     let rss_nocache = peak_rss_mib(nocache.pid());
     drop(nc_conns);
     nocache.stop();
@@ -713,7 +780,7 @@ fn bench() {
         "{:<44} {:>9} {:>8} {:>8} {:>9} {:>9} {:>4}",
         "", "done/s", "p50 µs", "p99 µs", "p99.9 µs", "srv µs/c", "err"
     );
-    for r in [&open_echo, &open_verify] {
+    for r in [&open_echo, &open_verify, &open_verify_minting] {
         println!(
             "{:<44} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>9.1} {:>4}",
             r.name, r.rate, r.p50, r.p99, r.p999, r.server_us, r.errors
@@ -726,6 +793,17 @@ fn bench() {
         format!("{:.2}", open_verify.p50 / open_echo.p50),
         format!("{:.2}", open_verify.p99 / open_echo.p99),
         format!("{:.2}", open_verify.p999 / open_echo.p999)
+    );
+    println!(
+        "{:<44} {:>9} {:>8} {:>8} {:>9}",
+        "verify beside mints ÷ echo",
+        "",
+        format!("{:.2}", open_verify_minting.p50 / open_echo.p50),
+        format!("{:.2}", open_verify_minting.p99 / open_echo.p99),
+        format!("{:.2}", open_verify_minting.p999 / open_echo.p999)
+    );
+    println!(
+        "  (beside: {mints_done} uncached mints answered, offered at {mint_rate:.0}/s = ring sign ÷ 4, by a second client)"
     );
     println!();
     println!(

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub(crate) use self::ext_authz::ExtAuthzConfig;
 use crate::identity::{SpiffeId, TrustDomain};
+
+mod ext_authz;
 
 /// A configuration problem, naming what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +90,17 @@ struct FileConfig {
     #[serde(default)]
     limits: LimitsFile,
     directory: Option<DirectoryFile>,
+    #[serde(default)]
+    ext_authz: ext_authz::ExtAuthzFile,
+    audit: Option<AuditFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditFile {
+    file: Option<PathBuf>,
+    max_bytes: Option<u64>,
+    keep: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,6 +306,44 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The etcd directory and shared replay store, if configured.
     pub directory: Option<DirectoryConfig>,
+    /// Envoy external authorization defaults.
+    pub ext_authz: ExtAuthzConfig,
+    /// Where the audit trail goes.
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`: the audit trail goes to `file` (rotated by size) or, with no
+/// file, to the log on target `audit`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditConfig {
+    /// The file records are appended to (0600); `None`: the log.
+    pub file: Option<PathBuf>,
+    /// Rotate before a record would take the file past this size.
+    pub max_bytes: u64,
+    /// Rotated files kept (`FILE.1` … `FILE.<keep>`).
+    pub keep: usize,
+}
+
+/// Default `[audit] max_bytes`: 16 MiB.
+const AUDIT_MAX_BYTES: u64 = 16 << 20;
+/// Default `[audit] keep`.
+const AUDIT_KEEP: usize = 5;
+
+fn audit(
+    f: Option<AuditFile>,
+    rel: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<AuditConfig, ConfigError> {
+    let f = f.unwrap_or_default();
+    Ok(AuditConfig {
+        file: f.file.map(rel),
+        max_bytes: within(
+            "audit.max_bytes",
+            f.max_bytes.unwrap_or(AUDIT_MAX_BYTES),
+            4096,
+            1 << 40,
+        )?,
+        keep: within("audit.keep", f.keep.unwrap_or(AUDIT_KEEP), 1, 1000)?,
+    })
 }
 
 /// `serve` flags that override the file.
@@ -381,6 +433,7 @@ impl Config {
         let have_peer_api = peer_api.is_some();
         let peers = peers(f.peers, &who, have_peer_api, &rel)?;
         let directory = directory(f.directory, &who, have_peer_api, &rel)?;
+        let ext_authz = f.ext_authz.build(&who.trust_domain)?;
         Ok(Self {
             name: who.name,
             trust_domain: who.trust_domain,
@@ -397,6 +450,8 @@ impl Config {
             metrics_listen: metrics(f.metrics, ov)?,
             limits: limits(f.limits)?,
             directory,
+            ext_authz,
+            audit: audit(f.audit, &rel)?,
         })
     }
 }

@@ -13,9 +13,11 @@
 //!    rotation planner (pure) and its loop; published as `KeySet` snapshots.
 //! 3. `engine`: mint, verify (`verify_at`, pure, at an explicit `now`), the
 //!    verify cache, delegation, one-time claims, immutable `TrustSet`
-//!    snapshots. Opens no socket and no file.
+//!    snapshots, ext_authz access rules. Opens no socket and no file.
 //! 4. `config`: TOML → typed sections that build their policies.
-//! 5. `listen`: both listeners' caps, deadlines and accept back-off.
+//! 5. `listen`: both listeners' caps, deadlines and accept back-off;
+//!    `audit`: the hash-chained audit trail (below `api`, which records
+//!    into it).
 //! 6. `peers` (trust sources feeding one writer; the peer-facing server),
 //!    `api` (the local gRPC services, each with its own handles; the one
 //!    refusal → status mapping), `telemetry`, `replay_log` (the one-time
@@ -29,6 +31,7 @@
 //! 10. `cli`: the command line, on top.
 
 mod api;
+mod audit;
 mod ca;
 mod cli;
 mod config;
@@ -47,7 +50,8 @@ mod shutdown;
 mod telemetry;
 mod time;
 
-pub use crate::api::{REASON_KEY, connect, detail_of, reason_of};
+pub use crate::api::{ERROR_DOMAIN, REASON_KEY, ServeError, connect, detail_of, reason_of};
+pub use crate::audit::AuditError;
 pub use crate::ca::{init as ca_init, issue as ca_issue};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::config::check_config;
@@ -66,7 +70,8 @@ pub use crate::keys::{
     parse_pkcs8_pem,
 };
 pub use crate::peers::{
-    DirectFetcher, DocumentPublisher, DocumentSink, PeerError, PublishError, peer_key_set_update,
+    DirectFetcher, DocumentHandle, DocumentPublisher, DocumentSink, PeerError, PublishError,
+    peer_key_set_update,
 };
 pub use crate::reason::{Reason, Refusal};
 pub use crate::telemetry::{LogFormat, init as init_logs};

@@ -14,3 +14,9 @@ pub mod tokend {
 pub mod spiffe {
     tonic::include_proto!("_");
 }
+
+/// Every file of `proto/` (and its imports) as an encoded
+/// `FileDescriptorSet`, written by build.rs: what server reflection serves,
+/// so grpcurl and grpcui work without the proto files.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tokend_descriptor.bin"));

@@ -6,20 +6,32 @@
 
 #[path = "it/support.rs"]
 mod support;
+#[path = "it/tools.rs"]
+mod tools;
 
 #[path = "it/inproc.rs"]
 mod inproc;
 
+#[path = "it/audit.rs"]
+mod audit;
 #[path = "it/cli.rs"]
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/deploy.rs"]
+mod deploy;
 #[path = "it/directory.rs"]
 mod directory;
+#[path = "it/ecosystem.rs"]
+mod ecosystem;
+#[path = "it/envoy.rs"]
+mod envoy;
 #[path = "it/etcd.rs"]
 mod etcd;
 #[path = "it/exchange.rs"]
 mod exchange;
+#[path = "it/ext_authz.rs"]
+mod ext_authz;
 #[path = "it/hardening.rs"]
 mod hardening;
 #[path = "it/interop.rs"]
@@ -34,6 +46,8 @@ mod mint_verify;
 mod observability;
 #[path = "it/peers.rs"]
 mod peers;
+#[path = "it/prometheus.rs"]
+mod prometheus;
 #[path = "it/replicas.rs"]
 mod replicas;
 #[path = "it/robustness.rs"]

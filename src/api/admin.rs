@@ -5,8 +5,9 @@
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
-use super::status::{bad_request, key_status, status};
-use super::uds::Callers;
+use super::status::{audited, bad_request, key_status, status};
+use super::uds::{Callers, caller_of};
+use crate::audit::{Audit, Event};
 use crate::engine::{InstanceKeys, TrustView};
 use crate::identity::SpiffeId;
 use crate::keys::{
@@ -26,6 +27,7 @@ pub(crate) struct AdminApi {
     clock: SharedClock,
     callers: Callers,
     admins: Callers,
+    audit: Audit,
 }
 
 fn key_info(rec: &KeyRecord, set: &KeySet, now: crate::time::UnixTime) -> pb::KeyInfo {
@@ -70,6 +72,7 @@ impl AdminApi {
         clock: SharedClock,
         callers: Callers,
         admins: Option<Vec<u32>>,
+        audit: Audit,
     ) -> Self {
         let admins = admins.unwrap_or_else(|| crate::keys::daemon_uid().into_iter().collect());
         Self {
@@ -80,6 +83,7 @@ impl AdminApi {
             clock,
             callers,
             admins: Callers::new(Some(admins)),
+            audit,
         }
     }
 
@@ -110,6 +114,47 @@ impl pb::admin_service_server::AdminService for AdminApi {
         &self,
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let event = Event::new("list_keys", caller_of(&req));
+        let result = self.list_keys_call(req);
+        audited(&self.audit, event, result, true)
+    }
+
+    async fn rotate_key(
+        &self,
+        req: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        let mut event = Event::new("rotate_key", caller_of(&req));
+        let result = self.rotate_key_call(req).await;
+        if let Ok(r) = &result {
+            event.kid = r.get_ref().key.as_ref().map(|k| k.kid.clone());
+        }
+        audited(&self.audit, event, result, true)
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
+        let mut event = Event::new("revoke_key", caller_of(&req));
+        event.kid = Some(req.get_ref().kid.chars().take(256).collect());
+        let result = self.revoke_key_call(req).await;
+        audited(&self.audit, event, result, true)
+    }
+
+    async fn get_jwks(
+        &self,
+        req: Request<pb::GetJwksRequest>,
+    ) -> Result<Response<pb::GetJwksResponse>, Status> {
+        self.get_jwks_call(req)
+    }
+}
+
+// The calls behind the audited admin methods.
+impl AdminApi {
+    fn list_keys_call(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.allowed(&req)?;
         let set = self.keys.current();
         let now = self.clock.now();
@@ -121,7 +166,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(pb::ListKeysResponse { keys }))
     }
 
-    async fn rotate_key(
+    async fn rotate_key_call(
         &self,
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
@@ -132,7 +177,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
-    async fn revoke_key(
+    async fn revoke_key_call(
         &self,
         req: Request<pb::RevokeKeyRequest>,
     ) -> Result<Response<pb::RevokeKeyResponse>, Status> {
@@ -148,7 +193,7 @@ impl pb::admin_service_server::AdminService for AdminApi {
         }))
     }
 
-    async fn get_jwks(
+    fn get_jwks_call(
         &self,
         req: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {

@@ -18,8 +18,10 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::status::{spiffe_status, status};
+use super::status::{audited, spiffe_status, status};
 use super::uds::Callers;
+use super::uds::caller_of;
+use crate::audit::{Audit, Event};
 use crate::engine::{Engine, MintRequest};
 use crate::identity::SpiffeId;
 use crate::jose::PublicKey;
@@ -42,16 +44,23 @@ pub(crate) struct SpiffeApi {
     engine: Arc<Engine>,
     callers: Callers,
     shutdown: CancellationToken,
+    audit: Audit,
 }
 
 impl SpiffeApi {
     /// The service over `engine`, open to `callers`; its bundle streams end
-    /// on `shutdown`.
-    pub(crate) fn new(engine: Arc<Engine>, callers: Callers, shutdown: CancellationToken) -> Self {
+    /// on `shutdown`; JWT-SVIDs minted and refused validations are audited.
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        callers: Callers,
+        shutdown: CancellationToken,
+        audit: Audit,
+    ) -> Self {
         Self {
             engine,
             callers,
             shutdown,
+            audit,
         }
     }
 
@@ -128,9 +137,55 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         &self,
         req: Request<pb::JwtsvidRequest>,
     ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let mut event = Event::new("fetch_jwt_svid", caller_of(&req));
+        let result = self.fetch_jwtsvid_call(req, &mut event).await;
+        audited(&self.audit, event, result, true)
+    }
+
+    type FetchJWTBundlesStream = BundleStream;
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<pb::JwtBundlesRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        self.fetch_jwt_bundles_call(req)
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<pb::ValidateJwtsvidRequest>,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        let mut event = Event::new("validate", caller_of(&req));
+        let result = self.validate_jwtsvid_call(req, &mut event).await;
+        audited(&self.audit, event, result, false)
+    }
+
+    type FetchX509SVIDStream = X509Stream;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<pb::X509svidRequest>,
+    ) -> Result<Response<X509Stream>, Status> {
+        self.admit(&req)?;
+        Err(Status::unimplemented(
+            "tokend serves JWT-SVIDs only; X.509-SVIDs are not available",
+        ))
+    }
+}
+
+// The calls, each filling in its audit event.
+impl SpiffeApi {
+    async fn fetch_jwtsvid_call(
+        &self,
+        req: Request<pb::JwtsvidRequest>,
+        event: &mut Event,
+    ) -> Result<Response<pb::JwtsvidResponse>, Status> {
+        let own = self.engine.own();
+        event.iss = Some(own.to_string());
+        event.sub = event.iss.clone();
+        event.aud = Some(req.get_ref().audience.join(" ").chars().take(256).collect());
         self.admit(&req)?;
         let r = req.into_inner();
-        let own = self.engine.own();
         if r.audience.is_empty()
             || r.audience.len() > MAX_AUDIENCES
             || r.audience
@@ -173,6 +228,8 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             one_time: false,
         };
         let m = self.engine.mint_off_thread(request).await.map_err(status)?;
+        event.jti = Some(m.jti.clone());
+        event.kid = Some(m.kid.clone());
         Ok(Response::new(pb::JwtsvidResponse {
             svids: vec![pb::Jwtsvid {
                 spiffe_id: own.to_string(),
@@ -181,9 +238,7 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         }))
     }
 
-    type FetchJWTBundlesStream = BundleStream;
-
-    async fn fetch_jwt_bundles(
+    fn fetch_jwt_bundles_call(
         &self,
         req: Request<pb::JwtBundlesRequest>,
     ) -> Result<Response<BundleStream>, Status> {
@@ -206,10 +261,13 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn validate_jwtsvid(
+    async fn validate_jwtsvid_call(
         &self,
         req: Request<pb::ValidateJwtsvidRequest>,
+        event: &mut Event,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
+        event.claimed(&req.get_ref().svid);
+        event.aud = Some(req.get_ref().audience.chars().take(256).collect());
         self.admit(&req)?;
         let r = req.into_inner();
         if r.audience.is_empty() || r.svid.is_empty() {
@@ -235,17 +293,5 @@ impl pb::spiffe_workload_api_server::SpiffeWorkloadApi for SpiffeApi {
             spiffe_id: v.subject.clone(),
             claims: Some(to_struct(v.claims.clone())),
         }))
-    }
-
-    type FetchX509SVIDStream = X509Stream;
-
-    async fn fetch_x509svid(
-        &self,
-        req: Request<pb::X509svidRequest>,
-    ) -> Result<Response<X509Stream>, Status> {
-        self.admit(&req)?;
-        Err(Status::unimplemented(
-            "tokend serves JWT-SVIDs only; X.509-SVIDs are not available",
-        ))
     }
 }

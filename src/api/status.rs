@@ -1,16 +1,27 @@
 //! The one mapping from refusals to gRPC statuses: a code chosen by the
 //! reason (or by the service's convention, for the SPIFFE Workload API),
 //! the message `<reason>: <detail>`, and the reason in `tokend-reason`
-//! metadata on every refusal. Clients read both back with `reason_of` and
-//! `detail_of`.
+//! metadata on every refusal, and a `google.rpc.ErrorInfo` in the status
+//! details (`grpc-status-details-bin`), where stock gRPC clients look:
+//! reason `BAD_SIGNATURE` (the code in the UPPER_SNAKE_CASE ErrorInfo asks
+//! for), domain [`ERROR_DOMAIN`], metadata `code` (the lower-case code) and
+//! `detail` (the same text as the message's). Clients read them back with
+//! `reason_of` and `detail_of`, or any language's rich-error reader.
+
+use std::collections::HashMap;
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::keys::KeyError;
 use crate::reason::{Reason, Refusal};
 
 /// Metadata key carrying the reason code.
 pub const REASON_KEY: &str = "tokend-reason";
+
+/// The `google.rpc.ErrorInfo` domain of every tokend refusal: stable, so
+/// clients can match `(domain, reason)` across versions.
+pub const ERROR_DOMAIN: &str = "tokend.dev";
 
 /// The gRPC code a reason maps to on tokend's own services.
 fn code_for(reason: Reason) -> Code {
@@ -24,12 +35,22 @@ fn code_for(reason: Reason) -> Code {
     }
 }
 
+/// The ErrorInfo `reason` of a code: `bad_signature` → `BAD_SIGNATURE`.
+fn error_info_reason(reason: Reason) -> String {
+    reason.as_str().to_ascii_uppercase()
+}
+
 fn with_code(code: Code, r: &Refusal) -> Status {
-    let mut st = Status::new(code, r.to_string());
+    let mut metadata = tonic::metadata::MetadataMap::new();
     if let Ok(v) = r.reason.as_str().parse() {
-        st.metadata_mut().insert(REASON_KEY, v);
+        metadata.insert(REASON_KEY, v);
     }
-    st
+    let info = HashMap::from([
+        ("code".to_owned(), r.reason.as_str().to_owned()),
+        ("detail".to_owned(), r.detail.clone()),
+    ]);
+    let details = ErrorDetails::with_error_info(error_info_reason(r.reason), ERROR_DOMAIN, info);
+    Status::with_error_details_and_metadata(code, r.to_string(), details, metadata)
 }
 
 /// The status for a refusal on tokend's own services.
@@ -65,6 +86,31 @@ pub(crate) fn key_status(e: KeyError) -> Status {
         ),
         other => status(Refusal::new(Reason::Unavailable, other.to_string())),
     }
+}
+
+/// Records `event` with `result`'s outcome (a refusal's code and detail, as
+/// the caller sees them) and hands `result` back. Successes are recorded
+/// only when `record_ok` (mints, exchanges, admin actions; not every
+/// verification).
+pub(crate) fn audited<T>(
+    audit: &crate::audit::Audit,
+    mut event: crate::audit::Event,
+    result: Result<T, Status>,
+    record_ok: bool,
+) -> Result<T, Status> {
+    match &result {
+        Ok(_) if !record_ok => return result,
+        Ok(_) => {}
+        Err(st) => {
+            let code = reason_of(st).map_or_else(
+                || format!("{:?}", st.code()).to_ascii_lowercase(),
+                |r| r.as_str().to_owned(),
+            );
+            event.refused(&code, detail_of(st));
+        }
+    }
+    audit.record(event);
+    result
 }
 
 /// The reason a status carries, if it came from tokend.
@@ -120,5 +166,35 @@ mod tests {
             (Code::NotFound, Some(Reason::Malformed))
         );
         assert_eq!(reason_of(&Status::internal("x")), None);
+    }
+
+    /// Every refusal carries an ErrorInfo: the code upper-cased (as
+    /// ErrorInfo's `[A-Z0-9_]+` asks), tokend's domain, the lower-case code
+    /// and the detail; the metadata and message are unchanged.
+    #[test]
+    fn every_reason_carries_error_info() {
+        for reason in Reason::ALL {
+            for st in [
+                status(Refusal::new(reason, "why")),
+                spiffe_status(Refusal::new(reason, "why")),
+            ] {
+                let info = st.get_details_error_info().expect("ErrorInfo");
+                assert!(
+                    info.reason
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+                );
+                assert_eq!(info.reason, reason.as_str().to_ascii_uppercase());
+                assert_eq!(info.domain, ERROR_DOMAIN);
+                assert_eq!(
+                    info.metadata.get("code").map(String::as_str),
+                    Some(reason.as_str())
+                );
+                assert_eq!(info.metadata.get("detail").map(String::as_str), Some("why"));
+                assert_eq!(reason_of(&st), Some(reason));
+                assert_eq!(st.message(), format!("{reason}: why"));
+            }
+        }
+        assert_eq!(error_info_reason(Reason::BadSignature), "BAD_SIGNATURE");
     }
 }

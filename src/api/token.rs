@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::status::{bad_request, status};
-use super::uds::Callers;
+use super::status::{audited, bad_request, status};
+use super::uds::{Callers, caller_of};
+use crate::audit::{Audit, Event};
 use crate::engine::{Engine, MintRequest, parse_claims};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
@@ -19,15 +20,23 @@ pub(crate) struct TokenApi {
     engine: Arc<Engine>,
     td: TrustDomain,
     callers: Callers,
+    audit: Audit,
 }
 
 impl TokenApi {
-    /// The service over `engine`, audiences read in `td`, open to `callers`.
-    pub(crate) fn new(engine: Arc<Engine>, td: TrustDomain, callers: Callers) -> Self {
+    /// The service over `engine`, audiences read in `td`, open to
+    /// `callers`; every mint and exchange, and every refusal, is audited.
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        td: TrustDomain,
+        callers: Callers,
+        audit: Audit,
+    ) -> Self {
         Self {
             engine,
             td,
             callers,
+            audit,
         }
     }
 
@@ -43,7 +52,7 @@ impl TokenApi {
 
 /// Half of the caller's gRPC deadline (`grpc-timeout`), if it sent one: how
 /// long a verification may wait for a peer's keys and still answer in time.
-fn refresh_budget<T>(req: &Request<T>) -> Option<Duration> {
+pub(super) fn refresh_budget<T>(req: &Request<T>) -> Option<Duration> {
     let v = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok()?;
@@ -59,6 +68,12 @@ fn refresh_budget<T>(req: &Request<T>) -> Option<Duration> {
     Some(d / 2)
 }
 
+/// An audience as the caller wrote it, bounded, for the audit record of a
+/// call refused before it is parsed.
+fn r_audience(text: &str) -> String {
+    text.chars().take(256).collect()
+}
+
 fn ttl(seconds: u64) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }
@@ -69,15 +84,53 @@ impl pb::token_service_server::TokenService for TokenApi {
         &self,
         req: Request<pb::MintRequest>,
     ) -> Result<Response<pb::MintResponse>, Status> {
+        let mut event = Event::new("mint", caller_of(&req));
+        let result = self.mint_call(req, &mut event).await;
+        audited(&self.audit, event, result, true)
+    }
+
+    async fn verify(
+        &self,
+        req: Request<pb::VerifyRequest>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
+        let mut event = Event::new("verify", caller_of(&req));
+        let result = self.verify_call(req, &mut event).await;
+        audited(&self.audit, event, result, false)
+    }
+
+    async fn exchange(
+        &self,
+        req: Request<pb::ExchangeRequest>,
+    ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        let mut event = Event::new("exchange", caller_of(&req));
+        let result = self.exchange_call(req, &mut event).await;
+        audited(&self.audit, event, result, true)
+    }
+}
+
+// The calls, each filling in its audit event.
+impl TokenApi {
+    async fn mint_call(
+        &self,
+        req: Request<pb::MintRequest>,
+        event: &mut Event,
+    ) -> Result<Response<pb::MintResponse>, Status> {
+        event.iss = Some(self.engine.own().to_string());
+        event.sub = event.iss.clone();
+        event.aud = Some(r_audience(&req.get_ref().audience));
         self.callers.check(&req).map_err(status)?;
         let r = req.into_inner();
+        let audience = self.audience(&r.audience, "audience")?.to_string();
+        event.aud = Some(audience.clone());
         let request = MintRequest {
-            audience: vec![self.audience(&r.audience, "audience")?.to_string()],
+            audience: vec![audience],
             ttl: ttl(r.ttl_seconds),
             claims: parse_claims(&r.claims_json).map_err(|e| status(e.into()))?,
             one_time: r.one_time,
         };
         let m = self.engine.mint_off_thread(request).await.map_err(status)?;
+        event.jti = Some(m.jti.clone());
+        event.kid = Some(m.kid.clone());
         Ok(Response::new(pb::MintResponse {
             token: m.token,
             kid: m.kid,
@@ -86,10 +139,16 @@ impl pb::token_service_server::TokenService for TokenApi {
         }))
     }
 
-    async fn verify(
+    async fn verify_call(
         &self,
         req: Request<pb::VerifyRequest>,
+        event: &mut Event,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
+        event.claimed(&req.get_ref().token);
+        event.aud = Some(match req.get_ref().audience.as_str() {
+            "" => self.engine.own().to_string(),
+            text => r_audience(text),
+        });
         self.callers.check(&req).map_err(status)?;
         let wait = refresh_budget(&req);
         let r = req.into_inner();
@@ -117,14 +176,18 @@ impl pb::token_service_server::TokenService for TokenApi {
         }))
     }
 
-    async fn exchange(
+    async fn exchange_call(
         &self,
         req: Request<pb::ExchangeRequest>,
+        event: &mut Event,
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
+        event.claimed(&req.get_ref().token);
+        event.aud = Some(r_audience(&req.get_ref().audience));
         self.callers.check(&req).map_err(status)?;
         let wait = refresh_budget(&req);
         let r = req.into_inner();
         let aud = self.audience(&r.audience, "audience")?;
+        event.aud = Some(aud.to_string());
         if r.token.is_empty() {
             return Err(bad_request("token is empty"));
         }
@@ -133,6 +196,10 @@ impl pb::token_service_server::TokenService for TokenApi {
             .exchange(&r.token, &aud, ttl(r.ttl_seconds), wait)
             .await
             .map_err(status)?;
+        // The new token's issuer and ids; sub stays the inbound token's.
+        event.iss = Some(self.engine.own().to_string());
+        event.jti = Some(m.jti.clone());
+        event.kid = Some(m.kid.clone());
         Ok(Response::new(pb::ExchangeResponse {
             token: m.token,
             kid: m.kid,

@@ -112,6 +112,18 @@ fn caller_uid<T>(req: &tonic::Request<T>) -> Option<u32> {
         .map(|c| c.uid())
 }
 
+/// The calling process (uid, pid) for the audit trail.
+pub(crate) fn caller_of<T>(req: &tonic::Request<T>) -> crate::audit::Caller {
+    let cred = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred);
+    crate::audit::Caller {
+        uid: cred.map(|c| c.uid()),
+        pid: cred.and_then(|c| c.pid()),
+    }
+}
+
 /// Who may call: every caller that can open the socket, or a list of uids.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Callers(Option<Vec<u32>>);

@@ -3,6 +3,7 @@
 
 mod demo;
 mod demo_directory;
+mod endpoint;
 mod offline;
 mod remote;
 
@@ -30,9 +31,20 @@ pub struct Cli {
 /// Where the local socket is.
 #[derive(Debug, Clone, Args)]
 pub struct SocketArg {
-    /// The sidecar's Unix socket.
-    #[arg(long, env = "TOKEND_SOCKET", default_value = "./tokend.sock")]
-    pub socket: PathBuf,
+    /// The sidecar's Unix socket [default: TOKEND_SOCKET, then
+    /// SPIFFE_ENDPOINT_SOCKET (unix:///path or unix:/path), then ./tokend.sock].
+    #[arg(long, env = "TOKEND_SOCKET")]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    /// The socket to dial, or why `SPIFFE_ENDPOINT_SOCKET` cannot name one.
+    fn path(self) -> Result<PathBuf, String> {
+        endpoint::resolve(
+            self.socket,
+            std::env::var(endpoint::SPIFFE_ENDPOINT_SOCKET).ok(),
+        )
+    }
 }
 
 /// The subcommands.
@@ -92,6 +104,19 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// The sidecar's health (grpc.health.v1 Check): prints the status and
+    /// exits 0 when SERVING, 1 otherwise (for exec probes).
+    Health {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// One service's status (e.g. tokend.v1.TokenService) instead of the sidecar's.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
+    /// The audit trail.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Show a token's header and claims, UNVERIFIED.
     Decode {
         /// The token, or `-`.
@@ -139,6 +164,18 @@ pub enum CaCommand {
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: i64,
+    },
+}
+
+/// `tokend audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain of audit files (oldest first, e.g. audit.log.2
+    /// audit.log.1 audit.log); names the first broken record and exits 1.
+    Verify {
+        /// The files, oldest first.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
     },
 }
 
@@ -241,29 +278,47 @@ pub async fn run(cli: Cli) -> u8 {
             ttl,
             claims,
             one_time,
-        } => remote::mint(&socket.socket, audience, ttl, claims, one_time).await,
+        } => match socket.path() {
+            Ok(s) => remote::mint(&s, audience, ttl, claims, one_time).await,
+            Err(e) => fail_usage(&e),
+        },
         Command::Verify {
             socket,
             audience,
             token,
-        } => match token_arg(&token) {
-            Ok(t) => remote::verify(&socket.socket, t, audience).await,
-            Err(e) => fail_usage(&e),
+        } => match (socket.path(), token_arg(&token)) {
+            (Ok(s), Ok(t)) => remote::verify(&s, t, audience).await,
+            (Err(e), _) | (_, Err(e)) => fail_usage(&e),
         },
         Command::Exchange {
             socket,
             audience,
             token,
-        } => match token_arg(&token) {
-            Ok(t) => remote::exchange(&socket.socket, t, audience).await,
+        } => match (socket.path(), token_arg(&token)) {
+            (Ok(s), Ok(t)) => remote::exchange(&s, t, audience).await,
+            (Err(e), _) | (_, Err(e)) => fail_usage(&e),
+        },
+        Command::Keys(KeysCommand::List { socket }) => match socket.path() {
+            Ok(s) => remote::keys_list(&s).await,
             Err(e) => fail_usage(&e),
         },
-        Command::Keys(KeysCommand::List { socket }) => remote::keys_list(&socket.socket).await,
-        Command::Keys(KeysCommand::Rotate { socket }) => remote::keys_rotate(&socket.socket).await,
-        Command::Keys(KeysCommand::Revoke { socket, kid }) => {
-            remote::keys_revoke(&socket.socket, kid).await
-        }
-        Command::Jwks { socket, all } => remote::jwks(&socket.socket, all).await,
+        Command::Keys(KeysCommand::Rotate { socket }) => match socket.path() {
+            Ok(s) => remote::keys_rotate(&s).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Keys(KeysCommand::Revoke { socket, kid }) => match socket.path() {
+            Ok(s) => remote::keys_revoke(&s, kid).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Jwks { socket, all } => match socket.path() {
+            Ok(s) => remote::jwks(&s, all).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Health { socket, service } => match socket.path() {
+            Ok(s) => remote::health(&s, service).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Audit(AuditCommand::Verify { files }) => offline::audit_verify(&files),
         Command::Decode { token } => match token_arg(&token) {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),

@@ -1,4 +1,5 @@
-//! Commands that never talk to a daemon: `decode`, `ca init`, `ca issue`.
+//! Commands that never talk to a daemon: `decode`, `ca init`, `ca issue`,
+//! `audit verify`.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -76,6 +77,24 @@ pub(super) fn ca_issue(
         }
         Err(e) => {
             eprintln!("tokend: {e}");
+            1
+        }
+    }
+}
+
+/// `tokend audit verify FILE...`: 0 and a summary when the chain is whole;
+/// 1 and `FILE:LINE: why` for the first broken record.
+pub(super) fn audit_verify(files: &[std::path::PathBuf]) -> u8 {
+    match crate::audit::verify_files(files) {
+        Ok(ok) => {
+            println!(
+                "ok: {} records, seq {}..{}, head {}",
+                ok.records, ok.seqs.0, ok.seqs.1, ok.head
+            );
+            0
+        }
+        Err(broken) => {
+            eprintln!("broken: {broken}");
             1
         }
     }

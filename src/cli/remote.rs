@@ -266,3 +266,37 @@ pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
         Err(s) => print_status(&s, "refused"),
     }
 }
+
+/// `tokend health`: grpc.health.v1 Check of `service` (`""`: the sidecar).
+/// Prints the status by its protocol name; 0 only when SERVING.
+pub(super) async fn health(socket: &Path, service: String) -> u8 {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel_or_exit!(socket));
+    let what = if service.is_empty() {
+        "tokend".to_owned()
+    } else {
+        service.clone()
+    };
+    match client
+        .check(tonic_health::pb::HealthCheckRequest { service })
+        .await
+    {
+        Ok(r) => {
+            let status = r.into_inner().status;
+            let name = ServingStatus::try_from(status)
+                .map(|s| s.as_str_name().to_owned())
+                .unwrap_or_else(|_| format!("status {status}"));
+            if status == ServingStatus::Serving as i32 {
+                println!("{what}: {name}");
+                0
+            } else {
+                eprintln!("{what}: {name}");
+                1
+            }
+        }
+        Err(s) => {
+            eprintln!("{what}: {}: {}", code_name(s.code()), s.message());
+            1
+        }
+    }
+}

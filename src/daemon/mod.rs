@@ -18,7 +18,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
-use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
+use crate::api::{AdminApi, Callers, ExtAuthzApi, LocalApi, SocketError, SpiffeApi, TokenApi};
+use crate::audit::{Audit, AuditWriter};
 use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::directory::{Directory, EtcdReplay};
 use crate::engine::{DocumentLimits, SignedDocument};
@@ -75,9 +76,12 @@ pub enum DaemonError {
     /// The `[directory]` etcd client could not be set up.
     #[error(transparent)]
     Directory(#[from] crate::directory::EtcdSetupError),
+    /// The audit file cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    Serve(#[from] crate::api::ServeError),
 }
 
 impl DaemonError {
@@ -143,6 +147,7 @@ pub struct Daemon {
     peer_addr: Option<SocketAddr>,
     clock: SharedClock,
     shutdown: CancellationToken,
+    audit: AuditWriter,
 }
 
 impl std::fmt::Debug for Daemon {
@@ -165,6 +170,7 @@ impl Daemon {
                 .map_err(|detail| DaemonError::Metrics { addr, detail })?;
         }
         let caps = fd_caps(&config);
+        let (audit, audit_writer) = crate::audit::start(&config.audit, clock.clone())?;
         let (store, keys) = open_keys(&config, &clock).await?;
         let etcd = match &config.directory {
             Some(d) => Some(crate::directory::connect(d).await?),
@@ -215,6 +221,7 @@ impl Daemon {
             commands_tx,
             &clock,
             &shutdown,
+            audit,
         );
         let directory = match (&config.directory, etcd, &sources.documents, &peer_server) {
             (Some(d), Some(client), Some(sink), Some(server)) => Some(Directory::new(
@@ -256,6 +263,7 @@ impl Daemon {
             peer_addr,
             clock,
             shutdown,
+            audit: audit_writer,
         })
     }
 
@@ -280,6 +288,15 @@ impl Daemon {
             .as_ref()
             .and_then(|p| p.publisher.as_ref())
             .map(DocumentPublisher::subscribe)
+    }
+
+    /// The publisher's handle: `fresh()` gives the current document, signed
+    /// anew first if it is past half its life or older than the key set.
+    pub fn document_handle(&self) -> Option<crate::peers::DocumentHandle> {
+        self.peer_server
+            .as_ref()
+            .and_then(|p| p.publisher.as_ref())
+            .map(DocumentPublisher::handle)
     }
 
     /// Where a relay (the directory) hands the documents it receives: they
@@ -359,6 +376,9 @@ impl Daemon {
             "tokend serving"
         );
         let stop = cancel.clone();
+        // On shutdown every service turns NOT_SERVING, then `cancel` ends the
+        // long-lived streams (health watches, SPIFFE bundles, peer watches) so
+        // the graceful drain below only waits for ordinary calls.
         let serve = crate::api::serve(
             self.listener,
             self.api,
@@ -369,10 +389,8 @@ impl Daemon {
                     _ = shutdown => {}
                     _ = stop.cancelled() => {}
                 }
-                // Ends the long-lived streams (SPIFFE bundles, peer watches) so the
-                // graceful drain below only waits for ordinary calls.
-                stop.cancel();
             },
+            cancel.clone(),
         );
         let drained = cancel.clone();
         let result = tokio::select! {
@@ -392,6 +410,15 @@ impl Daemon {
             .is_err()
         {
             tracing::warn!("background tasks did not stop within 10s");
+        }
+        // The services (and their audit handles) are gone: the writer drains
+        // its queue, flushes and stops.
+        let audit = tokio::task::spawn_blocking(move || self.audit.finish());
+        if tokio::time::timeout(Duration::from_secs(5), audit)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the audit writer did not finish within 5s");
         }
         if let Err(e) = std::fs::remove_file(&self.socket) {
             tracing::warn!(socket = %self.socket.display(), error = %e, "could not remove socket");
@@ -515,7 +542,7 @@ async fn bind_peer_api(
         config.limits.peer_watches_per_caller,
     );
     if let Some(p) = &publisher {
-        api = api.with_documents(p.subscribe());
+        api = api.with_documents(p.handle());
     }
     Ok(PeerServer {
         addr,
@@ -526,7 +553,9 @@ async fn bind_peer_api(
     })
 }
 
-/// The local services, each with only the handles it uses.
+/// The local services, each with only the handles it uses (one argument
+/// per handle, so what each service gets stays visible here).
+#[allow(clippy::too_many_arguments)]
 fn local_api(
     config: &Config,
     engine: Arc<Engine>,
@@ -535,10 +564,16 @@ fn local_api(
     commands: mpsc::Sender<Command>,
     clock: &SharedClock,
     shutdown: &CancellationToken,
+    audit: Audit,
 ) -> LocalApi {
     let callers = Callers::new(config.allowed_uids.clone());
     LocalApi {
-        token: TokenApi::new(engine.clone(), config.trust_domain.clone(), callers.clone()),
+        token: TokenApi::new(
+            engine.clone(),
+            config.trust_domain.clone(),
+            callers.clone(),
+            audit.clone(),
+        ),
         admin: AdminApi::new(
             config.id.clone(),
             keys.clone(),
@@ -547,8 +582,15 @@ fn local_api(
             clock.clone(),
             callers.clone(),
             config.admin_uids.clone(),
+            audit.clone(),
         ),
-        spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
+        spiffe: SpiffeApi::new(engine.clone(), callers.clone(), shutdown.clone(), audit),
+        ext_authz: ExtAuthzApi::new(
+            engine,
+            config.trust_domain.clone(),
+            callers,
+            config.ext_authz.clone(),
+        ),
         directory_health: None,
     }
 }

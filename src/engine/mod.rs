@@ -6,8 +6,11 @@
 //! key-set documents replicas publish (`document`: build, sign, verify). The only async
 //! parts are the two things a decision may wait on: a refresh of a peer's
 //! keys (behind the `Refresh` trait, once per verification) and the replay
-//! store. Tests and benches build an `Engine` directly.
+//! store. Tests and benches build an `Engine` directly. `authz` holds the
+//! access rules and claim headers Envoy's external authorization applies
+//! to a verified token.
 
+mod authz;
 mod cache;
 #[cfg(test)]
 mod contract;
@@ -25,6 +28,9 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+#[cfg(test)]
+pub(crate) use self::authz::HeaderClaim;
+pub(crate) use self::authz::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
 pub use self::document::{
     DEFAULT_DOCUMENT_LIFETIME, DOCUMENT_TYPE, DocumentAnchors, DocumentClaims, DocumentError,
@@ -165,6 +171,14 @@ impl Engine {
     /// at most one per core at a time, so it never stalls the async
     /// workers that answer verifications.
     pub async fn mint_off_thread(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
+        let started = std::time::Instant::now();
+        let result = self.mint_queued(req).await;
+        metrics::histogram!("tokend_mint_seconds").record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// `mint_off_thread` without the latency record.
+    async fn mint_queued(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
         if let Some(m) = self.minter.cached(&req, self.clock.now())? {
             return Ok(m);
         }

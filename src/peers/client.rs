@@ -24,12 +24,13 @@ use tonic::Streaming;
 use super::connect::{
     ANSWER_TIMEOUT, PeerApi, Slot, authority_of, connect, proven_identity, status,
 };
+use super::keyset::key_set_parts;
 use super::refresh::KeySource;
 use super::{DocumentSink, LogLimit, PeerError, TrustFeed};
-use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate, TrustView};
+use crate::engine::{TrustUpdate, TrustView};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
-use crate::time::{SharedClock, UnixTime};
+use crate::time::SharedClock;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
@@ -40,6 +41,25 @@ fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
         .saturating_mul(1u32 << attempt.min(16))
         .min(BACKOFF_MAX);
     Duration::from_millis(rng.gen_range(0..=cap.as_millis() as u64))
+}
+
+/// One message of a watch: a signed document, or a plain set from a
+/// release without documents.
+enum Delivery {
+    Document(pb::KeySetDocument),
+    Set(pb::PeerKeySet),
+}
+
+impl From<pb::KeySetDocument> for Delivery {
+    fn from(d: pb::KeySetDocument) -> Self {
+        Delivery::Document(d)
+    }
+}
+
+impl From<pb::PeerKeySet> for Delivery {
+    fn from(s: pb::PeerKeySet) -> Self {
+        Delivery::Set(s)
+    }
 }
 
 /// What this client's connections delivered, to mark stale on loss.
@@ -239,10 +259,16 @@ impl PeerClient {
         };
         metrics::counter!("tokend_peer_refusals_total", "peer" => self.name.clone(), "kind" => kind)
             .increment(1);
-        self.feed.note(TrustUpdate::Error {
-            issuer: issuer.to_string(),
-            error: error.to_string(),
-        });
+        // Shown under the identity the certificate proved, and under the
+        // one configured for this address when that differs.
+        for issuer in
+            std::iter::once(issuer).chain((issuer != &self.expected).then_some(&self.expected))
+        {
+            self.feed.note(TrustUpdate::Error {
+                issuer: issuer.to_string(),
+                error: error.to_string(),
+            });
+        }
     }
 
     /// One unary fetch (used for the unknown-kid refresh): the document,
@@ -322,27 +348,13 @@ impl PeerClient {
         })?;
         let identity = proven_identity(&slot)?;
         self.delivered().identity = Some(identity.clone());
-        let mut got_any = false;
         match opened {
             Ok(stream) => {
-                let mut stream = stream.into_inner();
-                loop {
-                    let msg = self
-                        .next(&mut stream, !got_any, "WatchDocuments", cancel)
-                        .await;
-                    let Some(msg) = self.received(msg, &identity, &mut got_any)? else {
-                        return Ok(got_any);
-                    };
-                    if let Err(e) = self.install_document(&identity, msg).await {
-                        if matches!(e, PeerError::WriterGone) {
-                            return Ok(got_any);
-                        }
-                        self.refuse(Some(&identity), &e);
-                    }
-                }
+                self.follow(stream.into_inner(), "WatchDocuments", &identity, cancel)
+                    .await
             }
             Err(s) if s.code() == tonic::Code::Unimplemented => {
-                let mut stream =
+                let stream =
                     tokio::time::timeout(ANSWER_TIMEOUT, client.watch_keys(pb::GetKeysRequest {}))
                         .await
                         .map_err(|_| PeerError::Timeout {
@@ -351,23 +363,41 @@ impl PeerClient {
                         })?
                         .map_err(status("WatchKeys"))?
                         .into_inner();
-                loop {
-                    let msg = self.next(&mut stream, !got_any, "WatchKeys", cancel).await;
-                    let Some(msg) = self.received(msg, &identity, &mut got_any)? else {
-                        return Ok(got_any);
-                    };
-                    if let Err(e) = self.install_set(&identity, msg).await {
-                        if matches!(e, PeerError::WriterGone) {
-                            return Ok(got_any);
-                        }
-                        self.refuse(Some(&identity), &e);
-                    }
-                }
+                self.follow(stream, "WatchKeys", &identity, cancel).await
             }
             Err(s) => {
                 let e = status("WatchDocuments")(s);
                 self.refuse(Some(&identity), &e);
                 Err(e)
+            }
+        }
+    }
+
+    /// Installs every message of `stream` (of `rpc`) under `identity` until
+    /// it ends, fails or `cancel` fires; returns whether anything arrived.
+    /// A refused message is noted and the stream followed on.
+    async fn follow<T: Into<Delivery>>(
+        &self,
+        mut stream: Streaming<T>,
+        rpc: &'static str,
+        identity: &SpiffeId,
+        cancel: &CancellationToken,
+    ) -> Result<bool, PeerError> {
+        let mut got_any = false;
+        loop {
+            let msg = self.next(&mut stream, !got_any, rpc, cancel).await;
+            let Some(msg) = self.received(msg, identity, &mut got_any)? else {
+                return Ok(got_any);
+            };
+            let installed = match msg.into() {
+                Delivery::Document(d) => self.install_document(identity, d).await,
+                Delivery::Set(s) => self.install_set(identity, s).await,
+            };
+            if let Err(e) = installed {
+                if matches!(e, PeerError::WriterGone) {
+                    return Ok(got_any);
+                }
+                self.refuse(Some(identity), &e);
             }
         }
     }
@@ -470,57 +500,6 @@ impl KeySource for PeerClient {
     fn fetch(&self) -> Pin<Box<dyn Future<Output = Result<(), PeerError>> + Send + '_>> {
         Box::pin(self.fetch_once())
     }
-}
-
-/// The trust update a peer's key-set message asks for, filed under `issuer`
-/// (the identity its certificate proved): the size, key-count and key-policy
-/// checks every delivery passes before it reaches the writer. Pure.
-pub(crate) fn key_set_update(
-    issuer: &str,
-    msg: pb::PeerKeySet,
-    at: UnixTime,
-) -> Result<TrustUpdate, PeerError> {
-    let (keys, revoked, expires) = key_set_parts(msg)?;
-    Ok(TrustUpdate::Replace {
-        issuer: issuer.to_owned(),
-        keys,
-        revoked,
-        expires,
-        at,
-    })
-}
-
-/// A key-set message's keys, revoked kids and expiry hints, checked.
-type SetParts = (
-    Vec<crate::jose::PublicKey>,
-    Vec<String>,
-    std::collections::HashMap<String, UnixTime>,
-);
-
-fn key_set_parts(msg: pb::PeerKeySet) -> Result<SetParts, PeerError> {
-    if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
-        return Err(PeerError::TooLarge(msg.jwks_json.len()));
-    }
-    let keys = crate::jose::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)?;
-    let expires = msg
-        .key_expires_at
-        .into_iter()
-        .map(|(kid, t)| (kid, UnixTime::from_secs(t)))
-        .collect();
-    Ok((keys, msg.revoked_kids, expires))
-}
-
-/// What a peer client makes of a `PeerKeySet` before the trust writer sees
-/// it: the update filed under `issuer`, or why the set is refused (too
-/// large, not a JWKS, too many keys, a key outside the import policy, a
-/// duplicate kid). The daemon runs exactly these checks on every delivery;
-/// this is on the crate's face for tooling and the fuzz harness (`fuzz/`).
-pub fn peer_key_set_update(
-    issuer: &str,
-    msg: pb::PeerKeySet,
-    at: UnixTime,
-) -> Result<TrustUpdate, String> {
-    key_set_update(issuer, msg, at).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -4,8 +4,11 @@
 //! (rotation, revocation), and again at half of the document lifetime, and
 //! hands the current one out through a `watch` of `Arc<SignedDocument>`:
 //! the peer API serves it (`GetDocument`, `WatchDocuments`), and any relay
-//! (the etcd directory) publishes it. A failure to sign is logged and
-//! retried; the previous document stays current until it expires.
+//! (the etcd directory) publishes it. `GetDocument` asks the
+//! `DocumentHandle` for a fresh one, so a fetch never gets a document past
+//! half its life or older than the key set, even before the loop ran. A
+//! failure to sign is logged and retried; the previous document stays
+//! current until it expires.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,21 +45,45 @@ pub(crate) type SignerSource = Arc<dyn Fn() -> Result<DocumentKey, String> + Sen
 
 /// Signs and re-signs this instance's key-set document.
 pub struct DocumentPublisher {
+    shared: Arc<Shared>,
+}
+
+/// A handle on the publisher: the current document, signed anew on demand
+/// when it is past half its life or older than the key set. Cheap to clone.
+#[derive(Clone)]
+pub struct DocumentHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     identity: SpiffeId,
     key: SignerSource,
-    instance: InstanceState,
     keys: KeyView,
     clock: SharedClock,
     lifetime: Duration,
     address: Option<String>,
+    /// The sequence, and the key-set version the current document lists.
+    state: std::sync::Mutex<State>,
     tx: watch::Sender<Arc<SignedDocument>>,
+}
+
+struct State {
+    instance: InstanceState,
+    version: u64,
 }
 
 impl std::fmt::Debug for DocumentPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DocumentPublisher")
-            .field("identity", &self.identity)
-            .field("instance", &self.instance.id())
+            .field("identity", &self.shared.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for DocumentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocumentHandle")
+            .field("identity", &self.shared.identity)
             .finish_non_exhaustive()
     }
 }
@@ -84,6 +111,11 @@ fn claims_for(
     }
 }
 
+/// Half of a document's life: when it is signed anew.
+fn half_life(doc: &SignedDocument) -> UnixTime {
+    doc.issued_at + doc.expires_at.since(doc.issued_at) / 2
+}
+
 // === impl DocumentPublisher ===
 
 impl DocumentPublisher {
@@ -100,64 +132,55 @@ impl DocumentPublisher {
         lifetime: Duration,
         address: Option<String>,
     ) -> Result<Self, PublishError> {
+        let set = keys.current();
         let first = sign(
             &identity,
             &key,
             &mut instance,
-            &keys.current(),
+            &set,
             clock.now(),
             lifetime,
             address.as_deref(),
         )?;
         let (tx, _) = watch::channel(Arc::new(first));
         Ok(Self {
-            identity,
-            key,
-            instance,
-            keys,
-            clock,
-            lifetime,
-            address,
-            tx,
+            shared: Arc::new(Shared {
+                identity,
+                key,
+                keys,
+                clock,
+                lifetime,
+                address,
+                state: std::sync::Mutex::new(State {
+                    instance,
+                    version: set.version,
+                }),
+                tx,
+            }),
         })
+    }
+
+    /// A handle for the peer API and relays.
+    pub fn handle(&self) -> DocumentHandle {
+        DocumentHandle {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Every document this publisher signs, the current one first.
     pub fn subscribe(&self) -> watch::Receiver<Arc<SignedDocument>> {
-        self.tx.subscribe()
-    }
-
-    /// The current document.
-    pub fn current(&self) -> Arc<SignedDocument> {
-        self.tx.borrow().clone()
-    }
-
-    fn publish(&mut self) -> Result<(), PublishError> {
-        let doc = sign(
-            &self.identity,
-            &self.key,
-            &mut self.instance,
-            &self.keys.current(),
-            self.clock.now(),
-            self.lifetime,
-            self.address.as_deref(),
-        )?;
-        tracing::debug!(seq = doc.seq, exp = %doc.expires_at, "signed key-set document");
-        metrics::counter!("tokend_documents_signed_total").increment(1);
-        self.tx.send_replace(Arc::new(doc));
-        Ok(())
+        self.shared.tx.subscribe()
     }
 
     /// Re-signs on every key-set change and at half life, until cancelled.
-    pub async fn run(mut self, cancel: CancellationToken) {
-        let mut changes = self.keys.subscribe();
+    pub async fn run(self, cancel: CancellationToken) {
+        let shared = self.shared;
+        let mut changes = shared.keys.subscribe();
         changes.mark_unchanged();
         let mut retry_at: Option<UnixTime> = None;
         loop {
-            let cur = self.current();
-            let half = cur.issued_at + (cur.expires_at.since(cur.issued_at) / 2);
+            let half = half_life(&shared.tx.borrow());
             let wake = retry_at.map_or(half, |r| r.min(half));
-            let clock = self.clock.clone();
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = changes.changed() => {
@@ -165,16 +188,66 @@ impl DocumentPublisher {
                         return;
                     }
                 }
-                _ = clock.sleep_until(wake) => {}
+                _ = shared.clock.sleep_until(wake) => {}
             }
-            match self.publish() {
-                Ok(()) => retry_at = None,
+            match shared.fresh() {
+                Ok(_) => retry_at = None,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot sign the key-set document; the previous one stays until it expires");
-                    retry_at = Some(self.clock.now() + RETRY);
+                    retry_at = Some(shared.clock.now() + RETRY);
                 }
             }
         }
+    }
+}
+
+// === impl DocumentHandle ===
+
+impl DocumentHandle {
+    /// The current document, signed anew first if it is past half its life
+    /// or lists an older key set (so a fetch never gets a document about to
+    /// expire, however the clock moved); the last one if signing fails.
+    pub fn fresh(&self) -> Arc<SignedDocument> {
+        match self.shared.fresh() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sign the key-set document; serving the previous one");
+                self.shared.tx.borrow().clone()
+            }
+        }
+    }
+
+    /// Every document the publisher signs, the current one first.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<SignedDocument>> {
+        self.shared.tx.subscribe()
+    }
+}
+
+// === impl Shared ===
+
+impl Shared {
+    fn fresh(&self) -> Result<Arc<SignedDocument>, PublishError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = self.clock.now();
+        let set = self.keys.current();
+        let current = self.tx.borrow().clone();
+        if state.version == set.version && now < half_life(&current) {
+            return Ok(current);
+        }
+        let doc = Arc::new(sign(
+            &self.identity,
+            &self.key,
+            &mut state.instance,
+            &set,
+            now,
+            self.lifetime,
+            self.address.as_deref(),
+        )?);
+        state.version = set.version;
+        tracing::debug!(seq = doc.seq, exp = %doc.expires_at, "signed key-set document");
+        metrics::counter!("tokend_documents_signed_total").increment(1);
+        self.tx.send_replace(doc.clone());
+        Ok(doc)
     }
 }
 

@@ -12,12 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status};
 
+use super::publisher::DocumentHandle;
 use crate::config::LimitsConfig;
 use crate::engine::SignedDocument;
 use crate::identity::{SpiffeId, TrustDomain};
@@ -30,7 +30,7 @@ pub(crate) struct PeerKeysApi {
     id: SpiffeId,
     td: TrustDomain,
     keys: KeyView,
-    documents: Option<watch::Receiver<Arc<SignedDocument>>>,
+    documents: Option<DocumentHandle>,
     shutdown: tokio_util::sync::CancellationToken,
     watches: Arc<WatchSlots>,
 }
@@ -122,16 +122,13 @@ impl PeerKeysApi {
         }
     }
 
-    /// Also serves the documents `documents` carries.
-    pub(crate) fn with_documents(
-        mut self,
-        documents: watch::Receiver<Arc<SignedDocument>>,
-    ) -> Self {
+    /// Also serves this instance's documents, from `documents`.
+    pub(crate) fn with_documents(mut self, documents: DocumentHandle) -> Self {
         self.documents = Some(documents);
         self
     }
 
-    fn documents(&self) -> Result<&watch::Receiver<Arc<SignedDocument>>, Status> {
+    fn documents(&self) -> Result<&DocumentHandle, Status> {
         self.documents.as_ref().ok_or_else(|| {
             Status::unimplemented("this sidecar publishes no signed key-set documents")
         })
@@ -199,7 +196,7 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         req: Request<pb::GetDocumentRequest>,
     ) -> Result<Response<pb::KeySetDocument>, Status> {
         tracing::debug!(peer = %self.caller(&req), "GetDocument");
-        let doc = self.documents()?.borrow().clone();
+        let doc = self.documents()?.fresh();
         Ok(Response::new(document_message(&doc)))
     }
 
@@ -209,7 +206,7 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         &self,
         req: Request<pb::GetDocumentRequest>,
     ) -> Result<Response<DocumentStream>, Status> {
-        let documents = self.documents()?.clone();
+        let documents = self.documents()?.subscribe();
         let caller = self.caller(&req);
         let Some(slot) = self.watches.take(&caller) else {
             tracing::warn!(peer = %caller, max = self.watches.max, "too many document watches; refused");

@@ -18,6 +18,8 @@ fn every_subcommand_has_help() {
         vec!["keys", "revoke", "--help"],
         vec!["jwks", "--help"],
         vec!["decode", "--help"],
+        vec!["health", "--help"],
+        vec!["audit", "verify", "--help"],
     ] {
         let out = std::process::Command::new(bin())
             .args(&args)

@@ -12,7 +12,8 @@ use std::time::Duration;
 use crate::inproc::Bank;
 use crate::support::*;
 
-fn python() -> PathBuf {
+/// The interop Python (TOKEND_PYTHON, or a venv made from requirements.txt).
+pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("TOKEND_PYTHON") {
         return PathBuf::from(p);
     }

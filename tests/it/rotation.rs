@@ -22,10 +22,23 @@ const INTERVAL: i64 = 3600;
 const AHEAD: i64 = 600;
 const GRACE: i64 = 300 + 30;
 
+/// Lifetime of A's key-set documents here: the walk steps the clock by up
+/// to `STEP` at a time, faster than a re-signed document crosses the
+/// stream under load; an hour (the longest allowed) keeps a stepped clock
+/// from outrunning A's document, which this test is not about (the
+/// replicas and directory tests cover document expiry).
+const DOCUMENT_LIFETIME: &str = "1h";
+
 /// A (payments) and B (ledger, trusting A), in-process on the bank's clock;
 /// returns once B holds A's first key set.
 async fn pair(bank: &Bank) -> (Node, Node) {
-    let a = bank.start(bank.peer("payments").config(HOURLY)).await;
+    let a = bank
+        .start(
+            bank.peer("payments")
+                .config(HOURLY)
+                .document_lifetime(DOCUMENT_LIFETIME),
+        )
+        .await;
     let b = bank
         .start(
             bank.peer("ledger")
@@ -167,7 +180,10 @@ async fn no_failed_call_across_five_rotations() {
         let (mut mint, mut verify) = (a.tokens().await, b.tokens().await);
         let (steady, stop) = (steady.clone(), stop.clone());
         tokio::spawn(async move {
-            let (mut calls, mut kids) = (0u32, Vec::new());
+            // Numbered apart from the walk's calls: the same claims would
+            // share the mint cache, and the walk would then get (and check
+            // after a clock step) a token the hammer minted earlier.
+            let (mut calls, mut kids) = (1_000_000u32, Vec::new());
             while !stop.load(Ordering::Relaxed) {
                 {
                     let _steady = steady.read().await;

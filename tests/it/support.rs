@@ -618,3 +618,22 @@ pub async fn verify_with(
             .unwrap_or_else(|| format!("no reason: {s}"))),
     }
 }
+
+impl Sidecar {
+    /// Waits, without signalling, until the process exits, polling for at
+    /// most `within`: its exit status, or `None` if it is still running.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}

@@ -256,9 +256,10 @@ impl IssuerKeys {
         Ok(())
     }
 
-    /// Installs a verified document as its instance's set, unless an
-    /// equal or higher sequence of that instance is already installed
-    /// (equal: a re-delivery, nothing to do) or a higher one was ever seen.
+    /// Installs a verified document as its instance's set, unless a higher
+    /// sequence of that instance was ever seen (rollback). The installed
+    /// document delivered again changes nothing but marks its instance in
+    /// contact (neither stale nor gone).
     pub(super) fn put_document(
         &mut self,
         issuer: &str,
@@ -276,12 +277,16 @@ impl IssuerKeys {
                     got: seq,
                 });
             }
-            let installed = self
-                .instances
-                .get(instance)
-                .and_then(|i| i.document.as_ref())
-                .is_some_and(|d| d.seq == seq);
-            if installed {
+            if let Some(inst) = self.instances.get_mut(instance)
+                && inst.document.as_ref().is_some_and(|d| d.seq == seq)
+            {
+                // The very document installed, delivered again (a reconnect,
+                // a lease put again): its instance is evidently in contact.
+                if inst.stale || inst.gone {
+                    let inst = Arc::make_mut(inst);
+                    inst.stale = false;
+                    inst.gone = false;
+                }
                 return Ok(());
             }
         }

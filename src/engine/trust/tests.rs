@@ -226,6 +226,17 @@ mod instances {
         );
         let (_, r) = set.apply(doc("a", 5, &[&a2], &[a1.kid()], 100, 400));
         r.expect("re-delivery");
+        let gone = apply(
+            &set,
+            TrustUpdate::InstanceGone {
+                issuer: ISS.into(),
+                instance: "a".into(),
+                at: t(150),
+            },
+        );
+        let back = apply(&gone, doc("a", 5, &[&a2], &[a1.kid()], 100, 400));
+        let (_, inst) = back.issuer(ISS).expect("i").instances()[0];
+        assert!(!inst.is_gone(), "the same document put again: in contact");
         let set = apply(&set, doc("b", 1, &[&a1], &[], 100, 400));
         let set = apply(
             &set,

@@ -1,0 +1,261 @@
+//! Envoy external authorization (`envoy.service.auth.v3.Authorization`) on
+//! the local socket, so a service behind Envoy or Istio gets tokend with no
+//! code change. Per route (`context_extensions`, over `[ext_authz]`):
+//!
+//! - inbound (default): verify the request's bearer token for this sidecar
+//!   (or the route's `audience`), authorize its issuer and claims, and pass
+//!   verified claims upstream as headers, each stripped from the client's
+//!   request first; never the token itself.
+//! - outbound: mint a token for the route's `audience` (set by the
+//!   operator, never read from the request) and put it on the request as
+//!   `authorization: Bearer …`.
+//!
+//! Every decision is a `CheckResponse`; only a caller refused by the uid
+//! allow-list gets a gRPC error (which Envoy turns into a denial too).
+
+mod reply;
+mod route;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+use tonic::{Request, Response, Status};
+
+use self::reply::Decision;
+use self::route::{Credentials, Route, credentials, route};
+use super::status::status;
+use super::token::refresh_budget;
+use super::uds::Callers;
+use crate::config::ExtAuthzConfig;
+use crate::engine::{AccessRules, ClaimHeader, Engine, MintRequest};
+use crate::identity::{SpiffeId, TrustDomain};
+use crate::reason::{Reason, Refusal};
+
+/// The ext_authz service.
+#[derive(Clone, Debug)]
+pub(crate) struct ExtAuthzApi {
+    engine: Arc<Engine>,
+    td: TrustDomain,
+    callers: Callers,
+    config: Arc<ExtAuthzConfig>,
+    /// The default claim headers the config does not set: removed from
+    /// every allowed request all the same, so an application that trusted
+    /// them before they were turned off is not fed a client's value.
+    strip: Arc<[String]>,
+}
+
+impl ExtAuthzApi {
+    /// The service over `engine`, names read in `td`, open to `callers`,
+    /// with `config`'s defaults.
+    pub(crate) fn new(
+        engine: Arc<Engine>,
+        td: TrustDomain,
+        callers: Callers,
+        config: ExtAuthzConfig,
+    ) -> Self {
+        let strip = ClaimHeader::defaults()
+            .into_iter()
+            .map(|d| d.header)
+            .filter(|name| config.headers.iter().all(|h| &h.header != name))
+            .collect();
+        Self {
+            engine,
+            td,
+            callers,
+            config: Arc::new(config),
+            strip,
+        }
+    }
+
+    async fn decide(
+        &self,
+        route: Route<'_>,
+        http: &HttpRequest,
+        wait: Option<Duration>,
+    ) -> Decision {
+        match route {
+            Route::Inbound { audience, rules } => {
+                self.inbound(audience.as_ref(), &rules, http, wait).await
+            }
+            Route::Outbound { audience } => self.outbound(&audience).await,
+        }
+    }
+
+    async fn inbound(
+        &self,
+        audience: Option<&SpiffeId>,
+        rules: &AccessRules,
+        http: &HttpRequest,
+        wait: Option<Duration>,
+    ) -> Decision {
+        let values = match authorization_values(http) {
+            Ok(v) => v,
+            Err(why) => return Decision::InvalidRequest(Refusal::new(Reason::Malformed, why)),
+        };
+        let token = match credentials(&values) {
+            Credentials::Missing => return Decision::NoToken,
+            Credentials::Malformed(why) => {
+                return Decision::InvalidRequest(Refusal::new(Reason::Malformed, why));
+            }
+            Credentials::Bearer(t) => t,
+        };
+        let audience = audience.unwrap_or(self.engine.own());
+        let verified = match self
+            .engine
+            .verify_within(token, audience.as_str(), wait)
+            .await
+        {
+            Ok(v) => v,
+            Err(r) => return Decision::refused(r),
+        };
+        if let Err(r) = rules.check(&verified) {
+            return Decision::Forbidden(r.context(format!("sub {}", verified.subject)));
+        }
+        let (mut set, mut remove) = (Vec::new(), self.strip.to_vec());
+        for h in &self.config.headers {
+            match h.value(&verified) {
+                Some(v) => set.push((h.header.clone(), v)),
+                // Overwriting replaces a client's value; an absent claim's
+                // header is removed instead (Envoy applies removals after
+                // additions, so a header is never in both lists).
+                None => remove.push(h.header.clone()),
+            }
+        }
+        Decision::Allow { set, remove }
+    }
+
+    async fn outbound(&self, audience: &SpiffeId) -> Decision {
+        let request = MintRequest {
+            audience: vec![audience.to_string()],
+            ttl: None,
+            claims: serde_json::Map::new(),
+            one_time: false,
+        };
+        match self.engine.mint_off_thread(request).await {
+            Ok(m) => Decision::Allow {
+                set: vec![("authorization".into(), format!("Bearer {}", m.token))],
+                remove: Vec::new(),
+            },
+            Err(r) => Decision::Unavailable(r),
+        }
+    }
+}
+
+/// The request's `authorization` values, one per header line: from Envoy's
+/// raw header list when it sends one (`encode_raw_headers`), else its map.
+fn authorization_values(http: &HttpRequest) -> Result<Vec<&str>, &'static str> {
+    if let Some(map) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
+        return map
+            .headers
+            .iter()
+            .filter(|h| h.key.eq_ignore_ascii_case("authorization"))
+            .map(|h| {
+                if h.raw_value.is_empty() {
+                    Ok(h.value.as_str())
+                } else {
+                    std::str::from_utf8(&h.raw_value)
+                        .map_err(|_| "the authorization header is not UTF-8")
+                }
+            })
+            .collect();
+    }
+    Ok(http
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .map(|(_, v)| v.as_str())
+        .collect())
+}
+
+/// Counts the decision and logs a refusal (never the token).
+fn record(mode: &'static str, decision: &Decision, http: &HttpRequest) {
+    let outcome = decision.outcome();
+    metrics::counter!("tokend_ext_authz_total", "mode" => mode, "outcome" => outcome).increment(1);
+    let path = http.path.split('?').next().unwrap_or_default();
+    let method = http.method.as_str();
+    match decision {
+        Decision::Allow { .. } => {
+            tracing::debug!(mode, outcome, method = ?method, path = ?path, "ext_authz allowed");
+        }
+        Decision::NoToken => {
+            tracing::info!(mode, outcome, method = ?method, path = ?path, "ext_authz refused: no bearer token");
+        }
+        Decision::InvalidRequest(r)
+        | Decision::InvalidToken(r)
+        | Decision::Forbidden(r)
+        | Decision::Unavailable(r) => tracing::info!(
+            mode,
+            outcome,
+            reason = %r.reason,
+            detail = ?r.detail,
+            method = ?method,
+            path = ?path,
+            "ext_authz refused"
+        ),
+        Decision::Misconfigured(why) => tracing::error!(
+            outcome,
+            error = %why,
+            method = ?method,
+            path = ?path,
+            "ext_authz route misconfigured in Envoy's context_extensions; request denied"
+        ),
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for ExtAuthzApi {
+    async fn check(&self, req: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        self.callers.check(&req).map_err(status)?;
+        let wait = refresh_budget(&req);
+        let attributes = req.into_inner().attributes.unwrap_or_default();
+        let http = attributes.request.and_then(|r| r.http).unwrap_or_default();
+        let (mode, decision) = match route(&attributes.context_extensions, &self.config, &self.td) {
+            Err(why) => ("invalid", Decision::Misconfigured(why)),
+            Ok(route) => (route.mode(), self.decide(route, &http, wait).await),
+        };
+        record(mode, &decision, &http);
+        Ok(Response::new(decision.into_response()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    /// The raw header list (Envoy's `encode_raw_headers`) is read when sent,
+    /// one entry per header line, so two `authorization` lines are two
+    /// values; otherwise the map is.
+    #[test]
+    fn authorization_from_raw_headers_or_map() {
+        let raw = |entries: &[(&str, &[u8])]| HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: entries
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: (*k).to_owned(),
+                        value: String::new(),
+                        raw_value: v.to_vec(),
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        };
+        let one = raw(&[("Authorization", b"Bearer a.b.c"), ("x-other", b"1")]);
+        assert_eq!(authorization_values(&one), Ok(vec!["Bearer a.b.c"]));
+        let two = raw(&[
+            ("authorization", b"Bearer a.b.c"),
+            ("authorization", b"Bearer d"),
+        ]);
+        let values = authorization_values(&two).expect("utf-8");
+        assert!(matches!(credentials(&values), Credentials::Malformed(_)));
+        assert!(authorization_values(&raw(&[("authorization", b"\xff")])).is_err());
+        let mut map = HttpRequest::default();
+        map.headers
+            .insert("authorization".into(), "Bearer a.b.c".into());
+        assert_eq!(authorization_values(&map), Ok(vec!["Bearer a.b.c"]));
+    }
+}

@@ -114,6 +114,13 @@ impl pb::token_service_server::TokenService for Echo {
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+
+    async fn prove(
+        &self,
+        _: Request<pb::ProveRequest>,
+    ) -> Result<Response<pb::ProveResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
 
 fn echo_server(dir: &Path) {
@@ -567,6 +574,7 @@ fn bench() {
                 c.verify(pb::VerifyRequest {
                     token,
                     audience: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .is_ok()
@@ -580,6 +588,7 @@ fn bench() {
                 c.verify(pb::VerifyRequest {
                     token,
                     audience: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .is_ok()

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 
 use super::status::{bad_request, status};
 use super::uds::Callers;
-use crate::engine::{Engine, MintRequest, parse_claims};
+use crate::engine::{Engine, MintRequest, Presented, ProofTarget, parse_claims};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
 
@@ -63,6 +63,26 @@ fn ttl(seconds: u64) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
+/// The proof presented with a token, if any: a proof needs the method and
+/// URI of its request, and those make sense only with a proof.
+fn presented<'a>(
+    proof: &'a str,
+    method: &'a str,
+    uri: &'a str,
+) -> Result<Option<Presented<'a>>, Status> {
+    match (proof.is_empty(), method.is_empty(), uri.is_empty()) {
+        (true, true, true) => Ok(None),
+        (false, false, false) => Ok(Some(Presented {
+            proof,
+            target: ProofTarget { method, uri },
+            exchange: false,
+        })),
+        _ => Err(bad_request(
+            "proof, method and uri go together: give all three or none",
+        )),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::token_service_server::TokenService for TokenApi {
     async fn mint(
@@ -76,6 +96,7 @@ impl pb::token_service_server::TokenService for TokenApi {
             ttl: ttl(r.ttl_seconds),
             claims: parse_claims(&r.claims_json).map_err(|e| status(e.into()))?,
             one_time: r.one_time,
+            bind: r.bind,
         };
         let m = self.engine.mint_off_thread(request).await.map_err(status)?;
         Ok(Response::new(pb::MintResponse {
@@ -83,6 +104,7 @@ impl pb::token_service_server::TokenService for TokenApi {
             kid: m.kid,
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
+            jkt: m.jkt.unwrap_or_default(),
         }))
     }
 
@@ -103,9 +125,10 @@ impl pb::token_service_server::TokenService for TokenApi {
         if r.token.is_empty() {
             return Err(bad_request("token is empty"));
         }
+        let proof = presented(&r.proof, &r.method, &r.uri)?;
         let v = self
             .engine
-            .verify_within(&r.token, aud, wait)
+            .verify_proven(&r.token, aud, wait, proof.as_ref())
             .await
             .map_err(status)?;
         Ok(Response::new(pb::VerifyResponse {
@@ -128,9 +151,10 @@ impl pb::token_service_server::TokenService for TokenApi {
         if r.token.is_empty() {
             return Err(bad_request("token is empty"));
         }
+        let proof = presented(&r.proof, &r.method, &r.uri)?;
         let m = self
             .engine
-            .exchange(&r.token, &aud, ttl(r.ttl_seconds), wait)
+            .exchange_proven(&r.token, &aud, ttl(r.ttl_seconds), wait, proof, r.bind)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ExchangeResponse {
@@ -138,7 +162,24 @@ impl pb::token_service_server::TokenService for TokenApi {
             kid: m.kid,
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
+            jkt: m.jkt.unwrap_or_default(),
         }))
+    }
+
+    async fn prove(
+        &self,
+        req: Request<pb::ProveRequest>,
+    ) -> Result<Response<pb::ProveResponse>, Status> {
+        self.callers.check(&req).map_err(status)?;
+        let r = req.into_inner();
+        if r.token.is_empty() || r.method.is_empty() || r.uri.is_empty() {
+            return Err(bad_request("token, method and uri are all required"));
+        }
+        let proof = self
+            .engine
+            .prove(&r.token, &r.method, &r.uri)
+            .map_err(status)?;
+        Ok(Response::new(pb::ProveResponse { proof }))
     }
 }
 

@@ -56,6 +56,9 @@ pub enum Command {
         /// A token verifiers accept only once.
         #[arg(long)]
         one_time: bool,
+        /// A bound token (RFC 9449 DPoP): every use needs a proof from `tokend prove`.
+        #[arg(long)]
+        bind: bool,
     },
     /// Verify TOKEN (or `-` for stdin); prints the claims as JSON, or `rejected: <reason>: <detail>` and exits 1.
     Verify {
@@ -65,6 +68,9 @@ pub enum Command {
         /// The audience the token must name (default: this sidecar).
         #[arg(long)]
         audience: Option<String>,
+        /// The DPoP proof a bound token came with.
+        #[command(flatten)]
+        proof: ProofArgs,
         /// The token, or `-` to read it from stdin.
         token: String,
     },
@@ -76,7 +82,27 @@ pub enum Command {
         /// The next service.
         #[arg(long)]
         audience: String,
+        /// The DPoP proof a bound token was received with.
+        #[command(flatten)]
+        proof: ProofArgs,
+        /// Bind the delegated token to this sidecar's proof key (always, for a bound TOKEN).
+        #[arg(long)]
+        bind: bool,
         /// The token, or `-`.
+        token: String,
+    },
+    /// A DPoP proof (RFC 9449) for one request carrying the bound TOKEN (or `-`); prints it.
+    Prove {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The request's HTTP method (`POST` for gRPC).
+        #[arg(long)]
+        method: String,
+        /// The request's target URI, e.g. https://ledger.bank.internal/pkg.Service/Method.
+        #[arg(long)]
+        uri: String,
+        /// The bound token, or `-`.
         token: String,
     },
     /// Key administration.
@@ -102,6 +128,20 @@ pub enum Command {
     /// Start a small bank of sidecars in this process and show minting,
     /// verification, a refused impersonation and a rotation.
     Demo,
+}
+
+/// The DPoP proof presented with a bound token, and its request.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProofArgs {
+    /// The proof (the request's `DPoP` header).
+    #[arg(long, requires_all = ["method", "uri"])]
+    pub proof: Option<String>,
+    /// The HTTP method of the request the proof is for.
+    #[arg(long, requires = "proof")]
+    pub method: Option<String>,
+    /// The URI of the request the proof is for (query and fragment ignored).
+    #[arg(long, requires = "proof")]
+    pub uri: Option<String>,
 }
 
 /// `tokend ca ...`
@@ -235,21 +275,34 @@ pub async fn run(cli: Cli) -> u8 {
             ttl,
             claims,
             one_time,
-        } => remote::mint(&socket.socket, audience, ttl, claims, one_time).await,
+            bind,
+        } => remote::mint(&socket.socket, audience, ttl, claims, one_time, bind).await,
         Command::Verify {
             socket,
             audience,
+            proof,
             token,
         } => match token_arg(&token) {
-            Ok(t) => remote::verify(&socket.socket, t, audience).await,
+            Ok(t) => remote::verify(&socket.socket, t, audience, proof).await,
             Err(e) => fail_usage(&e),
         },
         Command::Exchange {
             socket,
             audience,
+            proof,
+            bind,
             token,
         } => match token_arg(&token) {
-            Ok(t) => remote::exchange(&socket.socket, t, audience).await,
+            Ok(t) => remote::exchange(&socket.socket, t, audience, proof, bind).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Prove {
+            socket,
+            method,
+            uri,
+            token,
+        } => match token_arg(&token) {
+            Ok(t) => remote::prove(&socket.socket, t, method, uri).await,
             Err(e) => fail_usage(&e),
         },
         Command::Keys(KeysCommand::List { socket }) => remote::keys_list(&socket.socket).await,

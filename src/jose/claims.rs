@@ -7,8 +7,9 @@ use serde_json::{Map, Value};
 use crate::reason::{Reason, Refusal, refuse};
 
 /// Claims only tokend sets; a caller can never give or override them.
-pub(crate) const REGISTERED_CLAIMS: [&str; 9] = [
-    "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time",
+/// `cnf` names the proof key a bound token is confirmed by (RFC 7800, 9449).
+pub(crate) const REGISTERED_CLAIMS: [&str; 10] = [
+    "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time", "cnf",
 ];
 /// The largest caller-claims document accepted, in bytes.
 pub(crate) const MAX_CLAIMS_LEN: usize = 4096;

@@ -176,6 +176,7 @@ async fn pyspiffe_client_works_unchanged() {
     let req = tokend::pb::tokend::VerifyRequest {
         token: token.into(),
         audience: "spiffe://bank.internal/x".into(),
+        ..Default::default()
     };
     assert!(
         a.tokens().await.verify(req).await.is_err(),
@@ -319,6 +320,7 @@ async fn spiffe_bounds_and_delegated_tokens() {
         token: inbound,
         audience: "spiffe://bank.internal/payments".into(),
         ttl_seconds: 0,
+        ..Default::default()
     };
     let delegated = a
         .tokens()

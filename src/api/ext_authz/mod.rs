@@ -132,6 +132,7 @@ impl ExtAuthzApi {
             ttl: None,
             claims: serde_json::Map::new(),
             one_time: false,
+            bind: false,
         };
         match self.engine.mint_off_thread(request).await {
             Ok(m) => Decision::Allow {

@@ -14,6 +14,8 @@ mod inproc;
 mod cli;
 #[path = "it/config.rs"]
 mod config;
+#[path = "it/dpop.rs"]
+mod dpop;
 #[path = "it/envoy.rs"]
 mod envoy;
 #[path = "it/exchange.rs"]

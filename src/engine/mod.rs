@@ -38,7 +38,7 @@ pub use self::document::{
     DocumentKey, DocumentKeyError, DocumentLimits, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LIFETIME,
     SignedDocument, VerifiedDocument, sign_document, verify_document,
 };
-pub(crate) use self::dpop::{DEFAULT_PROOF_WINDOW, Presented, ProofTarget};
+pub(crate) use self::dpop::{DEFAULT_PROOF_WINDOW, Presented, ProofTarget, check_authority};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};
 pub(crate) use self::replay::{

@@ -483,3 +483,93 @@ async fn bound_token_survives_sigkill() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Envoy's ext_authz: an outbound route with `bind = "true"` puts
+/// `Authorization: DPoP <token>` and a `DPoP` proof for the upstream's
+/// configured authority and the request path on the request; the inbound
+/// route accepts them once (URI from its configured authority, never the
+/// Host header) and refuses a replay, a bound token sent as Bearer, a
+/// missing DPoP header, and a proof for another authority, each with its
+/// reason; without an authority a DPoP request is a misconfiguration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_authz_dpop_both_ways() {
+    use crate::ext_authz::{allowed, check, denied};
+    let (_bank, payments, _cards, ledger) = bank().await;
+    const LEDGER: &str = "https://ledger.bank.internal";
+    let out = [
+        ("mode", "outbound"),
+        ("audience", "ledger"),
+        ("bind", "true"),
+        ("authority", LEDGER),
+    ];
+    let (set, _) = allowed(&check(&payments, &[], &out).await);
+    let header = |name: &str| {
+        set.iter()
+            .find(|(k, _, _)| k == name)
+            .map(|(_, v, _)| v.clone())
+            .unwrap_or_else(|| panic!("{name} set: {set:?}"))
+    };
+    let authorization = header("authorization");
+    let proof = header("dpop");
+    let token = authorization.strip_prefix("DPoP ").expect("DPoP scheme");
+    assert!(payload(token)["cnf"]["jkt"].is_string());
+    assert_eq!(
+        payload(&proof)["htu"],
+        format!("{LEDGER}/accounts"),
+        "authority + path, query dropped"
+    );
+    assert_eq!(payload(&proof)["htm"], "GET");
+
+    let inbound = [("authority", LEDGER)];
+    let sent = [
+        ("authorization", authorization.as_str()),
+        ("dpop", proof.as_str()),
+        ("host", "evil.example"),
+    ];
+    let (set, _) = allowed(&check(&ledger, &sent, &inbound).await);
+    assert!(
+        set.iter()
+            .any(|(k, v, _)| k == "x-tokend-iss" && *v == id("payments")),
+        "{set:?}"
+    );
+    let reason = |r: &envoy_types::ext_authz::v3::pb::CheckResponse| {
+        let (code, h) = denied(r);
+        (
+            code,
+            h.get("tokend-reason").cloned().unwrap_or_default(),
+            h.get("www-authenticate").cloned().unwrap_or_default(),
+        )
+    };
+    let (code, why, challenge) = reason(&check(&ledger, &sent, &inbound).await);
+    assert_eq!((code, why.as_str()), (401, "bad_proof"), "replayed proof");
+    assert!(challenge.starts_with("DPoP "), "{challenge}");
+
+    let as_bearer = format!("Bearer {token}");
+    let r = check(&ledger, &[("authorization", as_bearer.as_str())], &inbound).await;
+    assert_eq!(reason(&r).1, "missing_proof");
+    let r = check(
+        &ledger,
+        &[("authorization", authorization.as_str())],
+        &inbound,
+    )
+    .await;
+    assert_eq!(reason(&r).1, "missing_proof");
+
+    let (set, _) = allowed(&check(&payments, &[], &out).await);
+    let fresh = set
+        .iter()
+        .find(|(k, _, _)| k == "dpop")
+        .map(|(_, v, _)| v.clone())
+        .expect("dpop");
+    let sent = [
+        ("authorization", authorization.as_str()),
+        ("dpop", fresh.as_str()),
+    ];
+    let other = [("authority", "https://cards.bank.internal")];
+    assert_eq!(reason(&check(&ledger, &sent, &other).await).1, "bad_proof");
+    let (code, _, _) = reason(&check(&ledger, &sent, &[]).await);
+    assert_eq!(
+        code, 500,
+        "no authority configured: misconfigured, never the Host"
+    );
+}

@@ -3,6 +3,21 @@
 //! dropped, scheme and host lowercased, the scheme's default port removed,
 //! an empty path made `/`. Only `http` and `https` URIs are targets.
 
+/// An authority a service is addressed by (`https://host[:port]`, no path,
+/// query or fragment), in comparison form; a request's URI is this plus
+/// its path. What is wrong with it, otherwise.
+pub(crate) fn check_authority(authority: &str) -> Result<String, String> {
+    let n = normalise(authority)?;
+    let bare = n.strip_suffix('/').unwrap_or(&n);
+    let after_scheme = bare.split_once("://").map_or("", |(_, r)| r);
+    if after_scheme.contains('/') || authority.contains(['?', '#']) {
+        return Err(format!(
+            "authority {authority:?} must be scheme://host[:port] with no path, query or fragment"
+        ));
+    }
+    Ok(bare.to_owned())
+}
+
 /// The comparison form of `uri`, or what is wrong with it.
 pub(crate) fn normalise(uri: &str) -> Result<String, String> {
     let Some((scheme, rest)) = uri.split_once("://") else {
@@ -61,5 +76,21 @@ mod tests {
         assert!(normalise("ftp://a.example/").is_err());
         assert!(normalise("https://user@a.example/").is_err());
         assert!(normalise("https:///x").is_err());
+        assert_eq!(
+            check_authority("HTTPS://Ledger.bank.internal:443").as_deref(),
+            Ok("https://ledger.bank.internal")
+        );
+        assert_eq!(
+            check_authority("https://ledger:8443/").as_deref(),
+            Ok("https://ledger:8443")
+        );
+        for bad in [
+            "https://ledger/api",
+            "https://ledger?x",
+            "ledger",
+            "ftp://x",
+        ] {
+            assert!(check_authority(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -21,6 +21,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use ring::rand::SecureRandom;
 use serde_json::{Map, Value};
 
+pub(crate) use self::htu::check_authority;
 use self::htu::normalise as normalise_htu;
 use super::replay::{MemoryReplay, OneTimeId};
 use crate::jose::{self, EcPublicKey, MAX_JTI_LEN, ProofKey, int_claim};

@@ -53,7 +53,7 @@ pub(crate) fn normalise(uri: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::normalise;
+    use super::{check_authority, normalise};
 
     /// Query and fragment go, scheme and host fold, the default port goes,
     /// the path stays as it is (case and all).

@@ -573,3 +573,55 @@ async fn ext_authz_dpop_both_ways() {
         "no authority configured: misconfigured, never the Host"
     );
 }
+
+/// Interop with an independent DPoP implementation (PyJWT + cryptography):
+/// a proof tokend makes verifies there (signature, claims, and the RFC 7638
+/// thumbprint computed in Python equals `cnf.jkt`); a proof PyJWT makes
+/// with the same proof key verifies here, and one with the URI of another
+/// request is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proofs_interoperate_with_pyjwt() {
+    let root = tmp();
+    let s = Sidecar::start(root.path(), "ledger", "");
+    let minted = mint_bound(s.tokens().await, "ledger", "").await;
+    let proof = prove(s.tokens().await, &minted.token, "POST", PAY)
+        .await
+        .expect("prove");
+    let jkt = crate::interop::run_script(
+        "dpop_interop.py",
+        &["check", &proof, &minted.token, "POST", PAY],
+    )
+    .await;
+    assert_eq!(jkt, minted.jkt, "Python's thumbprint is tokend's cnf.jkt");
+
+    let key = std::fs::read_dir(root.path().join("ledger/keys/proof"))
+        .expect("proof dir")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.to_string_lossy().contains(&minted.jkt))
+        .expect("the proof key file");
+    let key = key.to_string_lossy().into_owned();
+    let theirs = crate::interop::run_script(
+        "dpop_interop.py",
+        &["make", &key, &minted.token, "POST", PAY],
+    )
+    .await;
+    verify_proven(s.tokens().await, &minted.token, &theirs, "POST", PAY)
+        .await
+        .expect("a PyJWT proof verifies at tokend");
+    let other = crate::interop::run_script(
+        "dpop_interop.py",
+        &[
+            "make",
+            &key,
+            &minted.token,
+            "POST",
+            "https://evil.example/x",
+        ],
+    )
+    .await;
+    assert_refused(
+        verify_proven(s.tokens().await, &minted.token, &other, "POST", PAY).await,
+        "bad_proof",
+        "is for",
+    );
+}

@@ -45,7 +45,7 @@ fn python() -> PathBuf {
 
 /// Runs `tests/interop/SCRIPT ARGS` with the interop Python; its stdout,
 /// trimmed. Off the runtime's threads, so in-process sidecars keep serving.
-async fn run_script(script: &str, args: &[&str]) -> String {
+pub async fn run_script(script: &str, args: &[&str]) -> String {
     let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
     let (script, args): (String, Vec<String>) = (
         script.to_owned(),

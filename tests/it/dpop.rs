@@ -153,6 +153,19 @@ async fn stolen_bound_token_is_refused() {
     let (r, detail) = ledger.refusal(token).await;
     assert_eq!(r, Some(tokend::Reason::MissingProof), "{detail}");
 
+    // Nor through the SPIFFE Workload API, which has no field for a proof.
+    let mut spiffe = tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        tokend::connect(&ledger.socket()).await.expect("connect"),
+    );
+    let mut req = tonic::Request::new(tokend::pb::spiffe::ValidateJwtsvidRequest {
+        audience: id("ledger"),
+        svid: token.into(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    let e = spiffe.validate_jwtsvid(req).await.expect_err("bound");
+    assert_eq!(tokend::reason_of(&e), Some(tokend::Reason::MissingProof));
+
     // Its own proof: accepted once, then a replay.
     let proof = prove(payments.tokens().await, token, "POST", PAY)
         .await

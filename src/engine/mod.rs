@@ -8,9 +8,11 @@
 //! keys (behind the `Refresh` trait, once per verification) and the replay
 //! store. Tests and benches build an `Engine` directly. `authz` holds the
 //! access rules and claim headers Envoy's external authorization applies
-//! to a verified token.
+//! to a verified token. `dpop` and `bound` make and check RFC 9449 proofs
+//! for tokens bound to this instance's proof key.
 
 mod authz;
+mod bound;
 mod cache;
 #[cfg(test)]
 mod contract;
@@ -156,19 +158,6 @@ impl Engine {
         self
     }
 
-    /// Binds tokens to the proof keys of `store` (kept on disk) instead of
-    /// the in-memory default.
-    pub(crate) fn with_proof_keys(mut self, store: Arc<ProofKeyStore>) -> Self {
-        self.proof_keys = store;
-        self
-    }
-
-    /// Accepts proofs whose `iat` lies at most `window` from now.
-    pub(crate) fn with_proof_window(mut self, window: Duration) -> Self {
-        self.proof_window = window;
-        self
-    }
-
     /// This sidecar's identity: issuer of its tokens, default audience.
     pub fn own(&self) -> &SpiffeId {
         &self.own
@@ -195,75 +184,6 @@ impl Engine {
         let now = self.clock.now();
         let cnf = self.bind_key(req.bind, now)?;
         Ok(self.minter.mint(req, now, cnf.as_deref())?)
-    }
-
-    /// The thumbprint of the proof key a token minted now is bound to.
-    fn bind_key(&self, bind: bool, now: UnixTime) -> Result<Option<String>, Refusal> {
-        if !bind {
-            return Ok(None);
-        }
-        self.proof_keys
-            .current(now)
-            .map(|k| Some(k.jkt().to_owned()))
-            .map_err(|e| Refusal::new(Reason::Unavailable, format!("no proof key: {e}")))
-    }
-
-    /// A DPoP proof for one request with `token`, which must be bound to a
-    /// proof key this sidecar holds. The key never leaves the sidecar.
-    pub fn prove(&self, token: &str, method: &str, uri: &str) -> Result<String, Refusal> {
-        let parts = crate::jose::parse(token)?;
-        let Ok(claims) = parts.claims else {
-            return Err(Refusal::new(
-                Reason::Malformed,
-                "payload is not a JSON object",
-            ));
-        };
-        let Some(jkt) = dpop::bound_key(&claims)? else {
-            return Err(Refusal::new(
-                Reason::Malformed,
-                "the token is a bearer token (no cnf.jkt): there is nothing to prove",
-            ));
-        };
-        let Some(key) = self.proof_keys.by_jkt(jkt) else {
-            return Err(Refusal::new(
-                Reason::PermissionDenied,
-                format!("the token is bound to proof key {jkt}, which this sidecar does not hold"),
-            ));
-        };
-        let started = std::time::Instant::now();
-        let proof = dpop::make_proof(&key, ProofTarget { method, uri }, token, self.clock.now())?;
-        metrics::counter!("tokend_prove_total").increment(1);
-        metrics::histogram!("tokend_prove_seconds").record(started.elapsed().as_secs_f64());
-        Ok(proof)
-    }
-
-    /// The binding rule after a token verified: a bound token needs a good
-    /// proof, and a proof is only for a bound token.
-    fn check_binding(
-        &self,
-        v: &Verified,
-        token: &str,
-        proof: Option<&Presented<'_>>,
-        now: UnixTime,
-    ) -> Result<(), Refusal> {
-        match (dpop::bound_key(&v.claims)?, proof) {
-            (None, None) => Ok(()),
-            (None, Some(_)) => Err(Refusal::new(
-                Reason::BadProof,
-                "a proof was presented with a bearer token (not bound to any key)",
-            )),
-            (Some(jkt), None) => Err(Refusal::new(
-                Reason::MissingProof,
-                format!(
-                    "the token is bound to proof key {jkt}: present it with a DPoP proof, not as a bearer token"
-                ),
-            )),
-            (Some(jkt), Some(p)) => {
-                let checked =
-                    dpop::check_proof(p.proof, token, jkt, p.target, now, self.proof_window)?;
-                self.seen_proofs.claim(&checked, p.exchange, now)
-            }
-        }
     }
 
     /// Mints (or reuses) a token now; a new signature (an RSA operation of

@@ -13,7 +13,7 @@ use ring::rand::SecureRandom;
 use serde_json::{Map, Value};
 
 use crate::identity::SpiffeId;
-use crate::jose::{MAX_CLAIMS_LEN, MAX_TOKEN_LEN, REGISTERED_CLAIMS};
+use crate::jose::{BOUND_KID_SUFFIX, MAX_CLAIMS_LEN, MAX_TOKEN_LEN, REGISTERED_CLAIMS};
 use crate::keys::{KeyView, SigningKey};
 use crate::reason::{Reason, Refusal};
 use crate::time::UnixTime;
@@ -365,7 +365,14 @@ impl Minter {
         claims.insert("nbf".into(), now.as_secs().into());
         claims.insert("exp".into(), exp.as_secs().into());
         claims.insert("jti".into(), jti.clone().into());
-        let token = self.sign(&claims, key.kid(), key.encoding_key())?;
+        // A bound token names its key by a kid no published JWKS lists, so
+        // a bearer verifier that selects keys by kid finds none for it.
+        let header_kid = if claims.contains_key("cnf") {
+            format!("{}{BOUND_KID_SUFFIX}", key.kid())
+        } else {
+            key.kid().to_owned()
+        };
+        let token = self.sign(&claims, &header_kid, key.encoding_key())?;
         if token.len() > MAX_TOKEN_LEN {
             return Err(MintError::TooLarge(token.len()));
         }

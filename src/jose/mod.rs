@@ -13,8 +13,8 @@ mod provider;
 mod strict_json;
 
 pub(crate) use self::claims::{
-    MAX_CLAIMS_LEN, MAX_JTI_LEN, MAX_TOKEN_LEN, PREV_TOKEN, REGISTERED_CLAIMS, int_claim,
-    names_audience, str_claim,
+    BOUND_KID_SUFFIX, MAX_CLAIMS_LEN, MAX_JTI_LEN, MAX_TOKEN_LEN, PREV_TOKEN, REGISTERED_CLAIMS,
+    int_claim, names_audience, str_claim,
 };
 pub(crate) use self::es256::{EcPublicKey, ProofKey};
 pub use self::jwk::{Jwk, PublicKey};

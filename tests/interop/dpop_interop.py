@@ -9,6 +9,10 @@ check PROOF TOKEN METHOD URI
 make KEY_PEM TOKEN METHOD URI
     Makes a proof with PyJWT for TOKEN, signed by the P-256 key in KEY_PEM
     (PKCS#8), for tokend to verify. Prints it.
+bearer JWKS_FILE TOKEN AUDIENCE ISSUER
+    Verifies TOKEN as a plain bearer verifier does (the key chosen by the
+    header kid from the published JWKS, as PyJWKClient does). Prints
+    "accepted" or "refused: <why>".
 """
 import base64
 import hashlib
@@ -77,5 +81,18 @@ def make(key_pem, token, method, uri):
     print(jwt.encode(claims, key, algorithm="ES256", headers={"typ": "dpop+jwt", "jwk": jwk}))
 
 
+def bearer(jwks_file, token, audience, issuer):
+    with open(jwks_file) as f:
+        jwks = jwt.PyJWKSet.from_dict(json.load(f))
+    kid = jwt.get_unverified_header(token)["kid"]
+    try:
+        key = jwks[kid]
+        jwt.decode(token, key.key, algorithms=["RS256"], audience=audience, issuer=issuer)
+    except (KeyError, jwt.PyJWTError) as e:
+        print(f"refused: {type(e).__name__}: {e}")
+        return
+    print("accepted")
+
+
 if __name__ == "__main__":
-    {"check": check, "make": make}[sys.argv[1]](*sys.argv[2:])
+    {"check": check, "make": make, "bearer": bearer}[sys.argv[1]](*sys.argv[2:])

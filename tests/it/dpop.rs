@@ -638,3 +638,54 @@ async fn proofs_interoperate_with_pyjwt() {
         "is for",
     );
 }
+
+/// A bound token names its key as `<kid>.dpop`, which no published JWKS
+/// lists: a bearer verifier selecting the key by kid (PyJWT with the JWKS
+/// `tokend jwks` prints) refuses it, while a bearer token of the same key
+/// passes there; tokend resolves the kid and still demands the proof.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bound_token_is_no_bearer_token_for_kid_selecting_verifiers() {
+    let root = tmp();
+    let s = Sidecar::start(root.path(), "ledger", "");
+    let minted = mint_bound(s.tokens().await, "ledger", "").await;
+    let header: Value = serde_json::from_slice(
+        &B64.decode(minted.token.split('.').next().expect("header"))
+            .expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(header["kid"], format!("{}.dpop", minted.kid));
+    let jwks = s.jwks();
+    assert!(
+        jwks.contains(&minted.kid) && !jwks.contains(".dpop"),
+        "{jwks}"
+    );
+    let file = root.path().join("ledger.jwks.json");
+    std::fs::write(&file, &jwks).expect("write jwks");
+    let file = file.to_string_lossy().into_owned();
+    let out = crate::interop::run_script(
+        "dpop_interop.py",
+        &["bearer", &file, &minted.token, &id("ledger"), &id("ledger")],
+    )
+    .await;
+    assert!(out.starts_with("refused: "), "PyJWT: {out}");
+    let bearer = s.mint("ledger").await.token;
+    let out = crate::interop::run_script(
+        "dpop_interop.py",
+        &["bearer", &file, &bearer, &id("ledger"), &id("ledger")],
+    )
+    .await;
+    assert_eq!(out, "accepted", "the same key's bearer token passes PyJWT");
+    assert_eq!(
+        s.verify(&minted.token).await.err().as_deref(),
+        Some("missing_proof")
+    );
+    // The bound kid on a token bound to nothing (only a key holder could
+    // sign one) is refused: the kid and cnf go together.
+    let key = s.signing_key();
+    let forged = crate::support::forge(
+        &key,
+        &format!("{}.dpop", key.kid()),
+        &crate::support::claims("ledger", "ledger", 60),
+    );
+    assert_eq!(s.verify(&forged).await.err().as_deref(), Some("malformed"));
+}

@@ -296,6 +296,7 @@ impl Verifier {
         let req = || pb::VerifyRequest {
             token: token.into(),
             audience: String::new(),
+            ..Default::default()
         };
         for _ in 0..200 {
             let _ = c.verify(req()).await;
@@ -482,6 +483,7 @@ async fn run() -> Result<(), BoxError> {
                 .verify(pb::VerifyRequest {
                     token: tok.clone(),
                     audience: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .is_ok();

@@ -114,6 +114,13 @@ impl pb::token_service_server::TokenService for Echo {
     ) -> Result<Response<pb::ExchangeResponse>, Status> {
         Err(Status::unimplemented("echo"))
     }
+
+    async fn prove(
+        &self,
+        _: Request<pb::ProveRequest>,
+    ) -> Result<Response<pb::ProveResponse>, Status> {
+        Err(Status::unimplemented("echo"))
+    }
 }
 
 fn echo_server(dir: &Path) {
@@ -507,6 +514,25 @@ fn bench() {
         "  ring: {sign_rate:.0} sign/s, {verify_rate:.0} verify/s (load {})",
         loadavg()
     );
+    // Raw ring ES256 (P-256), what a DPoP proof costs to make and check.
+    let es = {
+        let alg = &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).expect("p256");
+        ring::signature::EcdsaKeyPair::from_pkcs8(alg, doc.as_ref(), &rng).expect("p256 key")
+    };
+    let (es_sign_rate, es_sign_us) = all_cores(cores, || {
+        es.sign(&rng, &msg).expect("es256 sign");
+    });
+    let es_sig = es.sign(&rng, &msg).expect("es256 sign");
+    let es_public = ring::signature::KeyPair::public_key(&es).as_ref().to_vec();
+    let (es_verify_rate, es_verify_us) = all_cores(cores, || {
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            &es_public,
+        )
+        .verify(&msg, es_sig.as_ref())
+        .expect("es256 verify")
+    });
 
     let rt = runtime();
     let tmp = tempfile::tempdir().expect("tmp");
@@ -567,6 +593,7 @@ fn bench() {
                 c.verify(pb::VerifyRequest {
                     token,
                     audience: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .is_ok()
@@ -580,6 +607,7 @@ fn bench() {
                 c.verify(pb::VerifyRequest {
                     token,
                     audience: String::new(),
+                    ..Default::default()
                 })
                 .await
                 .is_ok()
@@ -704,6 +732,86 @@ fn bench() {
             &verify_same(own_token.clone()),
         ));
     }
+    // Bound tokens: a proof per request, and a verification with it (the
+    // same bound token, verify cache on, a fresh proof each time).
+    const URI: &str = "https://payments.bench/bench.v1.Bench/Call";
+    let bound = rt
+        .block_on(
+            pb::token_service_client::TokenServiceClient::new(conns[0].clone()).mint(
+                pb::MintRequest {
+                    audience: "payments".into(),
+                    ttl_seconds: 3_600,
+                    bind: true,
+                    ..Default::default()
+                },
+            ),
+        )
+        .expect("mint bound")
+        .into_inner()
+        .token;
+    let prove_op = {
+        let token = bound.clone();
+        op(move |mut c, _| {
+            let token = token.clone();
+            async move {
+                c.prove(pb::ProveRequest {
+                    token,
+                    method: "POST".into(),
+                    uri: URI.into(),
+                })
+                .await
+                .is_ok()
+            }
+        })
+    };
+    let prove_verify_op = {
+        let token = bound.clone();
+        op(move |mut c, _| {
+            let token = token.clone();
+            async move {
+                let Ok(p) = c
+                    .prove(pb::ProveRequest {
+                        token: token.clone(),
+                        method: "POST".into(),
+                        uri: URI.into(),
+                    })
+                    .await
+                else {
+                    return false;
+                };
+                c.verify(pb::VerifyRequest {
+                    token,
+                    proof: p.into_inner().proof,
+                    method: "POST".into(),
+                    uri: URI.into(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        })
+    };
+    let mut dpop_rows = Vec::new();
+    for c in [1, HIGH] {
+        dpop_rows.push(row(
+            &rt,
+            &sidecar,
+            &conns,
+            "prove (ES256 proof)",
+            c,
+            &prove_op,
+        ));
+    }
+    for c in [1, HIGH] {
+        dpop_rows.push(row(
+            &rt,
+            &sidecar,
+            &conns,
+            "prove + verify with proof (2 calls)",
+            c,
+            &prove_verify_op,
+        ));
+    }
     let rss_defaults = peak_rss_mib(sidecar.pid());
     let rss_echo = peak_rss_mib(echo.pid());
     drop(conns);
@@ -724,6 +832,8 @@ fn bench() {
     println!("baselines (all cores, one thread per core):");
     println!("  ring RSA-2048 sign    {sign_rate:>9.0}/s   {sign_us:>7.1} µs CPU/op");
     println!("  ring RSA-2048 verify  {verify_rate:>9.0}/s   {verify_us:>7.1} µs CPU/op");
+    println!("  ring ES256 sign       {es_sign_rate:>9.0}/s   {es_sign_us:>7.1} µs CPU/op");
+    println!("  ring ES256 verify     {es_verify_rate:>9.0}/s   {es_verify_us:>7.1} µs CPU/op");
     println!();
     println!(
         "{:<44} {:>4} {:>9} {:>7} {:>7} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>4}",
@@ -771,6 +881,39 @@ fn bench() {
             None
         };
         print(r, echo, ring);
+    }
+    println!();
+    println!(
+        "bound tokens (DPoP), sidecar on defaults; ÷ring: ES256 sign for prove, sign + verify for the pair"
+    );
+    for r in &dpop_rows {
+        let echo = echo_rows.iter().find(|e| e.inflight == r.inflight);
+        let ring = if r.name.starts_with("prove +") {
+            let us = es_sign_us + es_verify_us;
+            Some((1e6 * cores as f64 / us, us))
+        } else {
+            Some((es_sign_rate, es_sign_us))
+        };
+        print(r, echo, ring);
+    }
+    let per_call = |name: &str, c: usize| {
+        dpop_rows
+            .iter()
+            .find(|r| r.name.starts_with(name) && r.inflight == c)
+            .map_or(f64::NAN, |r| r.server_us)
+    };
+    let bearer_same = |c: usize| {
+        rows.iter()
+            .find(|r| r.name.starts_with("verify, same token (includes") && r.inflight == c)
+            .map_or(f64::NAN, |r| r.server_us)
+    };
+    for c in [1, HIGH] {
+        let verify_proof = per_call("prove +", c) - per_call("prove (", c);
+        println!(
+            "  inflight {c}: verify with proof ≈ {verify_proof:.1} srv µs/call (pair − prove) vs bearer verify (cached) {:.1}: ×{:.2}",
+            bearer_same(c),
+            verify_proof / bearer_same(c)
+        );
     }
     println!();
     println!(

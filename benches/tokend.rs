@@ -106,6 +106,7 @@ fn main() {
         ttl: None,
         claims: Default::default(),
         one_time: true,
+        bind: false,
     };
     let cached = MintRequest {
         one_time: false,

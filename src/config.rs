@@ -110,6 +110,7 @@ struct TokensFile {
     max_ttl: Option<HumanDuration>,
     clock_skew: Option<HumanDuration>,
     verify_cache: Option<usize>,
+    proof_window: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +171,9 @@ pub struct TokensConfig {
     pub clock_skew: Duration,
     /// Verified tokens remembered at most (0: no verify cache).
     pub verify_cache: usize,
+    /// How far a DPoP proof's `iat` may lie from now, either way; its `jti`
+    /// is remembered that long.
+    pub proof_window: Duration,
 }
 
 /// Key rotation.
@@ -543,7 +547,13 @@ fn tokens(f: TokensFile) -> Result<TokensConfig, ConfigError> {
         verify_cache: f
             .verify_cache
             .unwrap_or(crate::engine::DEFAULT_VERIFY_CACHE),
+        proof_window: f
+            .proof_window
+            .map_or(crate::engine::DEFAULT_PROOF_WINDOW, |d| d.0),
     };
+    if tokens.proof_window.as_secs() == 0 || tokens.proof_window > Duration::from_secs(600) {
+        return Err(invalid("tokens.proof_window", "must be 1s to 10m"));
+    }
     if tokens.default_ttl.as_secs() == 0 {
         return Err(invalid("tokens.default_ttl", "must be at least 1s"));
     }

@@ -36,11 +36,18 @@ pub enum Reason {
     PermissionDenied,
     /// A dependency (a key, a peer) is not available right now.
     Unavailable,
+    /// A token bound to a proof key (`cnf.jkt`) came without a DPoP proof,
+    /// or as a plain bearer token (RFC 9449 §7.2).
+    MissingProof,
+    /// The DPoP proof does not prove possession for this request: bad
+    /// structure or `typ`, not ES256, a private or other key, a signature,
+    /// method, URI, token hash or time that does not match, or a replay.
+    BadProof,
 }
 
 impl Reason {
     /// Every reason, in the order of DESIGN.md.
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 16] = [
         Reason::Malformed,
         Reason::UnsupportedAlg,
         Reason::UnknownIssuer,
@@ -55,6 +62,8 @@ impl Reason {
         Reason::RevokedKey,
         Reason::PermissionDenied,
         Reason::Unavailable,
+        Reason::MissingProof,
+        Reason::BadProof,
     ];
 
     /// The stable wire string.
@@ -74,6 +83,8 @@ impl Reason {
             Reason::RevokedKey => "revoked_key",
             Reason::PermissionDenied => "permission_denied",
             Reason::Unavailable => "unavailable",
+            Reason::MissingProof => "missing_proof",
+            Reason::BadProof => "bad_proof",
         }
     }
 }

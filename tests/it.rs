@@ -22,6 +22,8 @@ mod config;
 mod deploy;
 #[path = "it/directory.rs"]
 mod directory;
+#[path = "it/dpop.rs"]
+mod dpop;
 #[path = "it/ecosystem.rs"]
 mod ecosystem;
 #[path = "it/envoy.rs"]

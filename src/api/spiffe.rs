@@ -226,6 +226,9 @@ impl SpiffeApi {
             ttl: None,
             claims: Default::default(),
             one_time: false,
+            // The Workload API has no field to ask for binding: SVIDs are
+            // bearer tokens; bound tokens come from tokend.v1 Mint.
+            bind: false,
         };
         let m = self.engine.mint_off_thread(request).await.map_err(status)?;
         event.jti = Some(m.jti.clone());

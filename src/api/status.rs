@@ -31,6 +31,9 @@ fn code_for(reason: Reason) -> Code {
         }
         Reason::PermissionDenied => Code::PermissionDenied,
         Reason::Unavailable => Code::Unavailable,
+        // A bound token without a (good) proof: not authenticated, as any
+        // token that does not verify (RFC 9449 §7.1 answers 401).
+        Reason::MissingProof | Reason::BadProof => Code::Unauthenticated,
         _ => Code::Unauthenticated,
     }
 }

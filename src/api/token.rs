@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::status::{audited, bad_request, status};
 use super::uds::{Callers, caller_of};
 use crate::audit::{Audit, Event};
-use crate::engine::{Engine, MintRequest, parse_claims};
+use crate::engine::{Engine, MintRequest, Presented, ProofTarget, parse_claims};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
 
@@ -78,6 +78,26 @@ fn ttl(seconds: u64) -> Option<Duration> {
     (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
+/// The proof presented with a token, if any: a proof needs the method and
+/// URI of its request, and those make sense only with a proof.
+fn presented<'a>(
+    proof: &'a str,
+    method: &'a str,
+    uri: &'a str,
+) -> Result<Option<Presented<'a>>, Status> {
+    match (proof.is_empty(), method.is_empty(), uri.is_empty()) {
+        (true, true, true) => Ok(None),
+        (false, false, false) => Ok(Some(Presented {
+            proof,
+            target: ProofTarget { method, uri },
+            exchange: false,
+        })),
+        _ => Err(bad_request(
+            "proof, method and uri go together: give all three or none",
+        )),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::token_service_server::TokenService for TokenApi {
     async fn mint(
@@ -106,6 +126,16 @@ impl pb::token_service_server::TokenService for TokenApi {
         let result = self.exchange_call(req, &mut event).await;
         audited(&self.audit, event, result, true)
     }
+
+    async fn prove(
+        &self,
+        req: Request<pb::ProveRequest>,
+    ) -> Result<Response<pb::ProveResponse>, Status> {
+        // A proof is a signature per request: only refusals are recorded.
+        let mut event = Event::new("prove", caller_of(&req));
+        let result = self.prove_call(req, &mut event).await;
+        audited(&self.audit, event, result, false)
+    }
 }
 
 // The calls, each filling in its audit event.
@@ -127,6 +157,7 @@ impl TokenApi {
             ttl: ttl(r.ttl_seconds),
             claims: parse_claims(&r.claims_json).map_err(|e| status(e.into()))?,
             one_time: r.one_time,
+            bind: r.bind,
         };
         let m = self.engine.mint_off_thread(request).await.map_err(status)?;
         event.jti = Some(m.jti.clone());
@@ -136,6 +167,7 @@ impl TokenApi {
             kid: m.kid,
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
+            jkt: m.jkt.unwrap_or_default(),
         }))
     }
 
@@ -162,9 +194,10 @@ impl TokenApi {
         if r.token.is_empty() {
             return Err(bad_request("token is empty"));
         }
+        let proof = presented(&r.proof, &r.method, &r.uri)?;
         let v = self
             .engine
-            .verify_within(&r.token, aud, wait)
+            .verify_proven(&r.token, aud, wait, proof.as_ref())
             .await
             .map_err(status)?;
         Ok(Response::new(pb::VerifyResponse {
@@ -191,9 +224,10 @@ impl TokenApi {
         if r.token.is_empty() {
             return Err(bad_request("token is empty"));
         }
+        let proof = presented(&r.proof, &r.method, &r.uri)?;
         let m = self
             .engine
-            .exchange(&r.token, &aud, ttl(r.ttl_seconds), wait)
+            .exchange_proven(&r.token, &aud, ttl(r.ttl_seconds), wait, proof, r.bind)
             .await
             .map_err(status)?;
         // The new token's issuer and ids; sub stays the inbound token's.
@@ -205,7 +239,26 @@ impl TokenApi {
             kid: m.kid,
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
+            jkt: m.jkt.unwrap_or_default(),
         }))
+    }
+
+    async fn prove_call(
+        &self,
+        req: Request<pb::ProveRequest>,
+        event: &mut Event,
+    ) -> Result<Response<pb::ProveResponse>, Status> {
+        event.claimed(&req.get_ref().token);
+        self.callers.check(&req).map_err(status)?;
+        let r = req.into_inner();
+        if r.token.is_empty() || r.method.is_empty() || r.uri.is_empty() {
+            return Err(bad_request("token, method and uri are all required"));
+        }
+        let proof = self
+            .engine
+            .prove(&r.token, &r.method, &r.uri)
+            .map_err(status)?;
+        Ok(Response::new(pb::ProveResponse { proof }))
     }
 }
 

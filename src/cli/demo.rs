@@ -48,6 +48,7 @@ async fn verify(ledger: &mut Tokens, token: &str) -> Result<pb::VerifyResponse, 
         .verify(pb::VerifyRequest {
             token: token.into(),
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner())

@@ -121,6 +121,7 @@ async fn verify(s: &RunningSidecar, token: &str) -> Result<(), String> {
         .verify(pb::VerifyRequest {
             token: token.into(),
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .map(|_| ())

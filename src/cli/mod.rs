@@ -69,6 +69,9 @@ pub enum Command {
         /// A token verifiers accept only once.
         #[arg(long)]
         one_time: bool,
+        /// A bound token (RFC 9449 DPoP): every use needs a proof from `tokend prove`.
+        #[arg(long)]
+        bind: bool,
     },
     /// Verify TOKEN (or `-` for stdin); prints the claims as JSON, or `rejected: <reason>: <detail>` and exits 1.
     Verify {
@@ -78,6 +81,9 @@ pub enum Command {
         /// The audience the token must name (default: this sidecar).
         #[arg(long)]
         audience: Option<String>,
+        /// The DPoP proof a bound token came with.
+        #[command(flatten)]
+        proof: ProofArgs,
         /// The token, or `-` to read it from stdin.
         token: String,
     },
@@ -89,7 +95,27 @@ pub enum Command {
         /// The next service.
         #[arg(long)]
         audience: String,
+        /// The DPoP proof a bound token was received with.
+        #[command(flatten)]
+        proof: ProofArgs,
+        /// Bind the delegated token to this sidecar's proof key (always, for a bound TOKEN).
+        #[arg(long)]
+        bind: bool,
         /// The token, or `-`.
+        token: String,
+    },
+    /// A DPoP proof (RFC 9449) for one request carrying the bound TOKEN (or `-`); prints it.
+    Prove {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// The request's HTTP method (`POST` for gRPC).
+        #[arg(long)]
+        method: String,
+        /// The request's target URI, e.g. https://ledger.bank.internal/pkg.Service/Method.
+        #[arg(long)]
+        uri: String,
+        /// The bound token, or `-`.
         token: String,
     },
     /// Key administration.
@@ -133,6 +159,20 @@ pub enum Command {
         #[arg(long)]
         directory: bool,
     },
+}
+
+/// The DPoP proof presented with a bound token, and its request.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProofArgs {
+    /// The proof (the request's `DPoP` header).
+    #[arg(long, requires_all = ["method", "uri"])]
+    pub proof: Option<String>,
+    /// The HTTP method of the request the proof is for.
+    #[arg(long, requires = "proof")]
+    pub method: Option<String>,
+    /// The URI of the request the proof is for (query and fragment ignored).
+    #[arg(long, requires = "proof")]
+    pub uri: Option<String>,
 }
 
 /// `tokend ca ...`
@@ -278,24 +318,37 @@ pub async fn run(cli: Cli) -> u8 {
             ttl,
             claims,
             one_time,
+            bind,
         } => match socket.path() {
-            Ok(s) => remote::mint(&s, audience, ttl, claims, one_time).await,
+            Ok(s) => remote::mint(&s, audience, ttl, claims, one_time, bind).await,
             Err(e) => fail_usage(&e),
         },
         Command::Verify {
             socket,
             audience,
+            proof,
             token,
         } => match (socket.path(), token_arg(&token)) {
-            (Ok(s), Ok(t)) => remote::verify(&s, t, audience).await,
+            (Ok(s), Ok(t)) => remote::verify(&s, t, audience, proof).await,
             (Err(e), _) | (_, Err(e)) => fail_usage(&e),
         },
         Command::Exchange {
             socket,
             audience,
+            proof,
+            bind,
             token,
         } => match (socket.path(), token_arg(&token)) {
-            (Ok(s), Ok(t)) => remote::exchange(&s, t, audience).await,
+            (Ok(s), Ok(t)) => remote::exchange(&s, t, audience, proof, bind).await,
+            (Err(e), _) | (_, Err(e)) => fail_usage(&e),
+        },
+        Command::Prove {
+            socket,
+            method,
+            uri,
+            token,
+        } => match (socket.path(), token_arg(&token)) {
+            (Ok(s), Ok(t)) => remote::prove(&s, t, method, uri).await,
             (Err(e), _) | (_, Err(e)) => fail_usage(&e),
         },
         Command::Keys(KeysCommand::List { socket }) => match socket.path() {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{EXIT_USAGE, ServeArgs};
+use super::{EXIT_USAGE, ProofArgs, ServeArgs};
 use crate::api::{connect, detail_of, reason_of};
 use crate::proto::tokend::v1 as pb;
 
@@ -81,6 +81,7 @@ pub(super) async fn mint(
     ttl: Option<u64>,
     claims: Vec<(String, serde_json::Value)>,
     one_time: bool,
+    bind: bool,
 ) -> u8 {
     let mut object = serde_json::Map::new();
     for (k, v) in claims {
@@ -100,6 +101,7 @@ pub(super) async fn mint(
         ttl_seconds: ttl.unwrap_or(0),
         claims_json,
         one_time,
+        bind,
     };
     match client.mint(req).await {
         Ok(r) => {
@@ -111,11 +113,19 @@ pub(super) async fn mint(
 }
 
 /// `tokend verify`.
-pub(super) async fn verify(socket: &Path, token: String, audience: Option<String>) -> u8 {
+pub(super) async fn verify(
+    socket: &Path,
+    token: String,
+    audience: Option<String>,
+    proof: ProofArgs,
+) -> u8 {
     let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
     let req = pb::VerifyRequest {
         token,
         audience: audience.unwrap_or_default(),
+        proof: proof.proof.unwrap_or_default(),
+        method: proof.method.unwrap_or_default(),
+        uri: proof.uri.unwrap_or_default(),
     };
     match client.verify(req).await {
         Ok(r) => {
@@ -133,13 +143,23 @@ pub(super) async fn verify(socket: &Path, token: String, audience: Option<String
 }
 
 /// `tokend exchange`.
-pub(super) async fn exchange(socket: &Path, token: String, audience: String) -> u8 {
+pub(super) async fn exchange(
+    socket: &Path,
+    token: String,
+    audience: String,
+    proof: ProofArgs,
+    bind: bool,
+) -> u8 {
     let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
     match client
         .exchange(pb::ExchangeRequest {
             token,
             audience,
             ttl_seconds: 0,
+            proof: proof.proof.unwrap_or_default(),
+            method: proof.method.unwrap_or_default(),
+            uri: proof.uri.unwrap_or_default(),
+            bind,
         })
         .await
     {
@@ -148,6 +168,18 @@ pub(super) async fn exchange(socket: &Path, token: String, audience: String) -> 
             0
         }
         Err(s) => print_status(&s, "rejected"),
+    }
+}
+
+/// `tokend prove`.
+pub(super) async fn prove(socket: &Path, token: String, method: String, uri: String) -> u8 {
+    let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
+    match client.prove(pb::ProveRequest { token, method, uri }).await {
+        Ok(r) => {
+            println!("{}", r.into_inner().proof);
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
     }
 }
 

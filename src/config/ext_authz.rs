@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::{ConfigError, invalid};
-use crate::engine::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
+use crate::engine::{AccessRules, ClaimHeader, ClaimRule, check_authority, parse_issuers};
 use crate::identity::TrustDomain;
 
 /// The section as written.
@@ -17,6 +17,7 @@ pub(super) struct ExtAuthzFile {
     allowed_issuers: Option<Vec<String>>,
     required_claims: Option<Vec<String>>,
     headers: Option<BTreeMap<String, String>>,
+    authority: Option<String>,
 }
 
 /// Envoy external authorization defaults (`[ext_authz]`).
@@ -27,6 +28,9 @@ pub struct ExtAuthzConfig {
     /// Verified claims passed upstream, each header always stripped from
     /// the client's request first.
     pub headers: Vec<ClaimHeader>,
+    /// How this service is addressed (`https://host[:port]`): with the
+    /// request path, the URI a DPoP proof must be for. Never the Host header.
+    pub authority: Option<String>,
 }
 
 impl Default for ExtAuthzConfig {
@@ -34,6 +38,7 @@ impl Default for ExtAuthzConfig {
         Self {
             rules: AccessRules::default(),
             headers: ClaimHeader::defaults(),
+            authority: None,
         }
     }
 }
@@ -82,9 +87,15 @@ impl ExtAuthzFile {
                 out
             }
         };
+        let authority = self
+            .authority
+            .map(|a| check_authority(&a))
+            .transpose()
+            .map_err(|e| invalid("ext_authz.authority", e))?;
         Ok(ExtAuthzConfig {
             rules: AccessRules { issuers, claims },
             headers,
+            authority,
         })
     }
 }

@@ -25,7 +25,7 @@ use crate::directory::{Directory, EtcdReplay};
 use crate::engine::{DocumentLimits, SignedDocument};
 use crate::engine::{Engine, MemoryReplay, ReplayStore, TrustUpdate, TrustView};
 use crate::keys::InstanceState;
-use crate::keys::{Command, KeyError, KeyStore, KeyView};
+use crate::keys::{Command, KeyError, KeyStore, KeyView, ProofKeyStore};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
     DirectFetcher, DocumentPublisher, DocumentSink, JwksFileSource, PeerContext, PeerError,
@@ -201,7 +201,9 @@ impl Daemon {
                 crate::engine::DEFAULT_REFRESH_WAIT,
             )
             .with_replay(replay)
-            .with_verify_cache(config.tokens.verify_cache),
+            .with_verify_cache(config.tokens.verify_cache)
+            .with_proof_keys(open_proof_keys(&config)?)
+            .with_proof_window(config.tokens.proof_window),
         );
         let shutdown = CancellationToken::new();
         let peer_server = match (&config.peer_api, &peer_tls) {
@@ -607,6 +609,14 @@ async fn open_keys(config: &Config, clock: &SharedClock) -> Result<(KeyStore, Ke
     .await?;
     store.apply_plan(clock.now()).await?;
     Ok((store, keys))
+}
+
+/// Opens this instance's proof keys (`keys_dir/proof`), rotated with the
+/// signing keys and kept as long as a token bound to them may live.
+fn open_proof_keys(config: &Config) -> Result<Arc<ProofKeyStore>, KeyError> {
+    let lc = config.lifecycle();
+    let store = ProofKeyStore::open(&config.keys_dir, lc.interval, lc.grace)?;
+    Ok(Arc::new(store))
 }
 
 /// Registers every configured peer with the trust writer and loads the

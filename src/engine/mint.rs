@@ -13,7 +13,7 @@ use ring::rand::SecureRandom;
 use serde_json::{Map, Value};
 
 use crate::identity::SpiffeId;
-use crate::jose::{MAX_CLAIMS_LEN, MAX_TOKEN_LEN, REGISTERED_CLAIMS};
+use crate::jose::{BOUND_KID_SUFFIX, MAX_CLAIMS_LEN, MAX_TOKEN_LEN, REGISTERED_CLAIMS};
 use crate::keys::{KeyView, SigningKey};
 use crate::reason::{Reason, Refusal};
 use crate::time::UnixTime;
@@ -79,6 +79,9 @@ pub struct MintRequest {
     pub claims: Map<String, Value>,
     /// Accept-once token (never cached).
     pub one_time: bool,
+    /// A bound token: `cnf.jkt` names this instance's proof key, and every
+    /// use needs a DPoP proof signed by it.
+    pub bind: bool,
 }
 
 /// What a delegated token carries besides the registered claims.
@@ -109,6 +112,8 @@ pub struct Minted {
     pub expires_at: UnixTime,
     /// Token id.
     pub jti: String,
+    /// For a bound token, the thumbprint of its proof key (`cnf.jkt`).
+    pub jkt: Option<String>,
 }
 
 /// Lifetime limits.
@@ -128,16 +133,27 @@ struct CacheKey {
     audience: Vec<String>,
     ttl: Duration,
     claims: String,
+    /// The proof key a bound token names; `None` for a bearer token.
+    cnf: Option<String>,
 }
 
 impl CacheKey {
-    fn of(req: &MintRequest, ttl: Duration) -> Self {
+    fn of(req: &MintRequest, ttl: Duration, cnf: Option<&str>) -> Self {
         Self {
             audience: req.audience.clone(),
             ttl,
             claims: serde_json::Value::Object(req.claims.clone()).to_string(),
+            cnf: cnf.map(str::to_owned),
         }
     }
+}
+
+/// The `cnf` claim binding a token to the proof key `jkt` (RFC 7800 §3.1,
+/// RFC 9449 §6.1).
+fn confirmation(jkt: &str) -> Value {
+    let mut cnf = Map::new();
+    cnf.insert("jkt".into(), jkt.into());
+    Value::Object(cnf)
 }
 
 /// Mints tokens for this sidecar's identity.
@@ -213,13 +229,13 @@ impl Minter {
         Ok(ttl)
     }
 
-    /// Mints (or reuses) a token at `now`.
-    /// The cached token for `req`, if one is still well inside its life: the
-    /// cheap half of `mint`, which never signs.
+    /// The cached token for `req` (bound to `cnf`, if given), if one is
+    /// still well inside its life: the cheap half of `mint`, which never signs.
     pub(crate) fn cached(
         &self,
         req: &MintRequest,
         now: UnixTime,
+        cnf: Option<&str>,
     ) -> Result<Option<Minted>, MintError> {
         if req.one_time {
             return Ok(None);
@@ -229,7 +245,7 @@ impl Minter {
         let key = set.signing_key(now).ok_or(MintError::NoKey)?;
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         Ok(cache
-            .get(&CacheKey::of(req, ttl))
+            .get(&CacheKey::of(req, ttl, cnf))
             .filter(|m| {
                 m.kid == key.kid() && now >= m.issued_at && now.since(m.issued_at) * 2 < ttl
             })
@@ -237,7 +253,13 @@ impl Minter {
             .inspect(|_| metrics::counter!("tokend_mint_total", "cached" => "true").increment(1)))
     }
 
-    pub(crate) fn mint(&self, req: &MintRequest, now: UnixTime) -> Result<Minted, MintError> {
+    /// Mints (or reuses) a token at `now`; `cnf` binds it to that proof key.
+    pub(crate) fn mint(
+        &self,
+        req: &MintRequest,
+        now: UnixTime,
+        cnf: Option<&str>,
+    ) -> Result<Minted, MintError> {
         if let Some(k) = req
             .claims
             .keys()
@@ -245,7 +267,7 @@ impl Minter {
         {
             return Err(MintError::ReservedClaim(k.clone()));
         }
-        if let Some(m) = self.cached(req, now)? {
+        if let Some(m) = self.cached(req, now, cnf)? {
             return Ok(m);
         }
         let ttl = self.check_ttl(req.ttl)?;
@@ -254,6 +276,9 @@ impl Minter {
         let mut claims = req.claims.clone();
         if req.one_time {
             claims.insert("one_time".into(), true.into());
+        }
+        if let Some(jkt) = cnf {
+            claims.insert("cnf".into(), confirmation(jkt));
         }
         let subject = self.issuer.as_str().to_owned();
         let minted = self.issue(claims, &req.audience, &subject, ttl, now, key)?;
@@ -266,19 +291,21 @@ impl Minter {
                     cache.clear();
                 }
             }
-            cache.insert(CacheKey::of(req, ttl), minted.clone());
+            cache.insert(CacheKey::of(req, ttl, cnf), minted.clone());
         }
         Ok(minted)
     }
 
     /// Mints a delegated token (RFC 8693) to `audience`. The lifetime is
-    /// `ttl` (default if `None`) but never past `delegation.not_after`. Never cached.
+    /// `ttl` (default if `None`) but never past `delegation.not_after`;
+    /// `cnf` binds it to that proof key. Never cached.
     pub(crate) fn mint_delegated(
         &self,
         audience: &SpiffeId,
         delegation: Delegation,
         ttl: Option<Duration>,
         now: UnixTime,
+        cnf: Option<&str>,
     ) -> Result<Minted, MintError> {
         let Delegation {
             subject,
@@ -302,6 +329,9 @@ impl Minter {
         claims.insert("act".into(), act);
         if one_time {
             claims.insert("one_time".into(), true.into());
+        }
+        if let Some(jkt) = cnf {
+            claims.insert("cnf".into(), confirmation(jkt));
         }
         let minted = self.issue(claims, &[audience.to_string()], &subject, ttl, now, key)?;
         Ok(minted)
@@ -335,16 +365,29 @@ impl Minter {
         claims.insert("nbf".into(), now.as_secs().into());
         claims.insert("exp".into(), exp.as_secs().into());
         claims.insert("jti".into(), jti.clone().into());
-        let token = self.sign(&claims, key.kid(), key.encoding_key())?;
+        // A bound token names its key by a kid no published JWKS lists, so
+        // a bearer verifier that selects keys by kid finds none for it.
+        let header_kid = if claims.contains_key("cnf") {
+            format!("{}{BOUND_KID_SUFFIX}", key.kid())
+        } else {
+            key.kid().to_owned()
+        };
+        let token = self.sign(&claims, &header_kid, key.encoding_key())?;
         if token.len() > MAX_TOKEN_LEN {
             return Err(MintError::TooLarge(token.len()));
         }
+        let jkt = claims
+            .get("cnf")
+            .and_then(|c| c.get("jkt"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         Ok(Minted {
             token,
             kid: key.kid().to_owned(),
             issued_at: now,
             expires_at: exp,
             jti,
+            jkt,
         })
     }
 
@@ -427,12 +470,13 @@ mod tests {
             ttl: None,
             claims: Map::new(),
             one_time: false,
+            bind: false,
         };
         let joined = minter
-            .mint(&req(&["cards\0ledger"]), t(1_000))
+            .mint(&req(&["cards\0ledger"]), t(1_000), None)
             .expect("mint");
         let list = minter
-            .mint(&req(&["cards", "ledger"]), t(1_000))
+            .mint(&req(&["cards", "ledger"]), t(1_000), None)
             .expect("mint");
         assert_ne!(joined.token, list.token);
         let aud = |t: &str| -> Value {
@@ -443,7 +487,7 @@ mod tests {
         assert_eq!(aud(&joined.token), Value::from("cards\0ledger"));
         assert_eq!(aud(&list.token), serde_json::json!(["cards", "ledger"]));
         let again = minter
-            .mint(&req(&["cards", "ledger"]), t(1_001))
+            .mint(&req(&["cards", "ledger"]), t(1_001), None)
             .expect("mint");
         assert_eq!(
             again.token, list.token,

@@ -8,14 +8,17 @@
 //! keys (behind the `Refresh` trait, once per verification) and the replay
 //! store. Tests and benches build an `Engine` directly. `authz` holds the
 //! access rules and claim headers Envoy's external authorization applies
-//! to a verified token.
+//! to a verified token. `dpop` and `bound` make and check RFC 9449 proofs
+//! for tokens bound to this instance's proof key.
 
 mod authz;
+mod bound;
 mod cache;
 #[cfg(test)]
 mod contract;
 mod delegation;
 mod document;
+mod dpop;
 mod mint;
 mod replay;
 mod trust;
@@ -37,6 +40,7 @@ pub use self::document::{
     DocumentKey, DocumentKeyError, DocumentLimits, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LIFETIME,
     SignedDocument, VerifiedDocument, sign_document, verify_document,
 };
+pub(crate) use self::dpop::{DEFAULT_PROOF_WINDOW, Presented, ProofTarget, check_authority};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};
 pub(crate) use self::replay::{
@@ -50,7 +54,7 @@ pub use self::trust::{
 pub use self::verify::{Unverified, Verified, VerifyPolicy, verify_at};
 use crate::identity::SpiffeId;
 use crate::jose::PREV_TOKEN;
-use crate::keys::KeyView;
+use crate::keys::{KeyView, ProofKeyStore};
 use crate::reason::{Reason, Refusal};
 use crate::time::{SharedClock, UnixTime};
 
@@ -79,6 +83,12 @@ pub struct Engine {
     refresh_wait: Duration,
     replay: Arc<dyn ReplayStore>,
     cache: cache::VerifyCache,
+    /// This instance's proof keys, for bound tokens and their proofs.
+    proof_keys: Arc<ProofKeyStore>,
+    /// How far a proof's `iat` may lie from now.
+    proof_window: Duration,
+    /// Proof ids this verifier has seen within the window.
+    seen_proofs: dpop::SeenProofs,
     /// Signatures running on the blocking pool at once: one per core.
     signers: tokio::sync::Semaphore,
     clock: SharedClock,
@@ -105,8 +115,15 @@ impl Engine {
         trust: TrustView,
         clock: SharedClock,
     ) -> Self {
+        let lifecycle = keys.current().lifecycle;
         Self {
             minter: Minter::new(own.clone(), keys.clone(), mint),
+            proof_keys: Arc::new(ProofKeyStore::in_memory(
+                lifecycle.interval,
+                lifecycle.grace,
+            )),
+            proof_window: DEFAULT_PROOF_WINDOW,
+            seen_proofs: dpop::SeenProofs::default(),
             own,
             policy,
             keys,
@@ -161,9 +178,12 @@ impl Engine {
         &self.trust
     }
 
-    /// Mints (or reuses) a token now, signing on the calling thread.
+    /// Mints (or reuses) a token now, signing on the calling thread. A
+    /// bound token names the current proof key, which is on disk first.
     pub fn mint(&self, req: &MintRequest) -> Result<Minted, Refusal> {
-        Ok(self.minter.mint(req, self.clock.now())?)
+        let now = self.clock.now();
+        let cnf = self.bind_key(req.bind, now)?;
+        Ok(self.minter.mint(req, now, cnf.as_deref())?)
     }
 
     /// Mints (or reuses) a token now; a new signature (an RSA operation of
@@ -179,7 +199,19 @@ impl Engine {
 
     /// `mint_off_thread` without the latency record.
     async fn mint_queued(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
-        if let Some(m) = self.minter.cached(&req, self.clock.now())? {
+        let now = self.clock.now();
+        // A bound request is served from the cache only while its proof key
+        // needs no rotation (which writes a file, off this thread).
+        let cnf = if req.bind {
+            self.proof_keys
+                .current_if_fresh(now)
+                .map(|k| Some(k.jkt().to_owned()))
+        } else {
+            Some(None)
+        };
+        if let Some(cnf) = &cnf
+            && let Some(m) = self.minter.cached(&req, now, cnf.as_deref())?
+        {
             return Ok(m);
         }
         let _permit = self
@@ -230,9 +262,23 @@ impl Engine {
         audience: &str,
         wait: Option<Duration>,
     ) -> Result<Arc<Verified>, Refusal> {
+        self.verify_proven(token, audience, wait, None).await
+    }
+
+    /// `verify_within` for a token presented with a DPoP `proof` for its
+    /// request (RFC 9449 §4.3, §7.1); a bound token needs one.
+    pub(crate) async fn verify_proven(
+        &self,
+        token: &str,
+        audience: &str,
+        wait: Option<Duration>,
+        proof: Option<&Presented<'_>>,
+    ) -> Result<Arc<Verified>, Refusal> {
         let started = std::time::Instant::now();
         let wait = wait.map_or(self.refresh_wait, |w| w.min(self.refresh_wait));
-        let result = self.verify_once_refreshed(token, audience, wait).await;
+        let result = self
+            .verify_once_refreshed(token, audience, wait, proof)
+            .await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(e) => e.reason.as_str(),
@@ -247,6 +293,7 @@ impl Engine {
         token: &str,
         audience: &str,
         wait: Duration,
+        proof: Option<&Presented<'_>>,
     ) -> Result<Arc<Verified>, Refusal> {
         let mut refreshed = false;
         loop {
@@ -264,6 +311,9 @@ impl Engine {
                 Ok((v, hit)) => {
                     let result = if hit { "hit" } else { "miss" };
                     metrics::counter!("tokend_verify_cache_total", "result" => result).increment(1);
+                    // The proof before the one-time claim: a stolen one-time
+                    // token with a bad proof must not use up the jti.
+                    self.check_binding(&v, token, proof, now)?;
                     if !v.one_time.is_empty() {
                         self.replay.claim(&v.one_time, now).await?;
                     }
@@ -291,7 +341,10 @@ impl Engine {
 
     /// Exchanges `token` (addressed to this sidecar) for a delegated token to
     /// `audience` (RFC 8693): the original subject, this sidecar as actor,
-    /// the received token embedded as the link, one-time if it was.
+    /// the received token embedded as the link, one-time if it was. A bound
+    /// token needs the `proof` it was received with (each received proof is
+    /// exchanged at most once); the delegated token is bound to this
+    /// sidecar's own proof key when the received one was bound or `bind`.
     pub async fn exchange(
         &self,
         token: &str,
@@ -299,10 +352,29 @@ impl Engine {
         ttl: Option<Duration>,
         wait: Option<Duration>,
     ) -> Result<Minted, Refusal> {
+        self.exchange_proven(token, audience, ttl, wait, None, false)
+            .await
+    }
+
+    /// `exchange` with the received token's proof, and binding on request.
+    pub(crate) async fn exchange_proven(
+        &self,
+        token: &str,
+        audience: &SpiffeId,
+        ttl: Option<Duration>,
+        wait: Option<Duration>,
+        proof: Option<Presented<'_>>,
+        bind: bool,
+    ) -> Result<Minted, Refusal> {
+        let proof = proof.map(|p| Presented {
+            exchange: true,
+            ..p
+        });
         let inbound = self
-            .verify_within(token, self.own.as_str(), wait)
+            .verify_proven(token, self.own.as_str(), wait, proof.as_ref())
             .await
             .map_err(|r| r.context("received token"))?;
+        let bind = bind || dpop::bound_key(&inbound.claims)?.is_some();
         if chain_depth(&inbound.claims) + 1 > MAX_DELEGATION_DEPTH {
             return Err(Refusal::new(
                 Reason::PermissionDenied,
@@ -319,9 +391,11 @@ impl Engine {
             carried: inbound.claims.clone(),
             not_after: inbound.expires_at,
         };
+        let now = self.clock.now();
+        let cnf = self.bind_key(bind, now)?;
         let minted = self
             .minter
-            .mint_delegated(audience, delegation, ttl, self.clock.now())
+            .mint_delegated(audience, delegation, ttl, now, cnf.as_deref())
             .map_err(|e| match e {
                 MintError::TooLarge(_) => Refusal::new(Reason::PermissionDenied, e.to_string()),
                 other => other.into(),

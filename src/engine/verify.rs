@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use super::delegation;
 use super::replay::OneTimeId;
 use super::trust::{Anchors, Lookup};
-use crate::jose::{self, MAX_JTI_LEN, int_claim, names_audience, str_claim};
+use crate::jose::{self, BOUND_KID_SUFFIX, MAX_JTI_LEN, int_claim, names_audience, str_claim};
 use crate::reason::{Reason, Refusal, refuse};
 use crate::time::UnixTime;
 
@@ -277,6 +277,14 @@ pub(super) fn check_signed(
             Reason::BadSignature,
             format!("signature does not verify under {issuer} key {kid}"),
         )));
+    }
+    // A bound token's kid on a token bound to nothing: not one tokend made.
+    if kid.ends_with(BOUND_KID_SUFFIX) && super::dpop::bound_key(&claims)?.is_none() {
+        return Err(Refusal::new(
+            Reason::Malformed,
+            format!("kid {kid} is a bound token's, but the token has no cnf.jkt"),
+        )
+        .into());
     }
     let key = key.fingerprint();
     Ok(Signed {

@@ -7,8 +7,9 @@ use serde_json::{Map, Value};
 use crate::reason::{Reason, Refusal, refuse};
 
 /// Claims only tokend sets; a caller can never give or override them.
-pub(crate) const REGISTERED_CLAIMS: [&str; 9] = [
-    "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time",
+/// `cnf` names the proof key a bound token is confirmed by (RFC 7800, 9449).
+pub(crate) const REGISTERED_CLAIMS: [&str; 10] = [
+    "iss", "sub", "aud", "iat", "nbf", "exp", "jti", "act", "one_time", "cnf",
 ];
 /// The largest caller-claims document accepted, in bytes.
 pub(crate) const MAX_CLAIMS_LEN: usize = 4096;
@@ -16,6 +17,14 @@ pub(crate) const MAX_CLAIMS_LEN: usize = 4096;
 pub(crate) const MAX_TOKEN_LEN: usize = 8192;
 /// The longest `jti` accepted, in bytes.
 pub(crate) const MAX_JTI_LEN: usize = 256;
+/// What a bound token's header `kid` adds to its signing key's thumbprint.
+/// No published JWKS (`tokend jwks`, JWKS files, SPIFFE bundles) lists a kid
+/// with it, so a bearer verifier that selects its key by `kid` (PyJWT's
+/// `PyJWKClient`, Envoy `jwt_authn`, the SPIFFE libraries) finds no key for
+/// a bound token; the header is signed, so it cannot be edited away. tokend
+/// verifiers resolve it to the key and require `cnf`.
+pub(crate) const BOUND_KID_SUFFIX: &str = ".dpop";
+
 /// The member of `act` holding the token the actor exchanged (RFC 8693 link).
 pub(crate) const PREV_TOKEN: &str = "prev_token";
 

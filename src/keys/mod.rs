@@ -2,11 +2,13 @@
 //! the rotation task); it publishes immutable `KeySet` snapshots through a
 //! `watch` channel that any number of `KeyView` readers borrow from: the
 //! minter, the verifier's own-issuer entry, the peer server, the admin API.
+//! `ProofKeyStore` keeps the instance's ES256 proof keys for bound tokens.
 
 mod disk;
 mod generate;
 mod instance;
 mod key;
+mod proof;
 mod rotation;
 mod safe_path;
 mod store;
@@ -24,6 +26,7 @@ pub(crate) use self::key::{
     KeyMaterialError, KeyRecord, delete_after, ever_signs, retires_at, state_at,
 };
 pub use self::key::{Lifecycle, SigningKey};
+pub(crate) use self::proof::ProofKeyStore;
 pub(crate) use self::rotation::{Command, run as run_rotation};
 pub(crate) use self::safe_path::{check_file, daemon_uid};
 pub use self::store::KeyStore;

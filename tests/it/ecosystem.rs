@@ -196,6 +196,7 @@ async fn refused(node: &crate::inproc::Node, token: &str, aud: &str) -> tonic::S
         .verify(pb::VerifyRequest {
             token: token.into(),
             audience: aud.into(),
+            ..Default::default()
         })
         .await
         .expect_err("refused")
@@ -549,6 +550,7 @@ async fn in_flight_unary_call_finishes_across_shutdown() {
             .verify(pb::VerifyRequest {
                 token,
                 audience: String::new(),
+                ..Default::default()
             })
             .await
     });

@@ -273,6 +273,9 @@ impl Drop for Envoy {
     }
 }
 
+/// How ledger is addressed, for DPoP proofs (the `/bound` routes).
+const LEDGER_AUTHORITY: &str = "https://ledger.bank.internal";
+
 /// payments and ledger sidecars (ledger trusting payments), an echo
 /// upstream, and Envoy with ledger's inbound and payments' outbound
 /// listeners: (bank, payments, ledger, envoy, inbound port, outbound port).
@@ -308,6 +311,7 @@ async fn mesh() -> (Bank, Node, Node, Envoy, u16, u16) {
                     "upstream",
                     &[("required_claims", "role=teller")]
                 ),
+                route("/bound", "upstream", &[("authority", LEDGER_AUTHORITY)]),
                 route("/", "upstream", &[]),
             ],
         ),
@@ -317,6 +321,16 @@ async fn mesh() -> (Bank, Node, Node, Envoy, u16, u16) {
             "tokend_payments",
             &[
                 route("/no-audience", "upstream", &[("mode", "outbound")]),
+                route(
+                    "/bound",
+                    "ledger_inbound",
+                    &[
+                        ("mode", "outbound"),
+                        ("audience", "ledger"),
+                        ("bind", "true"),
+                        ("authority", LEDGER_AUTHORITY),
+                    ],
+                ),
                 route(
                     "/",
                     "ledger_inbound",
@@ -488,4 +502,46 @@ async fn envoy_outbound_mints_for_the_route_audience() {
     let r = get(outbound, "/no-audience", &[("host", "ledger")]).await;
     assert_eq!(r.status, 500, "{r:?}");
     assert_eq!(r.header("tokend-reason"), "unavailable");
+}
+
+/// Through a real Envoy, bound tokens (RFC 9449 DPoP): payments' outbound
+/// `/bound` route mints a bound token and adds `authorization: DPoP …` and
+/// a `dpop` proof for ledger's authority and the path; ledger's inbound
+/// route verifies both (whatever Host the client sent) and the upstream
+/// gets the verified caller. The same two headers replayed are refused
+/// (401, `bad_proof`), and the bound token alone as Bearer is
+/// `missing_proof`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_dpop_bound_tokens_both_ways() {
+    let (_bank, _payments, _ledger, envoy, inbound, outbound) = mesh().await;
+    let r = get(outbound, "/bound/pay?x=1", &[("host", "evil.example")]).await;
+    assert_eq!(r.status, 200, "{r:?}\n{}", envoy.log());
+    let auth = r.upstream_saw("authorization");
+    let proof = r.upstream_saw("dpop");
+    let [auth] = &auth[..] else {
+        panic!("one authorization: {auth:?}")
+    };
+    let [proof] = &proof[..] else {
+        panic!("one dpop: {proof:?}")
+    };
+    let token = auth.strip_prefix("DPoP ").expect("DPoP scheme");
+    assert!(payload(token)["cnf"]["jkt"].is_string());
+    assert_eq!(
+        payload(proof)["htu"],
+        format!("{LEDGER_AUTHORITY}/bound/pay")
+    );
+    assert_eq!(r.upstream_saw("x-tokend-iss"), vec![id("payments")]);
+
+    let replay = get(
+        inbound,
+        "/bound/pay",
+        &[("authorization", auth.as_str()), ("dpop", proof.as_str())],
+    )
+    .await;
+    assert_eq!(replay.status, 401, "{replay:?}");
+    assert_eq!(replay.header("tokend-reason"), "bad_proof");
+    let bearer = format!("Bearer {token}");
+    let r = get(inbound, "/bound/pay", &[("authorization", bearer.as_str())]).await;
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.header("tokend-reason"), "missing_proof");
 }

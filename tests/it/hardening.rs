@@ -119,6 +119,7 @@ async fn one_time_holds_through_delegation() {
         .verify(pb::VerifyRequest {
             token: delegated.clone(),
             audience: String::new(),
+            ..Default::default()
         })
         .await;
     assert!(first.is_ok(), "first use: {first:?}");
@@ -199,6 +200,7 @@ async fn silent_peer_does_not_outlast_the_callers_deadline() {
     let mut req = tonic::Request::new(pb::VerifyRequest {
         token,
         audience: String::new(),
+        ..Default::default()
     });
     req.set_timeout(std::time::Duration::from_millis(600));
     let st = ledger

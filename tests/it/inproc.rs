@@ -378,6 +378,7 @@ impl Node {
             token: token.into(),
             audience: audience.into(),
             ttl_seconds: 0,
+            ..Default::default()
         };
         self.tokens()
             .await
@@ -397,6 +398,7 @@ impl Node {
         let req = pb::VerifyRequest {
             token: token.into(),
             audience: String::new(),
+            ..Default::default()
         };
         match self.tokens().await.verify(req).await {
             Ok(r) => (None, format!("verified: {}", r.into_inner().claims_json)),

@@ -46,7 +46,7 @@ pub fn python() -> PathBuf {
 
 /// Runs `tests/interop/SCRIPT ARGS` with the interop Python; its stdout,
 /// trimmed. Off the runtime's threads, so in-process sidecars keep serving.
-async fn run_script(script: &str, args: &[&str]) -> String {
+pub async fn run_script(script: &str, args: &[&str]) -> String {
     let path = format!("{}/tests/interop/{script}", env!("CARGO_MANIFEST_DIR"));
     let (script, args): (String, Vec<String>) = (
         script.to_owned(),
@@ -177,6 +177,7 @@ async fn pyspiffe_client_works_unchanged() {
     let req = tokend::pb::tokend::VerifyRequest {
         token: token.into(),
         audience: "spiffe://bank.internal/x".into(),
+        ..Default::default()
     };
     assert!(
         a.tokens().await.verify(req).await.is_err(),
@@ -320,6 +321,7 @@ async fn spiffe_bounds_and_delegated_tokens() {
         token: inbound,
         audience: "spiffe://bank.internal/payments".into(),
         ttl_seconds: 0,
+        ..Default::default()
     };
     let delegated = a
         .tokens()

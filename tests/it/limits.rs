@@ -40,6 +40,7 @@ async fn honest_round(socket: &Path, audience: &str) -> Result<(), String> {
     c.verify(pb::VerifyRequest {
         token,
         audience: String::new(),
+        ..Default::default()
     })
     .await
     .map_err(|s| format!("verify: {s}"))?;

@@ -101,6 +101,7 @@ async fn cross_sidecar_verification_and_refusals() {
     let req = tokend::pb::tokend::VerifyRequest {
         token: other.token.clone(),
         audience: "archive".into(),
+        ..Default::default()
     };
     assert!(
         b.tokens().await.verify(req).await.is_ok(),

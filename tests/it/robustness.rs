@@ -125,6 +125,7 @@ async fn mutated_tokens_never_verify() {
         ttl: None,
         claims: Default::default(),
         one_time: false,
+        bind: false,
     };
     let token = engine.mint(&req).expect("mint").token;
     assert!(

@@ -122,6 +122,7 @@ async fn check(
         .verify(pb::VerifyRequest {
             token: m.token.clone(),
             audience: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_or_else(|s| panic!("call {n} with kid {} failed: {s:?}", m.kid))
@@ -569,6 +570,7 @@ async fn sigkill_during_rotation_never_loses_a_live_key() {
                     .verify(pb::VerifyRequest {
                         token: token.clone(),
                         audience: String::new(),
+                        ..Default::default()
                     })
                     .await;
                 assert!(

@@ -610,6 +610,7 @@ pub async fn verify_with(
     let req = pb::VerifyRequest {
         token: token.into(),
         audience: String::new(),
+        ..Default::default()
     };
     match tokens.verify(req).await {
         Ok(r) => Ok(r.into_inner()),

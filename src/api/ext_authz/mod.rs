@@ -29,7 +29,7 @@ use super::status::status;
 use super::token::refresh_budget;
 use super::uds::Callers;
 use crate::config::ExtAuthzConfig;
-use crate::engine::{AccessRules, ClaimHeader, Engine, MintRequest};
+use crate::engine::{AccessRules, ClaimHeader, Engine, MintRequest, Presented, ProofTarget};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::reason::{Reason, Refusal};
 
@@ -76,10 +76,18 @@ impl ExtAuthzApi {
         wait: Option<Duration>,
     ) -> Decision {
         match route {
-            Route::Inbound { audience, rules } => {
-                self.inbound(audience.as_ref(), &rules, http, wait).await
+            Route::Inbound {
+                audience,
+                rules,
+                authority,
+            } => {
+                let at = Addressed {
+                    authority: authority.as_deref(),
+                    http,
+                };
+                self.inbound(audience.as_ref(), &rules, at, wait).await
             }
-            Route::Outbound { audience } => self.outbound(&audience).await,
+            Route::Outbound { audience, bind } => self.outbound(&audience, bind, http).await,
         }
     }
 
@@ -87,24 +95,60 @@ impl ExtAuthzApi {
         &self,
         audience: Option<&SpiffeId>,
         rules: &AccessRules,
-        http: &HttpRequest,
+        at: Addressed<'_>,
         wait: Option<Duration>,
     ) -> Decision {
-        let values = match authorization_values(http) {
+        let http = at.http;
+        let values = match header_values(http, "authorization") {
             Ok(v) => v,
             Err(why) => return Decision::InvalidRequest(Refusal::new(Reason::Malformed, why)),
         };
-        let token = match credentials(&values) {
+        let (token, bound) = match credentials(&values) {
             Credentials::Missing => return Decision::NoToken,
             Credentials::Malformed(why) => {
                 return Decision::InvalidRequest(Refusal::new(Reason::Malformed, why));
             }
-            Credentials::Bearer(t) => t,
+            Credentials::Bearer(t) => (t, false),
+            Credentials::DPoP(t) => (t, true),
         };
+        // RFC 9449 §4.3: exactly one DPoP header, with the DPoP scheme.
+        let proofs = match header_values(http, "dpop") {
+            Ok(v) => v,
+            Err(why) => return Decision::InvalidRequest(Refusal::new(Reason::Malformed, why)),
+        };
+        let proof = match (bound, proofs.as_slice()) {
+            (false, _) => None,
+            (true, []) => {
+                return Decision::refused(Refusal::new(
+                    Reason::MissingProof,
+                    "authorization DPoP without a DPoP header",
+                ));
+            }
+            (true, [one]) => Some(*one),
+            (true, _) => {
+                return Decision::InvalidRequest(Refusal::new(
+                    Reason::BadProof,
+                    "more than one DPoP header",
+                ));
+            }
+        };
+        let uri = match (proof, at.uri()) {
+            (None, _) => String::new(),
+            (Some(_), Ok(uri)) => uri,
+            (Some(_), Err(why)) => return Decision::Misconfigured(why),
+        };
+        let presented = proof.map(|proof| Presented {
+            proof,
+            target: ProofTarget {
+                method: &http.method,
+                uri: &uri,
+            },
+            exchange: false,
+        });
         let audience = audience.unwrap_or(self.engine.own());
         let verified = match self
             .engine
-            .verify_within(token, audience.as_str(), wait)
+            .verify_proven(token, audience.as_str(), wait, presented.as_ref())
             .await
         {
             Ok(v) => v,
@@ -126,16 +170,43 @@ impl ExtAuthzApi {
         Decision::Allow { set, remove }
     }
 
-    async fn outbound(&self, audience: &SpiffeId) -> Decision {
+    async fn outbound(
+        &self,
+        audience: &SpiffeId,
+        bind: Option<String>,
+        http: &HttpRequest,
+    ) -> Decision {
         let request = MintRequest {
             audience: vec![audience.to_string()],
             ttl: None,
             claims: serde_json::Map::new(),
             one_time: false,
+            bind: bind.is_some(),
         };
-        match self.engine.mint_off_thread(request).await {
-            Ok(m) => Decision::Allow {
+        let m = match self.engine.mint_off_thread(request).await {
+            Ok(m) => m,
+            Err(r) => return Decision::Unavailable(r),
+        };
+        let Some(authority) = bind else {
+            return Decision::Allow {
                 set: vec![("authorization".into(), format!("Bearer {}", m.token))],
+                remove: Vec::new(),
+            };
+        };
+        let at = Addressed {
+            authority: Some(&authority),
+            http,
+        };
+        let uri = match at.uri() {
+            Ok(u) => u,
+            Err(why) => return Decision::Misconfigured(why),
+        };
+        match self.engine.prove(&m.token, &http.method, &uri) {
+            Ok(proof) => Decision::Allow {
+                set: vec![
+                    ("authorization".into(), format!("DPoP {}", m.token)),
+                    ("dpop".into(), proof),
+                ],
                 remove: Vec::new(),
             },
             Err(r) => Decision::Unavailable(r),
@@ -143,20 +214,47 @@ impl ExtAuthzApi {
     }
 }
 
-/// The request's `authorization` values, one per header line: from Envoy's
-/// raw header list when it sends one (`encode_raw_headers`), else its map.
-fn authorization_values(http: &HttpRequest) -> Result<Vec<&str>, &'static str> {
+/// A request as this service is addressed: the route's (or config's)
+/// authority and Envoy's view of the request. Its URI for a DPoP proof is
+/// the authority and the path without query or fragment, never the Host.
+#[derive(Clone, Copy)]
+struct Addressed<'a> {
+    authority: Option<&'a str>,
+    http: &'a HttpRequest,
+}
+
+impl Addressed<'_> {
+    fn uri(&self) -> Result<String, String> {
+        let Some(authority) = self.authority else {
+            return Err(
+                "a DPoP request needs the service's authority: [ext_authz] authority or the \
+                 route's context_extensions \"authority\" (never the Host header)"
+                    .into(),
+            );
+        };
+        let path = self.http.path.split(['?', '#']).next().unwrap_or_default();
+        if !path.starts_with('/') {
+            return Err(format!("request path {path:?} does not start with /"));
+        }
+        Ok(format!("{authority}{path}"))
+    }
+}
+
+/// The request's values of header `name`, one per header line: from
+/// Envoy's raw header list when it sends one (`encode_raw_headers`), else
+/// its map.
+fn header_values<'a>(http: &'a HttpRequest, name: &str) -> Result<Vec<&'a str>, &'static str> {
     if let Some(map) = http.header_map.as_ref().filter(|m| !m.headers.is_empty()) {
         return map
             .headers
             .iter()
-            .filter(|h| h.key.eq_ignore_ascii_case("authorization"))
+            .filter(|h| h.key.eq_ignore_ascii_case(name))
             .map(|h| {
                 if h.raw_value.is_empty() {
                     Ok(h.value.as_str())
                 } else {
                     std::str::from_utf8(&h.raw_value)
-                        .map_err(|_| "the authorization header is not UTF-8")
+                        .map_err(|_| "an authorization or DPoP header is not UTF-8")
                 }
             })
             .collect();
@@ -164,7 +262,7 @@ fn authorization_values(http: &HttpRequest) -> Result<Vec<&str>, &'static str> {
     Ok(http
         .headers
         .iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
         .map(|(_, v)| v.as_str())
         .collect())
 }
@@ -245,17 +343,23 @@ mod tests {
             ..Default::default()
         };
         let one = raw(&[("Authorization", b"Bearer a.b.c"), ("x-other", b"1")]);
-        assert_eq!(authorization_values(&one), Ok(vec!["Bearer a.b.c"]));
+        assert_eq!(
+            header_values(&one, "authorization"),
+            Ok(vec!["Bearer a.b.c"])
+        );
         let two = raw(&[
             ("authorization", b"Bearer a.b.c"),
             ("authorization", b"Bearer d"),
         ]);
-        let values = authorization_values(&two).expect("utf-8");
+        let values = header_values(&two, "authorization").expect("utf-8");
         assert!(matches!(credentials(&values), Credentials::Malformed(_)));
-        assert!(authorization_values(&raw(&[("authorization", b"\xff")])).is_err());
+        assert!(header_values(&raw(&[("authorization", b"\xff")]), "authorization").is_err());
         let mut map = HttpRequest::default();
         map.headers
             .insert("authorization".into(), "Bearer a.b.c".into());
-        assert_eq!(authorization_values(&map), Ok(vec!["Bearer a.b.c"]));
+        assert_eq!(
+            header_values(&map, "authorization"),
+            Ok(vec!["Bearer a.b.c"])
+        );
     }
 }

@@ -109,9 +109,14 @@ impl Decision {
         let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
         match (bearer_error, reason) {
             (Some(error), Some(reason)) => {
+                // A proof problem is answered in the DPoP scheme (RFC 9449 §7.1).
+                let challenge = match reason {
+                    Reason::MissingProof | Reason::BadProof => "DPoP algs=\"ES256\", error",
+                    _ => "Bearer error",
+                };
                 denied.add_header(
                     "www-authenticate",
-                    format!("Bearer error=\"{error}\", error_description=\"{reason}\""),
+                    format!("{challenge}=\"{error}\", error_description=\"{reason}\""),
                     overwrite,
                     false,
                 );

@@ -9,12 +9,18 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use crate::config::ExtAuthzConfig;
-use crate::engine::{AccessRules, ClaimRule, parse_issuers};
+use crate::engine::{AccessRules, ClaimRule, check_authority, parse_issuers};
 use crate::identity::{SpiffeId, TrustDomain};
 
 /// The keys a route may set.
-const INBOUND_KEYS: [&str; 4] = ["mode", "audience", "allowed_issuers", "required_claims"];
-const OUTBOUND_KEYS: [&str; 2] = ["mode", "audience"];
+const INBOUND_KEYS: [&str; 5] = [
+    "mode",
+    "audience",
+    "allowed_issuers",
+    "required_claims",
+    "authority",
+];
+const OUTBOUND_KEYS: [&str; 4] = ["mode", "audience", "bind", "authority"];
 
 /// What a route asks tokend to do.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,11 +31,15 @@ pub(super) enum Route<'a> {
         audience: Option<SpiffeId>,
         /// Who may call.
         rules: Cow<'a, AccessRules>,
+        /// How this service is addressed, for DPoP proofs (route, else config).
+        authority: Option<Cow<'a, str>>,
     },
     /// Mint a token for `audience` and put it on the request.
     Outbound {
         /// The operator-set target.
         audience: SpiffeId,
+        /// A bound token with a proof for this upstream authority (`bind = "true"`).
+        bind: Option<String>,
     },
 }
 
@@ -71,13 +81,29 @@ pub(super) fn route<'a>(
         None => None,
         Some(a) => Some(td.audience(a).map_err(|e| format!("audience {a:?}: {e}"))?),
     };
+    let authority = ext
+        .get("authority")
+        .map(|a| check_authority(a).map_err(|e| format!("authority: {e}")))
+        .transpose()?;
     if mode == "outbound" {
         let audience = audience.ok_or(
             "mode outbound needs the target in context_extensions \"audience\" \
              (never taken from the request's host)",
         )?;
-        return Ok(Route::Outbound { audience });
+        let bind = match ext.get("bind").map(String::as_str) {
+            None | Some("false") => None,
+            Some("true") => Some(authority.ok_or(
+                "bind = \"true\" needs the upstream's \"authority\" (https://host[:port]) \
+                 for the proof's URI (never taken from the request's host)",
+            )?),
+            Some(other) => return Err(format!("bind {other:?} is neither \"true\" nor \"false\"")),
+        };
+        return Ok(Route::Outbound { audience, bind });
     }
+    let authority = match authority {
+        Some(a) => Some(Cow::Owned(a)),
+        None => defaults.authority.as_deref().map(Cow::Borrowed),
+    };
     let mut rules = Cow::Borrowed(&defaults.rules);
     if let Some(text) = ext.get("allowed_issuers") {
         rules.to_mut().issuers = match text.trim() {
@@ -92,7 +118,11 @@ pub(super) fn route<'a>(
         rules.to_mut().claims =
             ClaimRule::parse_list(text).map_err(|e| format!("required_claims: {e}"))?;
     }
-    Ok(Route::Inbound { audience, rules })
+    Ok(Route::Inbound {
+        audience,
+        rules,
+        authority,
+    })
 }
 
 /// The bearer credentials of a request, as RFC 6750 §2.1 reads them.
@@ -104,6 +134,9 @@ pub(super) enum Credentials<'a> {
     Malformed(&'static str),
     /// The token, exactly as sent.
     Bearer(&'a str),
+    /// A bound token sent with the `DPoP` scheme (RFC 9449 §7.1): its proof
+    /// is in the `DPoP` header.
+    DPoP(&'a str),
 }
 
 /// Characters of RFC 6750's b64token (a JWT is base64url parts and dots).
@@ -126,13 +159,18 @@ pub(super) fn credentials<'a>(values: &[&'a str]) -> Credentials<'a> {
         _ => return Credentials::Malformed("more than one authorization header"),
     };
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let bound = scheme.eq_ignore_ascii_case("dpop");
+    if !bound && !scheme.eq_ignore_ascii_case("bearer") {
         return Credentials::Missing;
     }
     if !b64token(rest) {
-        return Credentials::Malformed("the Bearer credentials are not exactly one token");
+        return Credentials::Malformed("the credentials are not exactly one token");
     }
-    Credentials::Bearer(rest)
+    if bound {
+        Credentials::DPoP(rest)
+    } else {
+        Credentials::Bearer(rest)
+    }
 }
 
 #[cfg(test)]
@@ -160,7 +198,8 @@ mod tests {
             r,
             Route::Inbound {
                 audience: None,
-                rules: Cow::Borrowed(&d.rules)
+                rules: Cow::Borrowed(&d.rules),
+                authority: None,
             }
         );
         let r = route(
@@ -173,7 +212,10 @@ mod tests {
             &td(),
         )
         .expect("inbound");
-        let Route::Inbound { audience, rules } = r else {
+        let Route::Inbound {
+            audience, rules, ..
+        } = r
+        else {
             panic!("inbound expected")
         };
         assert_eq!(
@@ -203,6 +245,11 @@ mod tests {
             ),
             (ext(&[("allowed_issuers", "")]), "no issuer listed"),
             (ext(&[("audience", "Not Valid")]), "audience"),
+            (
+                ext(&[("mode", "outbound"), ("audience", "l"), ("bind", "true")]),
+                "needs the upstream's \"authority\"",
+            ),
+            (ext(&[("authority", "https://ledger/path")]), "authority"),
         ] {
             let e = route(&bad, &d, &td()).expect_err(says);
             assert!(e.contains(says), "{bad:?}: {e}");
@@ -216,6 +263,11 @@ mod tests {
         assert_eq!(credentials(&[]), Credentials::Missing);
         assert_eq!(credentials(&["Basic dXNlcjpw"]), Credentials::Missing);
         assert_eq!(credentials(&["bEaReR a.b.c"]), Credentials::Bearer("a.b.c"));
+        assert_eq!(credentials(&["DPoP a.b.c"]), Credentials::DPoP("a.b.c"));
+        assert!(matches!(
+            credentials(&["DPoP a.b.c d"]),
+            Credentials::Malformed(_)
+        ));
         assert_eq!(
             credentials(&["Bearer a.b-_c=="]),
             Credentials::Bearer("a.b-_c==")

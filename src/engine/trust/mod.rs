@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 pub use self::issuer::{DocumentState, InstanceKeys, IssuerKeys};
 use super::document::VerifiedDocument;
-use crate::jose::PublicKey;
+use crate::jose::{BOUND_KID_SUFFIX, PublicKey};
 use crate::keys::KeySet;
 use crate::time::UnixTime;
 
@@ -402,8 +402,10 @@ pub struct Anchors<'a> {
 }
 
 impl<'a> Anchors<'a> {
-    /// Finds `kid` in `issuer`'s keys only.
+    /// Finds `kid` in `issuer`'s keys only; a bound token's kid
+    /// (`<kid>.dpop`) names the same key.
     pub fn lookup(&self, issuer: &str, kid: &str, now: UnixTime) -> Lookup<'a> {
+        let kid = kid.strip_suffix(BOUND_KID_SUFFIX).unwrap_or(kid);
         if issuer == self.own_id {
             if self.own.revoked_kids().any(|k| k == kid) {
                 return Lookup::Revoked;

@@ -1,0 +1,329 @@
+//! Every refusal of `check_proof` and `SeenProofs`, asserting the reason,
+//! and the RFC 9449 examples.
+
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::jose::ProofKey;
+
+const WINDOW: Duration = Duration::from_secs(30);
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.eyJjbmYiOnt9fQ.c2ln";
+const URI: &str = "https://ledger.bank.internal/tokend.v1.TokenService/Verify";
+
+fn t(s: i64) -> UnixTime {
+    UnixTime::from_secs(s)
+}
+
+fn post(uri: &str) -> ProofTarget<'_> {
+    ProofTarget {
+        method: "POST",
+        uri,
+    }
+}
+
+fn key() -> ProofKey {
+    ProofKey::generate().expect("generate").1
+}
+
+/// A proof with the given header and claims, signed by `key` (ES256
+/// whatever the header says, so only the named check can refuse it).
+fn forge(key: &ProofKey, header: &Value, claims: &Value) -> String {
+    let input = format!(
+        "{}.{}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    );
+    let sig = key.sign(input.as_bytes()).expect("sign");
+    format!("{input}.{sig}")
+}
+
+fn good_header(key: &ProofKey) -> Value {
+    json!({"typ": "dpop+jwt", "alg": "ES256", "jwk": key.public_jwk()})
+}
+
+fn good_claims(now: i64) -> Value {
+    json!({"jti": "j-1", "htm": "POST", "htu": URI, "iat": now, "ath": token_hash(TOKEN)})
+}
+
+fn refused(proof: &str, jkt: &str, target: ProofTarget<'_>, now: i64) -> Refusal {
+    check_proof(proof, TOKEN, jkt, target, t(now), WINDOW).expect_err("refused")
+}
+
+fn assert_bad(r: Refusal, says: &str) {
+    assert_eq!(r.reason, Reason::BadProof, "{r}");
+    assert!(r.detail.contains(says), "{r} should say {says:?}");
+}
+
+/// A proof made here passes every check, once; the same proof again is
+/// refused as a replay, and the detail says so.
+#[test]
+fn made_proof_checks_once() {
+    let k = key();
+    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let ok = check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
+    assert_eq!(ok.jkt, k.jkt());
+    assert!(ok.jti.len() >= 16, "jti carries at least 96 bits");
+    let seen = SeenProofs::default();
+    seen.claim(&ok, false, t(1_000)).expect("first use");
+    assert_bad(
+        seen.claim(&ok, false, t(1_010)).expect_err("replay"),
+        "replayed",
+    );
+    // A received proof may be exchanged once, besides its verification.
+    seen.claim(&ok, true, t(1_010)).expect("one exchange");
+    assert_bad(
+        seen.claim(&ok, true, t(1_011)).expect_err("replay"),
+        "replayed",
+    );
+    // Once the proof is out of its window, its jti may go: the proof itself
+    // is refused as too old by then.
+    seen.claim(&ok, false, ok.forget_at + Duration::from_secs(1))
+        .expect("forgotten after the window");
+    assert_bad(
+        refused(&proof, k.jkt(), post(URI), 1_031),
+        "older than the 30s window",
+    );
+}
+
+/// The header of a made proof is exactly `typ`, `alg`, and a public `jwk`.
+#[test]
+fn made_proof_shape() {
+    let k = key();
+    let proof = make_proof(&k, post(&format!("{URI}?q=1#f")), TOKEN, t(5)).expect("proof");
+    let mut it = proof.split('.');
+    let header: Value =
+        serde_json::from_slice(&B64.decode(it.next().expect("h")).expect("b64")).expect("json");
+    let claims: Value =
+        serde_json::from_slice(&B64.decode(it.next().expect("p")).expect("b64")).expect("json");
+    assert_eq!(header, good_header(&k));
+    assert_eq!(claims["htu"], URI, "query and fragment dropped");
+    assert_eq!(claims["htm"], "POST");
+    assert_eq!(claims["iat"], 5);
+    assert_eq!(claims["ath"], token_hash(TOKEN));
+}
+
+/// A proof from another key than the token's `cnf.jkt`.
+#[test]
+fn another_key_refused() {
+    let (k, other) = (key(), key());
+    let proof = make_proof(&other, post(URI), TOKEN, t(1_000)).expect("proof");
+    assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "is not the key");
+}
+
+/// A proof for another method or another URI.
+#[test]
+fn another_request_refused() {
+    let k = key();
+    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let get = ProofTarget {
+        method: "GET",
+        uri: URI,
+    };
+    assert_bad(refused(&proof, k.jkt(), get, 1_000), "method POST");
+    let other = "https://ledger.bank.internal/tokend.v1.TokenService/Exchange";
+    assert_bad(refused(&proof, k.jkt(), post(other), 1_000), "is for");
+    let other_host = "https://cards.bank.internal/tokend.v1.TokenService/Verify";
+    assert_bad(refused(&proof, k.jkt(), post(other_host), 1_000), "is for");
+    // The same URI with a query, another case of host, or the default port is the same target.
+    check_proof(
+        &proof,
+        TOKEN,
+        k.jkt(),
+        post("https://LEDGER.bank.internal:443/tokend.v1.TokenService/Verify?x#y"),
+        t(1_000),
+        WINDOW,
+    )
+    .expect("normalised htu matches");
+}
+
+/// Too old, or too far ahead.
+#[test]
+fn expired_and_future_proofs_refused() {
+    let k = key();
+    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_030), WINDOW).expect("edge of window");
+    assert_bad(refused(&proof, k.jkt(), post(URI), 1_031), "older than");
+    assert_bad(refused(&proof, k.jkt(), post(URI), 969), "ahead");
+}
+
+/// `ath` for another token, and no `ath` at all.
+#[test]
+fn ath_for_another_token_refused() {
+    let k = key();
+    let proof = make_proof(&k, post(URI), "another.token.here", t(1_000)).expect("proof");
+    assert_bad(
+        refused(&proof, k.jkt(), post(URI), 1_000),
+        "hash of another token",
+    );
+    let mut claims = good_claims(1_000);
+    claims.as_object_mut().expect("obj").remove("ath");
+    let proof = forge(&k, &good_header(&k), &claims);
+    assert_bad(
+        refused(&proof, k.jkt(), post(URI), 1_000),
+        "claim ath is missing",
+    );
+}
+
+/// `alg: none` (with or without a signature), HS256 and RS256 are refused
+/// before any key is looked at.
+#[test]
+fn other_algorithms_refused() {
+    let k = key();
+    for alg in ["none", "HS256", "RS256", "ES384", "EdDSA"] {
+        let mut h = good_header(&k);
+        h["alg"] = alg.into();
+        let proof = forge(&k, &h, &good_claims(1_000));
+        assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "only ES256");
+    }
+    // The unsigned form of `none`: an empty signature.
+    let mut h = good_header(&k);
+    h["alg"] = "none".into();
+    let unsigned = format!(
+        "{}.{}.",
+        B64.encode(h.to_string()),
+        B64.encode(good_claims(1_000).to_string())
+    );
+    assert_eq!(
+        refused(&unsigned, k.jkt(), post(URI), 1_000).reason,
+        Reason::BadProof
+    );
+    // An HMAC over the input with the public x as the "secret": still refused.
+    let mut h = good_header(&k);
+    h["alg"] = "HS256".into();
+    let input = format!(
+        "{}.{}",
+        B64.encode(h.to_string()),
+        B64.encode(good_claims(1_000).to_string())
+    );
+    let mac = ring::hmac::sign(
+        &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"x"),
+        input.as_bytes(),
+    );
+    let hs = format!("{input}.{}", B64.encode(mac.as_ref()));
+    assert_bad(refused(&hs, k.jkt(), post(URI), 1_000), "only ES256");
+}
+
+/// A private key (`d`) in the proof's `jwk` is refused even when
+/// everything else holds.
+#[test]
+fn private_key_in_jwk_refused() {
+    let k = key();
+    let mut h = good_header(&k);
+    h["jwk"]["d"] = "c2VjcmV0LXNlY3JldC1zZWNyZXQtc2VjcmV0LXNlY3I".into();
+    let proof = forge(&k, &h, &good_claims(1_000));
+    assert_bad(
+        refused(&proof, k.jkt(), post(URI), 1_000),
+        "private member \"d\"",
+    );
+}
+
+/// Structure and `typ`: not a JWS, `typ` JWT or absent, no `jwk`, a bad
+/// signature, `crit`, missing claims.
+#[test]
+fn structure_refused() {
+    let k = key();
+    assert_bad(
+        refused("not-a-jws", k.jkt(), post(URI), 1_000),
+        "compact JWS",
+    );
+    for typ in [json!("JWT"), Value::Null] {
+        let mut h = good_header(&k);
+        if typ.is_null() {
+            h.as_object_mut().expect("obj").remove("typ");
+        } else {
+            h["typ"] = typ;
+        }
+        let proof = forge(&k, &h, &good_claims(1_000));
+        assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "typ");
+    }
+    let mut h = good_header(&k);
+    h.as_object_mut().expect("obj").remove("jwk");
+    let proof = forge(&k, &h, &good_claims(1_000));
+    assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "jwk");
+    let mut h = good_header(&k);
+    h["crit"] = json!(["exp"]);
+    let proof = forge(&k, &h, &good_claims(1_000));
+    assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "crit");
+    // A signature by another key under this key's jwk.
+    let other = key();
+    let proof = forge(&other, &good_header(&k), &good_claims(1_000));
+    assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "signature");
+    for claim in ["jti", "htm", "htu", "iat"] {
+        let mut c = good_claims(1_000);
+        c.as_object_mut().expect("obj").remove(claim);
+        let proof = forge(&k, &good_header(&k), &c);
+        assert_bad(
+            refused(&proof, k.jkt(), post(URI), 1_000),
+            &format!("claim {claim}"),
+        );
+    }
+    let mut dup = forge(&k, &good_header(&k), &good_claims(1_000));
+    dup.push('.');
+    assert_eq!(
+        refused(&dup, k.jkt(), post(URI), 1_000).reason,
+        Reason::BadProof
+    );
+}
+
+/// RFC 9449's own examples: the §7.1 resource request proof verifies for
+/// its token, method, URI and time; its token request proof (§4.1, no
+/// `ath`) has a good signature but is not a proof for a token.
+#[test]
+fn rfc9449_examples() {
+    const JKT: &str = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
+    const HEADER: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19";
+    let resource = format!(
+        "{HEADER}.{}.{}",
+        "eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFFbyJ9",
+        "2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
+    );
+    let token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU";
+    assert_eq!(
+        token_hash(token),
+        "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
+    );
+    let get = ProofTarget {
+        method: "GET",
+        uri: "https://resource.example.org/protectedresource",
+    };
+    let ok = check_proof(&resource, token, JKT, get, t(1_562_262_618), WINDOW)
+        .expect("RFC 9449 §7.1 proof");
+    assert_eq!(ok.jti, "e1j3V_bKic8-LAEB");
+    let request = format!(
+        "{HEADER}.{}.{}",
+        "eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUuY29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ",
+        "2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FNyJK70nfbV37xRZT3Lg"
+    );
+    let r = check_proof(
+        &request,
+        token,
+        JKT,
+        post("https://server.example.com/token"),
+        t(1_562_262_616),
+        WINDOW,
+    )
+    .expect_err("no ath");
+    assert_bad(r, "claim ath is missing");
+}
+
+/// `cnf` is read strictly: absent is a bearer token, a `jkt` binds, any
+/// other shape is malformed.
+#[test]
+fn bound_key_reads_cnf() {
+    let m = |v: Value| v.as_object().cloned().expect("obj");
+    assert_eq!(bound_key(&m(json!({}))).expect("bearer"), None);
+    assert_eq!(
+        bound_key(&m(json!({"cnf": {"jkt": "abc"}}))).expect("bound"),
+        Some("abc")
+    );
+    for bad in [json!({"cnf": "abc"}), json!({"cnf": {"x5t#S256": "abc"}})] {
+        assert_eq!(
+            bound_key(&m(bad)).expect_err("bad").reason,
+            Reason::Malformed
+        );
+    }
+}

@@ -174,6 +174,15 @@ fn describe_families() {
     );
     describe_directory();
     describe_counter!(
+        "tokend_prove_total",
+        "DPoP proofs (RFC 9449) signed for bound tokens."
+    );
+    describe_histogram!(
+        "tokend_prove_seconds",
+        Unit::Seconds,
+        "Time to sign a DPoP proof."
+    );
+    describe_counter!(
         "tokend_ext_authz_total",
         "Envoy ext_authz decisions by mode (inbound, outbound) and outcome."
     );

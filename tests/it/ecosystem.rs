@@ -265,6 +265,41 @@ async fn every_refusal_carries_error_info() {
         .token;
     assert!(a.verify(&once).await.is_ok());
     cases.push(("replayed", refused(&a, &once, "").await));
+    // A bound token (RFC 9449) with no proof, and a bearer token sent with
+    // a proof (one made for the bound token).
+    let mut tokens = a.tokens().await;
+    let bound = tokens
+        .mint(pb::MintRequest {
+            audience: "payments".into(),
+            bind: true,
+            ..Default::default()
+        })
+        .await
+        .expect("mint bound")
+        .into_inner()
+        .token;
+    cases.push(("missing_proof", refused(&a, &bound, "").await));
+    let proof = tokens
+        .prove(pb::ProveRequest {
+            token: bound,
+            method: "POST".into(),
+            uri: "https://payments.bank.internal/tokend.v1.TokenService/Verify".into(),
+        })
+        .await
+        .expect("prove")
+        .into_inner()
+        .proof;
+    let with_proof = tokens
+        .verify(pb::VerifyRequest {
+            token: m.token.clone(),
+            audience: String::new(),
+            proof,
+            method: "POST".into(),
+            uri: "https://payments.bank.internal/tokend.v1.TokenService/Verify".into(),
+        })
+        .await
+        .expect_err("a bearer token with a proof");
+    cases.push(("bad_proof", with_proof));
     a.revoke(&m.kid).await;
     cases.push(("revoked_key", refused(&a, &m.token, "").await));
     let closed = bank

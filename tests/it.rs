@@ -22,6 +22,10 @@ mod config;
 mod deploy;
 #[path = "it/directory.rs"]
 mod directory;
+#[path = "it/directory_auth.rs"]
+mod directory_auth;
+#[path = "it/directory_tls.rs"]
+mod directory_tls;
 #[path = "it/dpop.rs"]
 mod dpop;
 #[path = "it/ecosystem.rs"]

@@ -137,6 +137,8 @@ pub struct Daemon {
     document_sink: Option<DocumentSink>,
     direct: Option<DirectFetcher>,
     directory: Option<Directory>,
+    /// The etcd log-in still to be done (it failed at start).
+    etcd_login: Option<crate::directory::Login>,
     api: LocalApi,
     listener: UnixListener,
     socket: PathBuf,
@@ -172,9 +174,12 @@ impl Daemon {
         let caps = fd_caps(&config);
         let (audit, audit_writer) = crate::audit::start(&config.audit, clock.clone())?;
         let (store, keys) = open_keys(&config, &clock).await?;
-        let etcd = match &config.directory {
-            Some(d) => Some(crate::directory::connect(d).await?),
-            None => None,
+        let (etcd, etcd_login) = match &config.directory {
+            Some(d) => {
+                let (client, login) = crate::directory::connect(d).await?;
+                (Some(client), login)
+            }
+            None => (None, None),
         };
         let replay = replay_store(&config, etcd.as_ref(), &clock)?;
         let peer_tls = match &config.peer_api {
@@ -255,6 +260,7 @@ impl Daemon {
             },
             document_sink: sources.documents,
             directory,
+            etcd_login,
             api,
             listener,
             socket: config.socket,
@@ -332,6 +338,9 @@ impl Daemon {
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(direct) = self.direct {
             tracker.spawn(direct.run(cancel.clone()));
+        }
+        if let Some(login) = self.etcd_login {
+            tracker.spawn(login.run(cancel.clone()));
         }
         if let Some(directory) = self.directory {
             directory.spawn(&tracker, &cancel);

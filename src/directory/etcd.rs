@@ -2,7 +2,14 @@
 //! optional client certificate, an optional user whose password is read
 //! from its file here (and never logged), and the per-request timeout. The
 //! client connects lazily, so a sidecar starts while etcd is down and its
-//! requests fail (closed) until etcd answers.
+//! requests fail (closed) until etcd answers. The user logs in once at
+//! start; if etcd is down or refuses the password, the sidecar still
+//! starts (its requests, sent without a token, are refused: fail closed)
+//! and `Login` keeps trying with backoff.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use crate::config::DirectoryConfig;
 
@@ -53,27 +60,107 @@ fn options(config: &DirectoryConfig) -> Result<etcd_client::ConnectOptions, Etcd
         }
         o = o.with_tls(t);
     }
-    if let Some(user) = &config.user {
-        let text = read("directory.password_file", &user.password_file)?;
-        let password = String::from_utf8_lossy(&text)
-            .trim_end_matches(['\r', '\n'])
-            .to_owned();
-        if password.is_empty() {
-            return Err(EtcdSetupError::EmptyPassword(user.password_file.clone()));
-        }
-        o = o
-            .with_user(user.name.clone(), password)
-            .with_auto_token_refresh(true);
-    }
-    Ok(o)
+    // The user is not given here: etcd-client would log in inside
+    // `connect` and fail it while etcd is down (see `connect`).
+    Ok(o.with_auto_token_refresh(true))
 }
 
-/// A client of the configured etcd (connects lazily).
+/// The configured user and its password, read from its file.
+fn credentials(config: &DirectoryConfig) -> Result<Option<(String, String)>, EtcdSetupError> {
+    let Some(user) = &config.user else {
+        return Ok(None);
+    };
+    let text = read("directory.password_file", &user.password_file)?;
+    let password = String::from_utf8_lossy(&text)
+        .trim_end_matches(['\r', '\n'])
+        .to_owned();
+    if password.is_empty() {
+        return Err(EtcdSetupError::EmptyPassword(user.password_file.clone()));
+    }
+    Ok(Some((user.name.clone(), password)))
+}
+
+/// The log-in of `[directory] user` still to be done: it failed at start
+/// (etcd down, or the password refused), and is retried with backoff
+/// until it succeeds or the daemon stops.
+pub(crate) struct Login {
+    client: etcd_client::Client,
+    credentials: (String, String),
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("Login")
+            .field("user", &self.credentials.0)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The longest wait between two log-in attempts.
+const LOGIN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+impl Login {
+    /// Logs in, retrying with backoff, until it succeeds or `cancel`.
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            let delay = super::watch::backoff(failures.min(16), &mut rand::thread_rng())
+                .min(LOGIN_RETRY_MAX);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            match self
+                .client
+                .update_user(Some(self.credentials.clone()))
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(user = %self.credentials.0, "directory: logged in to etcd");
+                    return;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(
+                        user = %self.credentials.0,
+                        error = %e,
+                        "directory: etcd log-in failed; requests fail closed until it succeeds"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A client of the configured etcd (connects lazily), logged in as the
+/// configured user if etcd accepted it now; otherwise the `Login` to run.
 pub(crate) async fn connect(
     config: &DirectoryConfig,
-) -> Result<etcd_client::Client, EtcdSetupError> {
+) -> Result<(etcd_client::Client, Option<Login>), EtcdSetupError> {
     let options = options(config)?;
-    etcd_client::Client::connect(&config.endpoints, Some(options))
+    let credentials = credentials(config)?;
+    let mut client = etcd_client::Client::connect(&config.endpoints, Some(options))
         .await
-        .map_err(|e| EtcdSetupError::Client(e.to_string()))
+        .map_err(|e| EtcdSetupError::Client(e.to_string()))?;
+    let Some(credentials) = credentials else {
+        return Ok((client, None));
+    };
+    match client.update_user(Some(credentials.clone())).await {
+        Ok(()) => Ok((client, None)),
+        Err(e) => {
+            tracing::warn!(
+                user = %credentials.0,
+                error = %e,
+                "directory: etcd log-in failed at start; requests fail closed until it succeeds"
+            );
+            Ok((
+                client.clone(),
+                Some(Login {
+                    client,
+                    credentials,
+                }),
+            ))
+        }
+    }
 }

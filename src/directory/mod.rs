@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use self::etcd::{EtcdSetupError, connect};
+pub(crate) use self::etcd::{EtcdSetupError, Login, connect};
 use self::install::DirectoryInstaller;
 pub(crate) use self::publish::{Documents, Publisher};
 pub(crate) use self::replay::EtcdReplay;

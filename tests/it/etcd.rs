@@ -1,6 +1,9 @@
 //! A real etcd for the directory and shared replay store tests: one member
 //! or a 3-member cluster on 127.0.0.1 with free ports (client and peer) and
-//! a temp data dir, ready when `/health` says so, killed on drop.
+//! a temp data dir, ready when `/health` says so, killed on drop. One member
+//! can also serve its clients over TLS only, requiring a client certificate
+//! of a CA made by the test (`Etcd::start_tls`); its `/health` and
+//! `/metrics` are then read on a separate plain metrics port.
 //!
 //! Kept small: a 64 MiB backend quota, a snapshot every 1,000 entries,
 //! revision auto-compaction keeping 1,000 revisions, warnings-only logs.
@@ -26,6 +29,9 @@ pub struct Member {
     pub name: String,
     client_port: u16,
     peer_port: u16,
+    /// With TLS: the plain port of `/health` and `/metrics`, and the
+    /// directory of `ca.pem`, `server.pem`, `server.key`.
+    tls: Option<(u16, PathBuf)>,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -67,9 +73,17 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 impl Member {
-    /// `http://127.0.0.1:<client port>`.
+    /// `http://127.0.0.1:<client port>` (`https://` with TLS).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// The plain port answering `/health` and `/metrics`.
+    fn health_port(&self) -> u16 {
+        self.tls
+            .as_ref()
+            .map_or(self.client_port, |(port, _)| *port)
     }
 
     fn peer_url(&self) -> String {
@@ -78,7 +92,19 @@ impl Member {
 
     fn spawn(&mut self, initial_cluster: &str) {
         let log = std::fs::File::create(&self.log).expect("etcd log file");
-        let child = Command::new(ETCD)
+        let mut cmd = Command::new(ETCD);
+        if let Some((metrics_port, dir)) = &self.tls {
+            cmd.arg("--cert-file")
+                .arg(dir.join("server.pem"))
+                .arg("--key-file")
+                .arg(dir.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(dir.join("ca.pem"))
+                .arg("--client-cert-auth")
+                .arg("--listen-metrics-urls")
+                .arg(format!("http://127.0.0.1:{metrics_port}"));
+        }
+        let child = cmd
             .args(["--name", &self.name])
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -104,12 +130,12 @@ impl Member {
     }
 
     fn healthy(&self) -> bool {
-        http_get(self.client_port, "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
+        http_get(self.health_port(), "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
     }
 
     /// Whether this member is the raft leader now.
     pub fn is_leader(&self) -> bool {
-        http_get(self.client_port, "/metrics")
+        http_get(self.health_port(), "/metrics")
             .is_some_and(|b| b.lines().any(|l| l.trim() == "etcd_server_is_leader 1"))
     }
 
@@ -172,13 +198,23 @@ impl Etcd {
         Self::cluster_of(3)
     }
 
+    /// One member serving clients over TLS only (`https://`), requiring a
+    /// client certificate of the test's CA; the files are in `tls_dir()`.
+    pub fn start_tls() -> Etcd {
+        Self::start_with(1, true)
+    }
+
     fn cluster_of(n: usize) -> Etcd {
+        Self::start_with(n, false)
+    }
+
+    fn start_with(n: usize, tls: bool) -> Etcd {
         require_etcd();
         // A probed port can be taken by someone else before etcd binds it:
         // try again with new ports a few times.
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start(n) {
+            match Self::try_start(n, tls) {
                 Ok(e) => return e,
                 Err(why) => last = why,
             }
@@ -186,13 +222,17 @@ impl Etcd {
         panic!("etcd did not become healthy: {last}");
     }
 
-    fn try_start(n: usize) -> Result<Etcd, String> {
+    fn try_start(n: usize, tls: bool) -> Result<Etcd, String> {
         let dir = crate::support::tmp();
+        if tls {
+            write_tls_files(dir.path());
+        }
         let mut members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
                 client_port: free_port(),
                 peer_port: free_port(),
+                tls: tls.then(|| (free_port(), dir.path().to_owned())),
                 data_dir: dir.path().join(format!("m{i}.etcd")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
@@ -224,6 +264,37 @@ impl Etcd {
         }
     }
 
+    /// The directory of the TLS files (with `start_tls`): `ca.pem` (etcd's
+    /// CA, which also issued `client.pem`/`client.key`), and
+    /// `foreign.pem`/`foreign.key`, a client certificate of another CA.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.members[0]
+            .tls
+            .as_ref()
+            .map(|(_, dir)| dir.clone())
+            .expect("an etcd started with start_tls")
+    }
+
+    /// A `[directory]` section for this TLS etcd under `prefix`, with
+    /// etcd's CA and the client certificate `client` (`client` or
+    /// `foreign`; None: no client certificate).
+    pub fn tls_directory_toml(&self, prefix: &str, client: Option<&str>) -> String {
+        let dir = self.tls_dir();
+        let mut out = format!(
+            "{}ca = \"{}\"\n",
+            self.directory_toml(prefix),
+            dir.join("ca.pem").display()
+        );
+        if let Some(name) = client {
+            out.push_str(&format!(
+                "cert = \"{}\"\nkey = \"{}\"\n",
+                dir.join(format!("{name}.pem")).display(),
+                dir.join(format!("{name}.key")).display()
+            ));
+        }
+        out
+    }
+
     /// Every member's client endpoint.
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(Member::endpoint).collect()
@@ -247,9 +318,29 @@ impl Etcd {
         )
     }
 
-    /// A client of every member.
+    /// A client of every member (with TLS: etcd's CA and `client.pem`).
     pub async fn client(&self) -> etcd_client::Client {
-        etcd_client::Client::connect(self.endpoints(), None)
+        self.client_with(etcd_client::ConnectOptions::new()).await
+    }
+
+    /// A client of every member with `options` (plus, with TLS, etcd's CA
+    /// and `client.pem`).
+    pub async fn client_with(
+        &self,
+        mut options: etcd_client::ConnectOptions,
+    ) -> etcd_client::Client {
+        if let Some((_, dir)) = &self.members[0].tls {
+            let read = |f: &str| std::fs::read(dir.join(f)).expect("tls file");
+            options = options.with_tls(
+                etcd_client::TlsOptions::new()
+                    .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")))
+                    .identity(etcd_client::Identity::from_pem(
+                        read("client.pem"),
+                        read("client.key"),
+                    )),
+            );
+        }
+        etcd_client::Client::connect(self.endpoints(), Some(options))
             .await
             .expect("etcd client")
     }
@@ -289,6 +380,49 @@ impl Etcd {
     }
 }
 
+/// A CA, a leaf it signs for 127.0.0.1 (server and client use), written
+/// as `<name>.pem`/`<name>.key`; the CA as `<ca>.pem`.
+fn issue(dir: &std::path::Path, ca_name: &str, leaves: &[&str]) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, format!("tokend test {ca_name}"));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key).expect("ca cert");
+    std::fs::write(dir.join(format!("{ca_name}.pem")), ca_cert.pem()).expect("write ca");
+    let issuer = Issuer::new(ca, ca_key);
+    for leaf in leaves {
+        let key = KeyPair::generate().expect("leaf key");
+        let mut p = CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+        p.subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        p.distinguished_name.push(DnType::CommonName, *leaf);
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let cert = p.signed_by(&key, &issuer).expect("leaf cert");
+        std::fs::write(dir.join(format!("{leaf}.pem")), cert.pem()).expect("write leaf");
+        std::fs::write(dir.join(format!("{leaf}.key")), key.serialize_pem()).expect("write key");
+    }
+}
+
+/// etcd's CA (`ca.pem`) with `server` and `client`, and a foreign CA
+/// (`foreign-ca.pem`) with a client certificate `foreign`.
+fn write_tls_files(dir: &std::path::Path) {
+    issue(dir, "ca", &["server", "client"]);
+    issue(dir, "foreign-ca", &["foreign"]);
+}
+
 /// The harness itself: a single member and a cluster start, answer, and
 /// a killed leader is replaced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,4 +456,29 @@ async fn etcd_harness_starts_and_fails_over() {
             .any(|m| m.is_leader()),
         "a surviving member leads"
     );
+}
+
+/// The TLS member answers a client holding its CA and a client
+/// certificate, and refuses one without a client certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_harness_serves_tls_with_client_certificates() {
+    let etcd = Etcd::start_tls();
+    assert!(etcd.endpoints()[0].starts_with("https://127.0.0.1:"));
+    let mut c = etcd.client().await;
+    c.put("k", "v", None).await.expect("put over TLS");
+    let got = c.get("k", None).await.expect("get");
+    assert_eq!(got.kvs()[0].value(), b"v");
+
+    let ca = std::fs::read(etcd.tls_dir().join("ca.pem")).expect("ca");
+    let anonymous = etcd_client::ConnectOptions::new()
+        .with_timeout(Duration::from_secs(2))
+        .with_tls(
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca)),
+        );
+    if let Ok(mut c) = etcd_client::Client::connect(etcd.endpoints(), Some(anonymous)).await {
+        assert!(
+            c.get("k", None).await.is_err(),
+            "no client certificate, no answer"
+        );
+    }
 }

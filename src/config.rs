@@ -112,6 +112,7 @@ struct PeerApiFile {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    warn_at: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,7 +177,13 @@ pub struct PeerApiConfig {
     pub cert: PathBuf,
     /// Its private key.
     pub key: PathBuf,
+    /// The fraction of a certificate's lifetime (own or CA) after which a
+    /// warning is logged: 0.8 warns in the last fifth.
+    pub warn_at: f64,
 }
+
+/// `[peer_api] warn_at` when not set.
+pub(crate) const DEFAULT_WARN_AT: f64 = 0.8;
 
 /// The smallest `limits.max_request_bytes`: a largest token (8 KiB) with an
 /// audience and framing must still fit.
@@ -536,11 +543,21 @@ fn peer_api(
                     format!("{listen_text:?} is not an address like 127.0.0.1:7443"),
                 )
             })?;
+            let warn_at = p.warn_at.unwrap_or(DEFAULT_WARN_AT);
+            if !(warn_at > 0.0 && warn_at < 1.0) {
+                return Err(invalid(
+                    "peer_api.warn_at",
+                    format!(
+                        "{warn_at} is not a fraction of a lifetime between 0 and 1 (such as 0.8)"
+                    ),
+                ));
+            }
             Ok(Some(PeerApiConfig {
                 listen,
                 ca: rel(p.ca),
                 cert: rel(p.cert),
                 key: rel(p.key),
+                warn_at,
             }))
         }
     }

@@ -33,6 +33,8 @@ pub(crate) struct LocalApi {
     pub admin: AdminApi,
     /// The SPIFFE Workload API.
     pub spiffe: SpiffeApi,
+    /// grpc.health.v1 statuses; the daemon's loops set some (the peer API's).
+    pub health: tonic_health::server::HealthReporter,
 }
 
 /// Serves every local service on `listener` until `shutdown` completes, then
@@ -45,7 +47,10 @@ pub(crate) async fn serve(
     listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let reporter = api.health.clone();
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+    );
     reporter
         .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
         .await;

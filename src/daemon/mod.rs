@@ -24,8 +24,8 @@ use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
-    JwksFileSource, PeerClient, PeerError, PeerKeysApi, PeerTls, Refresher, TlsError, TrustFeed,
-    TrustWriter,
+    ExpiryPolicy, JwksFileSource, PeerClient, PeerError, PeerKeysApi, PeerTls, Refresher, TlsError,
+    TrustFeed, TrustWriter,
 };
 use crate::replay_log::JournalReplay;
 use crate::time::SharedClock;
@@ -123,6 +123,9 @@ pub struct Daemon {
     caps: FdCaps,
     peer_server: Option<PeerServer>,
     peer_addr: Option<SocketAddr>,
+    /// The peer TLS material, reloaded from its files while serving.
+    peer_tls: Option<(PeerTls, ExpiryPolicy)>,
+    health: tonic_health::server::HealthReporter,
     clock: SharedClock,
     shutdown: CancellationToken,
 }
@@ -187,8 +190,13 @@ impl Daemon {
             _ => None,
         };
         let peer_addr = peer_server.as_ref().map(|p| p.addr);
+        let peer_tls = peer_tls.zip(config.peer_api.as_ref()).map(|(tls, p)| {
+            let policy = ExpiryPolicy { warn_at: p.warn_at };
+            (tls, policy)
+        });
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
+        let health = tonic_health::server::HealthReporter::new();
         let api = local_api(
             &config,
             engine,
@@ -197,6 +205,7 @@ impl Daemon {
             commands_tx,
             &clock,
             &shutdown,
+            &health,
         );
         Ok(Self {
             id: config.id.to_string(),
@@ -214,6 +223,8 @@ impl Daemon {
             caps,
             peer_server,
             peer_addr,
+            peer_tls,
+            health,
             clock,
             shutdown,
         })
@@ -250,10 +261,27 @@ impl Daemon {
             .map(|k| k.kid().to_owned())
             .unwrap_or_default();
         tracker.spawn(
-            crate::keys::run_rotation(self.store, self.commands, self.clock, cancel.clone())
-                .instrument(tracing::info_span!("rotation", id = %self.id)),
+            crate::keys::run_rotation(
+                self.store,
+                self.commands,
+                self.clock.clone(),
+                cancel.clone(),
+            )
+            .instrument(tracing::info_span!("rotation", id = %self.id)),
         );
         tracker.spawn(self.writer.run(cancel.clone()));
+        if let Some((tls, policy)) = self.peer_tls {
+            tracker.spawn(
+                crate::peers::watch_tls(
+                    tls,
+                    self.clock.clone(),
+                    policy,
+                    self.health.clone(),
+                    cancel.clone(),
+                )
+                .instrument(tracing::info_span!("peer_tls")),
+            );
+        }
         if let Some(PeerServer { tcp, tls, api, .. }) = self.peer_server {
             let stop = cancel.clone();
             let peer_listen = listen(self.caps.peer);
@@ -406,6 +434,7 @@ fn local_api(
     commands: mpsc::Sender<Command>,
     clock: &SharedClock,
     shutdown: &CancellationToken,
+    health: &tonic_health::server::HealthReporter,
 ) -> LocalApi {
     let callers = Callers::new(config.allowed_uids.clone());
     LocalApi {
@@ -420,6 +449,7 @@ fn local_api(
             config.admin_uids.clone(),
         ),
         spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
+        health: health.clone(),
     }
 }
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::refresh::KeySource;
-use super::tls::spiffe_id_of;
+use super::tls::svid_id;
 use super::{LogLimit, PeerError, TrustFeed};
 use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate, TrustView};
 use crate::identity::{SpiffeId, TrustDomain};
@@ -168,7 +168,7 @@ impl PeerClient {
                     .cloned();
                 let id = leaf
                     .ok_or_else(|| "no server certificate".to_owned())
-                    .and_then(|der| spiffe_id_of(&der, &td))
+                    .and_then(|der| svid_id(&der, &td))
                     .map_err(std::io::Error::other)?;
                 *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
                 Ok::<_, std::io::Error>(TokioIo::new(stream))

@@ -18,7 +18,7 @@ pub use self::client::peer_key_set_update;
 pub(crate) use self::file::{JwksFileSource, MAX_JWKS_BYTES};
 pub(crate) use self::refresh::Refresher;
 pub(crate) use self::server::{PeerKeysApi, serve};
-pub(crate) use self::tls::{PeerTls, TlsError, uri_sans};
+pub(crate) use self::tls::{ExpiryPolicy, PeerTls, TlsError, uri_sans, watch as watch_tls};
 pub(crate) use self::writer::{TrustFeed, TrustWriter};
 use crate::engine::SetError;
 use crate::identity::SpiffeId;

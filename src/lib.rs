@@ -44,7 +44,7 @@ mod telemetry;
 mod time;
 
 pub use crate::api::{REASON_KEY, connect, detail_of, reason_of};
-pub use crate::ca::{init as ca_init, issue as ca_issue};
+pub use crate::ca::{IssueSpec, init as ca_init, issue as ca_issue, issue_with as ca_issue_with};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::config::check_config;
 pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar, SidecarError};

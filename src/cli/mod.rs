@@ -116,9 +116,12 @@ pub enum CaCommand {
         #[arg(long)]
         trust_domain: String,
     },
-    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and OUT/key.pem (0600).
+    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and
+    /// OUT/key.pem (0600). With --intermediate, an intermediate CA named
+    /// NAME instead: OUT/ca.pem and OUT/ca.key, usable as --ca in turn (its
+    /// leaves' cert.pem then holds leaf + intermediate).
     Issue {
-        /// Directory holding ca.pem and ca.key.
+        /// Directory holding ca.pem and ca.key (a root or an intermediate).
         #[arg(long)]
         ca: PathBuf,
         /// Service name; the certificate carries spiffe://TD/NAME.
@@ -130,9 +133,15 @@ pub enum CaCommand {
         /// DNS names (repeatable; default: localhost and NAME).
         #[arg(long)]
         dns: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: i64,
+        /// Validity in days (default 365).
+        #[arg(long, conflicts_with = "ttl")]
+        days: Option<i64>,
+        /// Validity as a duration, such as 12h (short-lived certificates).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// Issue an intermediate CA instead of a peer certificate.
+        #[arg(long)]
+        intermediate: bool,
     },
 }
 
@@ -269,7 +278,18 @@ pub async fn run(cli: Cli) -> u8 {
             out,
             dns,
             days,
-        }) => offline::ca_issue(&ca, &name, &out, &dns, days),
+            ttl,
+            intermediate,
+        }) => {
+            let secs = ttl.unwrap_or_else(|| {
+                u64::try_from(days.unwrap_or(365).max(1)).unwrap_or(365) * 86_400
+            });
+            let ttl = std::time::Duration::from_secs(secs);
+            let mut spec = crate::ca::IssueSpec::peer(&ca, &name, &out, ttl);
+            spec.dns = dns;
+            spec.intermediate = intermediate;
+            offline::ca_issue(&spec)
+        }
         Command::Demo => demo::run().await,
     }
 }

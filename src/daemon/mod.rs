@@ -196,7 +196,6 @@ impl Daemon {
         });
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
-        let health = tonic_health::server::HealthReporter::new();
         let api = local_api(
             &config,
             engine,
@@ -205,8 +204,8 @@ impl Daemon {
             commands_tx,
             &clock,
             &shutdown,
-            &health,
         );
+        let health = api.health.clone();
         Ok(Self {
             id: config.id.to_string(),
             store,
@@ -434,7 +433,6 @@ fn local_api(
     commands: mpsc::Sender<Command>,
     clock: &SharedClock,
     shutdown: &CancellationToken,
-    health: &tonic_health::server::HealthReporter,
 ) -> LocalApi {
     let callers = Callers::new(config.allowed_uids.clone());
     LocalApi {
@@ -449,7 +447,7 @@ fn local_api(
             config.admin_uids.clone(),
         ),
         spiffe: SpiffeApi::new(engine, callers, shutdown.clone()),
-        health: health.clone(),
+        health: tonic_health::server::HealthReporter::new(),
     }
 }
 

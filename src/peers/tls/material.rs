@@ -197,8 +197,11 @@ impl Material {
                 now: date(now),
             });
         }
-        let certified = CertifiedKey::from_der(chain.clone(), key.clone_key(), provider)
+        let signer = provider
+            .key_provider
+            .load_private_key(key.clone_key())
             .map_err(|e| key_err(format!("cannot load the private key: {e}")))?;
+        let certified = CertifiedKey::new(chain.clone(), signer);
         certified.keys_match().map_err(|e| TlsError::KeyMismatch {
             cert: paths.cert.clone(),
             key: paths.key.clone(),

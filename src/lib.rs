@@ -15,7 +15,8 @@
 //!    verify cache, delegation, one-time claims, immutable `TrustSet`
 //!    snapshots. Opens no socket and no file.
 //! 4. `config`: TOML → typed sections that build their policies.
-//! 5. `listen`: both listeners' caps, deadlines and accept back-off.
+//! 5. `listen`: both listeners' caps, deadlines and accept back-off;
+//!    `bans`: the operator's bans, persisted in the keys directory.
 //! 6. `peers` (trust sources feeding one writer; the peer-facing server),
 //!    `api` (the local gRPC services, each with its own handles; the one
 //!    refusal → status mapping), `telemetry`, `replay_log` (the one-time
@@ -26,6 +27,7 @@
 //! 9. `cli`: the command line, on top.
 
 mod api;
+mod bans;
 mod ca;
 mod cli;
 mod config;
@@ -49,8 +51,8 @@ pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::config::check_config;
 pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar, SidecarError};
 pub use crate::engine::{
-    Engine, MintPolicy, MintRequest, Minted, TrustSet, TrustUpdate, TrustView, Unverified,
-    Verified, VerifyPolicy, verify_at,
+    Ban, BanKind, BanList, BanView, Engine, KeyOrigin, KeyOrigins, MintPolicy, MintRequest, Minted,
+    TrustSet, TrustUpdate, TrustView, Unverified, Verified, VerifyPolicy, verify_at,
 };
 pub use crate::identity::{SpiffeId, TrustDomain};
 pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};

@@ -13,6 +13,8 @@ mod inproc;
 #[path = "it/pki.rs"]
 mod pki;
 
+#[path = "it/bans.rs"]
+mod bans;
 #[path = "it/certs.rs"]
 mod certs;
 #[path = "it/cli.rs"]

@@ -4,6 +4,7 @@
 //! refusals become wire statuses. No business logic here.
 
 mod admin;
+mod bans;
 mod spiffe;
 mod status;
 mod token;

@@ -99,6 +99,11 @@ pub enum Command {
     /// The trust domain's CA and peer certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Bans at this verifier: a certificate serial, an instance, a kid or a
+    /// SPIFFE ID whose tokens are refused (revoked_key) and whose key sets
+    /// are not accepted, without the banned side's cooperation.
+    #[command(subcommand)]
+    Ban(BanCommand),
     /// Start a small bank of sidecars in this process and show minting,
     /// verification, a refused impersonation and a rotation.
     Demo,
@@ -142,6 +147,43 @@ pub enum CaCommand {
         /// Issue an intermediate CA instead of a peer certificate.
         #[arg(long)]
         intermediate: bool,
+    },
+}
+
+/// `tokend ban ...`
+#[derive(Debug, Subcommand)]
+pub enum BanCommand {
+    /// Put a ban in force (persisted in the keys directory).
+    Add {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// serial | instance | kid | spiffe-id
+        kind: String,
+        /// A serial in hex (colons allowed), an instance (peer address), a
+        /// kid, or a SPIFFE ID (a bare service name means this trust domain).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Why (kept with the ban, shown in refusals).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a ban.
+    Remove {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// serial | instance | kid | spiffe-id
+        kind: String,
+        /// The banned value.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
+    /// The bans in force, as JSON.
+    List {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
     },
 }
 
@@ -267,6 +309,18 @@ pub async fn run(cli: Cli) -> u8 {
             remote::keys_revoke(&socket.socket, kid).await
         }
         Command::Jwks { socket, all } => remote::jwks(&socket.socket, all).await,
+        Command::Ban(BanCommand::Add {
+            socket,
+            kind,
+            value,
+            reason,
+        }) => remote::ban(&socket.socket, kind, value, reason).await,
+        Command::Ban(BanCommand::Remove {
+            socket,
+            kind,
+            value,
+        }) => remote::unban(&socket.socket, kind, value).await,
+        Command::Ban(BanCommand::List { socket }) => remote::bans(&socket.socket).await,
         Command::Decode { token } => match token_arg(&token) {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),

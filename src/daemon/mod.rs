@@ -20,7 +20,7 @@ use tracing::Instrument;
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
-use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
+use crate::engine::{BanView, Engine, KeyOrigins, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
@@ -63,6 +63,9 @@ pub enum DaemonError {
         /// Why.
         detail: String,
     },
+    /// The bans file cannot be read.
+    #[error(transparent)]
+    Bans(#[from] crate::bans::BanError),
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
@@ -76,7 +79,10 @@ impl DaemonError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            DaemonError::Keys(KeyError::Disk(_)) | DaemonError::Tls(_) | DaemonError::Peers(_)
+            DaemonError::Keys(KeyError::Disk(_))
+                | DaemonError::Tls(_)
+                | DaemonError::Peers(_)
+                | DaemonError::Bans(_)
         )
     }
 }
@@ -165,7 +171,10 @@ impl Daemon {
             )?),
             None => None,
         };
-        let sources = trust_sources(&config, peer_tls.as_ref(), &clock)?;
+        let (ban_store, bans) = crate::bans::BanStore::open(&config.keys_dir)?;
+        let origins = KeyOrigins::default();
+        let containment = (bans.clone(), origins.clone());
+        let sources = trust_sources(&config, peer_tls.as_ref(), &clock, &containment)?;
         let engine = Arc::new(
             Engine::new(
                 config.id.clone(),
@@ -180,6 +189,7 @@ impl Daemon {
                 crate::engine::DEFAULT_REFRESH_WAIT,
             )
             .with_replay(replay)
+            .with_bans(bans, origins)
             .with_verify_cache(config.tokens.verify_cache),
         );
         let shutdown = CancellationToken::new();
@@ -196,7 +206,7 @@ impl Daemon {
         });
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
-        let api = local_api(
+        let mut api = local_api(
             &config,
             engine,
             &keys,
@@ -205,6 +215,7 @@ impl Daemon {
             &clock,
             &shutdown,
         );
+        api.admin = api.admin.with_bans(ban_store);
         let health = api.health.clone();
         Ok(Self {
             id: config.id.to_string(),
@@ -471,6 +482,7 @@ fn trust_sources(
     config: &Config,
     tls: Option<&PeerTls>,
     clock: &SharedClock,
+    containment: &(BanView, KeyOrigins),
 ) -> Result<TrustSources, DaemonError> {
     let (mut writer, feed, view) = TrustWriter::new();
     let mut refresher = Refresher::new(MIN_REFRESH_INTERVAL);
@@ -488,7 +500,15 @@ fn trust_sources(
                 files.push(source);
             }
             PeerSource::Address(addr) => {
-                let client = peer_client(&peer.name, peer, addr, tls, &feed, &view, clock)?;
+                let client = peer_client(
+                    &peer.name,
+                    peer,
+                    addr,
+                    tls,
+                    (&feed, &view),
+                    clock,
+                    containment,
+                )?;
                 writer
                     .apply(TrustUpdate::Register {
                         issuer: issuer.to_owned(),
@@ -514,9 +534,9 @@ fn peer_client(
     peer: &crate::config::PeerConfig,
     addr: &str,
     tls: Option<&PeerTls>,
-    feed: &TrustFeed,
-    view: &TrustView,
+    (feed, view): (&TrustFeed, &TrustView),
     clock: &SharedClock,
+    containment: &(BanView, KeyOrigins),
 ) -> Result<Arc<PeerClient>, PeerError> {
     let Some(tls) = tls else {
         return Err(PeerError::Address {
@@ -533,5 +553,6 @@ fn peer_client(
         feed.clone(),
         view.clone(),
         clock.clone(),
+        containment.clone(),
     )
 }

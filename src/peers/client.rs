@@ -19,7 +19,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use super::refresh::KeySource;
 use super::tls::svid_id;
 use super::{LogLimit, PeerError, TrustFeed};
-use crate::engine::{MAX_KEYS_PER_ISSUER, TrustUpdate, TrustView};
+use crate::engine::{BanView, KeyOrigin, KeyOrigins, MAX_KEYS_PER_ISSUER, TrustUpdate, TrustView};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
 use crate::time::{SharedClock, UnixTime};
@@ -51,6 +51,11 @@ pub(crate) struct PeerClient {
     clock: SharedClock,
     /// The identity the last watched connection proved (marked stale on loss).
     watched: Mutex<Option<SpiffeId>>,
+    /// The operator's bans: a connection presenting a banned certificate
+    /// publishes nothing.
+    bans: BanView,
+    /// Where each key this client installs came from.
+    origins: KeyOrigins,
     /// Refusals of this peer's sets are logged at most once a second.
     log_limit: LogLimit,
 }
@@ -64,10 +69,18 @@ impl std::fmt::Debug for PeerClient {
     }
 }
 
-type Slot = Arc<Mutex<Option<SpiffeId>>>;
+/// What the server's certificate proved on one connection.
+#[derive(Clone, Debug)]
+struct Proven {
+    identity: SpiffeId,
+    /// The certificate's serial (hex).
+    serial: String,
+}
 
-/// The identity the server's certificate proved on this channel's connection.
-fn proven_identity(slot: &Slot) -> Result<SpiffeId, PeerError> {
+type Slot = Arc<Mutex<Option<Proven>>>;
+
+/// What the server's certificate proved on this channel's connection.
+fn proven(slot: &Slot) -> Result<Proven, PeerError> {
     slot.lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
@@ -87,6 +100,7 @@ fn status(rpc: &'static str) -> impl FnOnce(tonic::Status) -> PeerError {
 impl PeerClient {
     /// A client for peer `name` at `address` (`https://host:port`); the
     /// daemon registers `expected` with the writer before it runs.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         name: &str,
         expected: SpiffeId,
@@ -95,6 +109,7 @@ impl PeerClient {
         feed: TrustFeed,
         view: TrustView,
         clock: SharedClock,
+        (bans, origins): (BanView, KeyOrigins),
     ) -> Result<Arc<Self>, PeerError> {
         let bad = |detail: String| PeerError::Address {
             name: name.to_owned(),
@@ -117,6 +132,8 @@ impl PeerClient {
             view,
             clock,
             watched: Mutex::default(),
+            bans,
+            origins,
             log_limit: LogLimit::default(),
         }))
     }
@@ -166,11 +183,10 @@ impl PeerClient {
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .cloned();
-                let id = leaf
-                    .ok_or_else(|| "no server certificate".to_owned())
-                    .and_then(|der| svid_id(&der, &td))
-                    .map_err(std::io::Error::other)?;
-                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                let der = leaf.ok_or_else(|| std::io::Error::other("no server certificate"))?;
+                let identity = svid_id(&der, &td).map_err(std::io::Error::other)?;
+                let serial = super::tls::serial_of(&der).map_err(std::io::Error::other)?;
+                *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Proven { identity, serial });
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
@@ -187,8 +203,20 @@ impl PeerClient {
         Ok((client, slot))
     }
 
-    /// Validates a key set and installs it under `identity`. Refusals keep the previous set.
-    async fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), PeerError> {
+    /// Validates a key set and installs it under the identity `proven`.
+    /// Refusals keep the previous set.
+    async fn install_set(&self, proven: &Proven, msg: pb::PeerKeySet) -> Result<(), PeerError> {
+        let identity = &proven.identity;
+        let bans = self.bans.current();
+        if let Some(ban) = bans
+            .of_certificate(identity.as_str(), &proven.serial)
+            .or_else(|| bans.of_instance(&self.authority))
+        {
+            return Err(PeerError::Banned {
+                serial: proven.serial.clone(),
+                ban: format!("{} {}", ban.kind.as_str(), ban.value),
+            });
+        }
         if identity != &self.expected {
             tracing::warn!(
                 configured = %self.expected,
@@ -202,10 +230,20 @@ impl PeerClient {
         }
         let version = msg.version;
         let update = key_set_update(identity.as_str(), msg, self.clock.now())?;
-        let n = match &update {
-            TrustUpdate::Replace { keys, .. } => keys.len(),
-            _ => 0,
+        let (n, kids): (usize, Vec<String>) = match &update {
+            TrustUpdate::Replace { keys, .. } => (
+                keys.len(),
+                keys.iter().map(|k| k.kid().to_owned()).collect(),
+            ),
+            _ => (0, Vec::new()),
         };
+        // Provenance first: a verification must never find a key whose
+        // certificate it cannot tell.
+        let origin = KeyOrigin {
+            serial: proven.serial.clone(),
+            instance: self.authority.clone(),
+        };
+        self.origins.record(identity.as_str(), &origin, kids);
         self.feed.apply(update).await?;
         tracing::debug!(issuer = %identity, keys = n, version, "installed peer keys");
         metrics::gauge!("tokend_peer_keys", "issuer" => identity.to_string()).set(n as f64);
@@ -241,10 +279,10 @@ impl PeerClient {
             })?
             .map_err(status("GetKeys"))?
             .into_inner();
-        let identity = proven_identity(&slot)?;
-        let result = self.install_set(&identity, msg).await;
+        let proven = proven(&slot)?;
+        let result = self.install_set(&proven, msg).await;
         if let Err(e) = &result {
-            self.refuse(Some(&identity), e);
+            self.refuse(Some(&proven.identity), e);
         }
         result
     }
@@ -261,7 +299,8 @@ impl PeerClient {
                 })?
                 .map_err(status("WatchKeys"))?
                 .into_inner();
-        let identity = proven_identity(&slot)?;
+        let proven = proven(&slot)?;
+        let identity = proven.identity.clone();
         *self.watched.lock().unwrap_or_else(|p| p.into_inner()) = Some(identity.clone());
         let mut got_any = false;
         loop {
@@ -285,11 +324,15 @@ impl PeerClient {
                             .set(1.0);
                     }
                     got_any = true;
-                    if let Err(e) = self.install_set(&identity, msg).await {
+                    if let Err(e) = self.install_set(&proven, msg).await {
                         if matches!(e, PeerError::WriterGone) {
                             return Ok(got_any);
                         }
                         self.refuse(Some(&identity), &e);
+                        if matches!(e, PeerError::Banned { .. }) {
+                            // Nothing more from this connection.
+                            return Err(e);
+                        }
                     }
                 }
                 Ok(None) => return Ok(got_any),

@@ -82,6 +82,15 @@ pub enum PeerError {
         /// Why.
         detail: String,
     },
+    /// The connection presented a banned certificate (or came from a
+    /// banned instance): its sets are refused.
+    #[error("key set from a banned certificate (serial {serial}; ban: {ban}); refused")]
+    Banned {
+        /// The serial the connection presented.
+        serial: String,
+        /// The ban it falls under.
+        ban: String,
+    },
     /// The stream of updates ended.
     #[error("the peer ended its key stream")]
     StreamEnded,

@@ -276,6 +276,11 @@ fn read_files(paths: &Paths) -> Result<Files, TlsError> {
     })
 }
 
+/// The serial (hex) of a DER certificate.
+pub(crate) fn serial_of(der: &[u8]) -> Result<String, String> {
+    CertInfo::of(der).map(|c| c.serial)
+}
+
 /// Reads a `[peer_api]` file after checking that no other user could have
 /// written it (nor, for the key, read it): see `keys::check_file`. The path
 /// is resolved afresh on every read, so a swapped symlink is followed.

@@ -245,15 +245,18 @@ fn a_certificate_outside_its_validity_stops_the_start() {
     }
 }
 
-/// Once the certificate in use has expired (the bank's clock passes its
-/// end), grpc.health.v1 reports `tokend.v1.PeerService` NOT_SERVING; a
-/// renewal makes it SERVING again.
+/// Past `warn_at` (0.8) of its lifetime the certificate is warned about,
+/// once; once it has expired (the bank's clock passes its end),
+/// grpc.health.v1 reports `tokend.v1.PeerService` NOT_SERVING; a renewal
+/// makes it SERVING again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_turns_not_serving_when_the_certificate_expires() {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
+    let _ = crate::inproc::logs();
     let bank = Bank::new();
     let a = bank.start(bank.lean_peer("payments")).await;
+    let serial = serial_of(&bank.root().join("payments/peer/cert.pem"));
     let status = || async {
         let mut c = tonic_health::pb::health_client::HealthClient::new(
             tokend::connect(&a.socket()).await.expect("connect"),
@@ -271,6 +274,15 @@ async fn health_turns_not_serving_when_the_certificate_expires() {
         })
         .await
     );
+    // The certificate lives 25 hours (an hour back, a day ahead): past 80%
+    // of it, one warning naming its serial; the peer API still serves.
+    bank.advance(21 * 3600);
+    let warned = |l: &str| l.contains("past peer_api.warn_at") && l.contains(&serial);
+    assert!(
+        eventually(10, || async { crate::inproc::logs().lines().any(warned) }).await,
+        "no expiry warning for {serial}"
+    );
+    assert_eq!(status().await, ServingStatus::Serving as i32);
     bank.advance(2 * 86_400);
     assert!(
         eventually(10, || async {

@@ -506,3 +506,57 @@ async fn tokend_intermediate_and_short_ttl() {
     let token = a.mint("ledger").await.token;
     assert!(b.verify(&token).await.is_ok());
 }
+
+/// `[peer_api] warn_at` must be a fraction of a lifetime; anything else is
+/// refused at start, naming the key.
+#[test]
+fn warn_at_is_a_fraction() {
+    let section = |v: &str| {
+        format!(
+            "[peer_api]\nlisten = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\nwarn_at = {v}\n"
+        )
+    };
+    assert_eq!(tokend::check_config(&section("0.75")), Ok(()));
+    for bad in ["0", "1", "1.5", "-0.2"] {
+        let e = tokend::check_config(&section(bad)).expect_err(bad);
+        assert!(e.contains("peer_api.warn_at"), "{bad}: {e}");
+    }
+}
+
+/// A renewal whose certificate starts a little in the future (its CA's
+/// clock runs ahead) is refused while it is not yet valid, logged once, and
+/// swapped in by itself once the clock reaches its start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_issued_ahead_of_the_clock_is_taken_once_valid() {
+    let _ = crate::inproc::logs();
+    let bank = Bank::new();
+    let _a = bank.start(bank.lean_peer("payments")).await;
+    let t = bank.now();
+    let ahead = issue_window(
+        &bank.ca(),
+        "payments",
+        &bank.root().join("ahead"),
+        t + 120,
+        t + 86_400,
+    );
+    let serial = serial_of(&ahead.join("cert.pem"));
+    renew_by_rename(&ahead, &bank.root().join("payments/peer"));
+    let lines = |needle: &'static str| {
+        crate::inproc::logs()
+            .lines()
+            .filter(|l| l.contains(needle) && l.contains(&serial))
+            .count()
+    };
+    assert!(
+        eventually(10, || async { lines("new peer TLS material refused") == 1 }).await,
+        "the early certificate was not refused"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(lines("new peer TLS material refused"), 1, "logged once");
+    assert_eq!(lines("peer TLS material reloaded"), 0);
+    bank.advance(180);
+    assert!(
+        eventually(10, || async { lines("peer TLS material reloaded") == 1 }).await,
+        "never taken once valid"
+    );
+}

@@ -5,7 +5,9 @@
 //! tried once it has stayed the same for one more poll (a writer that
 //! replaces the certificate and the key one after the other is not caught
 //! half-way), then either swapped in or refused with its reason logged
-//! once; the previous set stays. The same loop keeps the expiry metrics,
+//! once; the previous set stays. A set refused for its dates (or its
+//! chain) is tried again each poll without more logging, so a certificate
+//! issued a little ahead of this host's clock is taken once it is valid. The same loop keeps the expiry metrics,
 //! warns at a fraction of the lifetime, and turns the peer API's health
 //! to NOT_SERVING once the certificate in use has expired.
 
@@ -38,8 +40,12 @@ pub(crate) struct ExpiryPolicy {
 struct State {
     /// A changed set seen once, tried if the next poll sees it again.
     pending: Option<[u8; 32]>,
-    /// The last refused set, not tried (nor logged) again until it changes.
+    /// The last refused set, not logged again until it changes.
     refused: Option<[u8; 32]>,
+    /// Whether that refusal was about time (a certificate not yet valid,
+    /// say from a CA whose clock runs ahead): such a set is tried again
+    /// every poll, silently, and swapped in once it passes.
+    retry: bool,
     /// Serials already warned about.
     warned: std::collections::HashSet<String>,
     /// Whether the peer API was last reported serving.
@@ -85,16 +91,18 @@ fn poll_files(tls: &PeerTls, now: UnixTime, state: &mut State) {
         state.refused = None;
         return;
     }
-    if state.refused == Some(digest) {
+    let again = state.refused == Some(digest);
+    if again && !state.retry {
         return;
     }
-    if state.pending != Some(digest) {
+    if !again && state.pending != Some(digest) {
         state.pending = Some(digest);
         return;
     }
     state.pending = None;
     let installed = candidate.and_then(|files| tls.install(&files, now));
     match installed {
+        Err(_) if again => {}
         Ok(leaf) => {
             state.refused = None;
             metrics::counter!("tokend_peer_tls_reload_total", "result" => "ok").increment(1);
@@ -107,6 +115,7 @@ fn poll_files(tls: &PeerTls, now: UnixTime, state: &mut State) {
         }
         Err(e) => {
             state.refused = Some(digest);
+            state.retry = matches!(e, TlsError::Validity { .. } | TlsError::Chain { .. });
             metrics::counter!("tokend_peer_tls_reload_total", "result" => "refused").increment(1);
             tracing::warn!(
                 error = %e,

@@ -50,6 +50,8 @@ struct State {
     warned: std::collections::HashSet<String>,
     /// Whether the peer API was last reported serving.
     serving: Option<bool>,
+    /// The CAs whose remaining validity is exported.
+    reported: std::collections::HashSet<String>,
 }
 
 /// Polls until `cancel`: reloads, refuses, measures and warns as above.
@@ -137,11 +139,21 @@ async fn observe(
     let leaf = tls.leaf();
     metrics::gauge!("tokend_peer_cert_expires_in_seconds").set(leaf.remaining(now) as f64);
     warn_once(&leaf, "peer certificate", now, policy, state);
-    for ca in tls.anchors() {
+    let anchors = tls.anchors();
+    for ca in &anchors {
         metrics::gauge!("tokend_peer_ca_expires_in_seconds", "serial" => ca.serial.clone())
             .set(ca.remaining(now) as f64);
-        warn_once(&ca, "peer CA certificate", now, policy, state);
+        warn_once(ca, "peer CA certificate", now, policy, state);
     }
+    // A CA that left the bundle reports NaN (no value), so an alert on a
+    // CA about to expire stops once the rollover removed it.
+    let current: std::collections::HashSet<String> =
+        anchors.iter().map(|a| a.serial.clone()).collect();
+    for gone in state.reported.difference(&current) {
+        metrics::gauge!("tokend_peer_ca_expires_in_seconds", "serial" => gone.clone())
+            .set(f64::NAN);
+    }
+    state.reported = current;
     let serving = now <= leaf.not_after;
     if state.serving != Some(serving) {
         let status = if serving {

@@ -119,6 +119,7 @@ struct PeerApiFile {
     key: PathBuf,
     document_lifetime: Option<HumanDuration>,
     advertise: Option<String>,
+    warn_at: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,12 +194,17 @@ pub struct PeerApiConfig {
     /// `https://<bound listen address>` unless that is an unspecified
     /// address (0.0.0.0, ::), and then none (no direct fetch of it).
     pub advertise: Option<String>,
+    /// The fraction of a certificate's lifetime (own or CA) after which a
+    /// warning is logged: 0.8 warns in the last fifth.
+    pub warn_at: f64,
 }
 
 /// The shortest `[peer_api] document_lifetime`.
 pub(crate) const MIN_DOCUMENT_LIFETIME: Duration = Duration::from_secs(10);
 /// Addresses of one peer at most.
 pub(crate) const MAX_PEER_ADDRESSES: usize = 64;
+/// `[peer_api] warn_at` when not set.
+pub(crate) const DEFAULT_WARN_AT: f64 = 0.8;
 
 /// The smallest `limits.max_request_bytes`: a largest token (8 KiB) with an
 /// audience and framing must still fit.
@@ -574,6 +580,15 @@ fn peer_api(
                 Some(a) => Some(https_url("peer_api.advertise", a)?),
                 None => None,
             };
+            let warn_at = p.warn_at.unwrap_or(DEFAULT_WARN_AT);
+            if !(warn_at > 0.0 && warn_at < 1.0) {
+                return Err(invalid(
+                    "peer_api.warn_at",
+                    format!(
+                        "{warn_at} is not a fraction of a lifetime between 0 and 1 (such as 0.8)"
+                    ),
+                ));
+            }
             Ok(Some(PeerApiConfig {
                 listen,
                 ca: rel(p.ca),
@@ -581,6 +596,7 @@ fn peer_api(
                 key: rel(p.key),
                 document_lifetime,
                 advertise,
+                warn_at,
             }))
         }
     }

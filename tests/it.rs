@@ -10,6 +10,13 @@ mod support;
 #[path = "it/inproc.rs"]
 mod inproc;
 
+#[path = "it/pki.rs"]
+mod pki;
+
+#[path = "it/bans.rs"]
+mod bans;
+#[path = "it/certs.rs"]
+mod certs;
 #[path = "it/cli.rs"]
 mod cli;
 #[path = "it/config.rs"]

@@ -2,6 +2,8 @@
 //! rotation task, the keys directory's single writer), and the JWKS this
 //! sidecar publishes and trusts. Admin calls are limited to admin uids.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -26,6 +28,7 @@ pub(crate) struct AdminApi {
     clock: SharedClock,
     callers: Callers,
     admins: Callers,
+    bans: Option<Arc<crate::bans::BanStore>>,
 }
 
 fn key_info(rec: &KeyRecord, set: &KeySet, now: crate::time::UnixTime) -> pb::KeyInfo {
@@ -80,7 +83,14 @@ impl AdminApi {
             clock,
             callers,
             admins: Callers::new(Some(admins)),
+            bans: None,
         }
+    }
+
+    /// Serves the ban calls from `store`.
+    pub(crate) fn with_bans(mut self, store: Arc<crate::bans::BanStore>) -> Self {
+        self.bans = Some(store);
+        self
     }
 
     fn allowed<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -180,5 +190,40 @@ impl pb::admin_service_server::AdminService for AdminApi {
             }
         }
         Ok(Response::new(pb::GetJwksResponse { issuers }))
+    }
+
+    async fn ban(&self, req: Request<pb::BanRequest>) -> Result<Response<pb::BanResponse>, Status> {
+        self.allowed(&req)?;
+        let store = super::bans::store(&self.bans)?;
+        let now = self.clock.now();
+        super::bans::ban(store, &self.own, req.into_inner(), now)
+            .await
+            .map(Response::new)
+    }
+
+    async fn unban(
+        &self,
+        req: Request<pb::UnbanRequest>,
+    ) -> Result<Response<pb::UnbanResponse>, Status> {
+        self.allowed(&req)?;
+        let store = super::bans::store(&self.bans)?;
+        super::bans::unban(store, &self.own, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_bans(
+        &self,
+        req: Request<pb::ListBansRequest>,
+    ) -> Result<Response<pb::ListBansResponse>, Status> {
+        self.allowed(&req)?;
+        let store = super::bans::store(&self.bans)?;
+        let bans = store
+            .current()
+            .bans()
+            .iter()
+            .map(super::bans::entry)
+            .collect();
+        Ok(Response::new(pb::ListBansResponse { bans }))
     }
 }

@@ -5,6 +5,7 @@
 //! refusals become wire statuses. No business logic here.
 
 mod admin;
+mod bans;
 mod ext_authz;
 mod spiffe;
 mod status;
@@ -39,6 +40,8 @@ pub(crate) struct LocalApi {
     pub spiffe: SpiffeApi,
     /// Envoy external authorization.
     pub ext_authz: ExtAuthzApi,
+    /// grpc.health.v1 statuses; the daemon's loops set some (the peer API's).
+    pub health: tonic_health::server::HealthReporter,
 }
 
 /// Largest Check request: Envoy sends the request's headers, up to its
@@ -55,7 +58,10 @@ pub(crate) async fn serve(
     listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let reporter = api.health.clone();
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(reporter.clone()),
+    );
     reporter
         .set_serving::<pb::token_service_server::TokenServiceServer<TokenApi>>()
         .await;

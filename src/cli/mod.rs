@@ -99,6 +99,11 @@ pub enum Command {
     /// The trust domain's CA and peer certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Bans at this verifier: a certificate serial, an instance, a kid or a
+    /// SPIFFE ID whose tokens are refused (revoked_key) and whose key sets
+    /// are not accepted, without the banned side's cooperation.
+    #[command(subcommand)]
+    Ban(BanCommand),
     /// Start a small bank of sidecars in this process and show minting,
     /// verification, a refused impersonation and a rotation.
     Demo,
@@ -116,9 +121,12 @@ pub enum CaCommand {
         #[arg(long)]
         trust_domain: String,
     },
-    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and OUT/key.pem (0600).
+    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and
+    /// OUT/key.pem (0600). With --intermediate, an intermediate CA named
+    /// NAME instead: OUT/ca.pem and OUT/ca.key, usable as --ca in turn (its
+    /// leaves' cert.pem then holds leaf + intermediate).
     Issue {
-        /// Directory holding ca.pem and ca.key.
+        /// Directory holding ca.pem and ca.key (a root or an intermediate).
         #[arg(long)]
         ca: PathBuf,
         /// Service name; the certificate carries spiffe://TD/NAME.
@@ -130,9 +138,52 @@ pub enum CaCommand {
         /// DNS names (repeatable; default: localhost and NAME).
         #[arg(long)]
         dns: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: i64,
+        /// Validity in days (default 365).
+        #[arg(long, conflicts_with = "ttl")]
+        days: Option<i64>,
+        /// Validity as a duration, such as 12h (short-lived certificates).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// Issue an intermediate CA instead of a peer certificate.
+        #[arg(long)]
+        intermediate: bool,
+    },
+}
+
+/// `tokend ban ...`
+#[derive(Debug, Subcommand)]
+pub enum BanCommand {
+    /// Put a ban in force (persisted in the keys directory).
+    Add {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// serial | instance | kid | spiffe-id
+        kind: String,
+        /// A serial in hex (colons allowed), an instance (peer address), a
+        /// kid, or a SPIFFE ID (a bare service name means this trust domain).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Why (kept with the ban, shown in refusals).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a ban.
+    Remove {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// serial | instance | kid | spiffe-id
+        kind: String,
+        /// The banned value.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
+    /// The bans in force, as JSON.
+    List {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
     },
 }
 
@@ -258,6 +309,18 @@ pub async fn run(cli: Cli) -> u8 {
             remote::keys_revoke(&socket.socket, kid).await
         }
         Command::Jwks { socket, all } => remote::jwks(&socket.socket, all).await,
+        Command::Ban(BanCommand::Add {
+            socket,
+            kind,
+            value,
+            reason,
+        }) => remote::ban(&socket.socket, kind, value, reason).await,
+        Command::Ban(BanCommand::Remove {
+            socket,
+            kind,
+            value,
+        }) => remote::unban(&socket.socket, kind, value).await,
+        Command::Ban(BanCommand::List { socket }) => remote::bans(&socket.socket).await,
         Command::Decode { token } => match token_arg(&token) {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),
@@ -269,7 +332,18 @@ pub async fn run(cli: Cli) -> u8 {
             out,
             dns,
             days,
-        }) => offline::ca_issue(&ca, &name, &out, &dns, days),
+            ttl,
+            intermediate,
+        }) => {
+            let secs = ttl.unwrap_or_else(|| {
+                u64::try_from(days.unwrap_or(365).max(1)).unwrap_or(365) * 86_400
+            });
+            let ttl = std::time::Duration::from_secs(secs);
+            let mut spec = crate::ca::IssueSpec::peer(&ca, &name, &out, ttl);
+            spec.dns = dns;
+            spec.intermediate = intermediate;
+            offline::ca_issue(&spec)
+        }
         Command::Demo => demo::run().await,
     }
 }

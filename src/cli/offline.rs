@@ -59,18 +59,21 @@ pub(super) fn ca_init(out: &std::path::Path, td: &str) -> u8 {
 }
 
 /// `tokend ca issue`.
-pub(super) fn ca_issue(
-    ca: &std::path::Path,
-    name: &str,
-    out: &std::path::Path,
-    dns: &[String],
-    days: i64,
-) -> u8 {
-    match crate::ca::issue(ca, name, out, dns, days) {
+pub(super) fn ca_issue(spec: &crate::ca::IssueSpec) -> u8 {
+    match crate::ca::issue_with(spec) {
+        Ok(id) if spec.intermediate => {
+            println!(
+                "intermediate CA {} of {} written to {}/{{ca.pem,ca.key}}",
+                spec.name,
+                id.trust_domain(),
+                spec.out.display()
+            );
+            0
+        }
         Ok(id) => {
             println!(
                 "certificate for {id} written to {}/{{cert.pem,key.pem}}",
-                out.display()
+                spec.out.display()
             );
             0
         }

@@ -20,14 +20,14 @@ use tracing::Instrument;
 pub use self::sidecar::{RunningSidecar, Sidecar, SidecarError};
 use crate::api::{AdminApi, Callers, ExtAuthzApi, LocalApi, SocketError, SpiffeApi, TokenApi};
 use crate::config::{Config, LimitsConfig, PeerSource};
+use crate::engine::{BanView, Engine, KeyOrigins, MemoryReplay, TrustUpdate, TrustView};
 use crate::engine::{DocumentLimits, SignedDocument};
-use crate::engine::{Engine, MemoryReplay, TrustUpdate, TrustView};
 use crate::keys::InstanceState;
 use crate::keys::{Command, KeyError, KeyStore, KeyView};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
-    DirectFetcher, DocumentPublisher, DocumentSink, JwksFileSource, PeerContext, PeerError,
-    PeerGroup, PeerKeysApi, PeerTls, PublishError, Refresher, TlsError, TrustWriter,
+    DirectFetcher, DocumentPublisher, DocumentSink, ExpiryPolicy, JwksFileSource, PeerContext,
+    PeerError, PeerGroup, PeerKeysApi, PeerTls, PublishError, Refresher, TlsError, TrustWriter,
 };
 use crate::replay_log::JournalReplay;
 use crate::time::SharedClock;
@@ -68,6 +68,9 @@ pub enum DaemonError {
     /// The first signed key-set document could not be made.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// The bans file cannot be read.
+    #[error(transparent)]
+    Bans(#[from] crate::bans::BanError),
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
@@ -81,7 +84,10 @@ impl DaemonError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            DaemonError::Keys(KeyError::Disk(_)) | DaemonError::Tls(_) | DaemonError::Peers(_)
+            DaemonError::Keys(KeyError::Disk(_))
+                | DaemonError::Tls(_)
+                | DaemonError::Peers(_)
+                | DaemonError::Bans(_)
         )
     }
 }
@@ -133,6 +139,9 @@ pub struct Daemon {
     caps: FdCaps,
     peer_server: Option<PeerServer>,
     peer_addr: Option<SocketAddr>,
+    /// The peer TLS material, reloaded from its files while serving.
+    peer_tls: Option<(PeerTls, ExpiryPolicy)>,
+    health: tonic_health::server::HealthReporter,
     clock: SharedClock,
     shutdown: CancellationToken,
 }
@@ -172,7 +181,10 @@ impl Daemon {
             )?),
             None => None,
         };
-        let sources = trust_sources(&config, peer_tls.as_ref(), &clock)?;
+        let (ban_store, bans) = crate::bans::BanStore::open(&config.keys_dir)?;
+        let origins = KeyOrigins::default();
+        let containment = (bans.clone(), origins.clone());
+        let sources = trust_sources(&config, peer_tls.as_ref(), &clock, &containment)?;
         let engine = Arc::new(
             Engine::new(
                 config.id.clone(),
@@ -187,6 +199,7 @@ impl Daemon {
                 crate::engine::DEFAULT_REFRESH_WAIT,
             )
             .with_replay(replay)
+            .with_bans(bans, origins)
             .with_verify_cache(config.tokens.verify_cache),
         );
         let shutdown = CancellationToken::new();
@@ -197,9 +210,13 @@ impl Daemon {
             _ => None,
         };
         let peer_addr = peer_server.as_ref().map(|p| p.addr);
+        let peer_tls = peer_tls.zip(config.peer_api.as_ref()).map(|(tls, p)| {
+            let policy = ExpiryPolicy { warn_at: p.warn_at };
+            (tls, policy)
+        });
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
-        let api = local_api(
+        let mut api = local_api(
             &config,
             engine,
             &keys,
@@ -208,6 +225,8 @@ impl Daemon {
             &clock,
             &shutdown,
         );
+        api.admin = api.admin.with_bans(ban_store);
+        let health = api.health.clone();
         Ok(Self {
             id: config.id.to_string(),
             store,
@@ -217,7 +236,7 @@ impl Daemon {
             groups: sources.groups,
             files: sources.files,
             direct: match (&sources.documents, &peer_tls) {
-                (Some(sink), Some(tls)) => Some(DirectFetcher::new(
+                (Some(sink), Some((tls, _))) => Some(DirectFetcher::new(
                     sink.clone(),
                     tls.client_config()?,
                     tls.trust_domain().clone(),
@@ -233,6 +252,8 @@ impl Daemon {
             caps,
             peer_server,
             peer_addr,
+            peer_tls,
+            health,
             clock,
             shutdown,
         })
@@ -283,12 +304,29 @@ impl Daemon {
             .map(|k| k.kid().to_owned())
             .unwrap_or_default();
         tracker.spawn(
-            crate::keys::run_rotation(self.store, self.commands, self.clock, cancel.clone())
-                .instrument(tracing::info_span!("rotation", id = %self.id)),
+            crate::keys::run_rotation(
+                self.store,
+                self.commands,
+                self.clock.clone(),
+                cancel.clone(),
+            )
+            .instrument(tracing::info_span!("rotation", id = %self.id)),
         );
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(direct) = self.direct {
             tracker.spawn(direct.run(cancel.clone()));
+        }
+        if let Some((tls, policy)) = self.peer_tls {
+            tracker.spawn(
+                crate::peers::watch_tls(
+                    tls,
+                    self.clock.clone(),
+                    policy,
+                    self.health.clone(),
+                    cancel.clone(),
+                )
+                .instrument(tracing::info_span!("peer_tls")),
+            );
         }
         if let Some(PeerServer {
             tcp,
@@ -440,7 +478,8 @@ async fn bind_peer_api(
         clock.clone(),
         p.document_lifetime,
         advertise,
-    )?;
+    )?
+    .signing_with_current(tls.clone());
     let api = PeerKeysApi::new(
         config.id.clone(),
         config.trust_domain.clone(),
@@ -487,6 +526,7 @@ fn local_api(
             callers,
             config.ext_authz.clone(),
         ),
+        health: tonic_health::server::HealthReporter::new(),
     }
 }
 
@@ -510,6 +550,7 @@ fn trust_sources(
     config: &Config,
     tls: Option<&PeerTls>,
     clock: &SharedClock,
+    containment: &(BanView, KeyOrigins),
 ) -> Result<TrustSources, DaemonError> {
     let (mut writer, feed, view) = TrustWriter::new();
     let mut refresher = Refresher::new(MIN_REFRESH_INTERVAL);
@@ -521,9 +562,9 @@ fn trust_sources(
                 clock_skew: config.tokens.clock_skew,
                 ..DocumentLimits::default()
             },
-            feed.clone(),
-            view.clone(),
+            (feed.clone(), view.clone()),
             clock.clone(),
+            containment.clone(),
         )
     });
     for peer in &config.peers {
@@ -554,6 +595,8 @@ fn trust_sources(
                     view: view.clone(),
                     documents: documents.clone(),
                     clock: clock.clone(),
+                    bans: containment.0.clone(),
+                    origins: containment.1.clone(),
                 };
                 let group = PeerGroup::new(&peer.name, peer.id.clone(), addresses.clone(), cx)?;
                 writer

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{ANSWER_TIMEOUT, authority_of, connect, proven_identity, status};
+use super::connect::{ANSWER_TIMEOUT, authority_of, connect, proven, status};
 use super::{DocumentSink, PeerError};
 use crate::engine::TrustSet;
 use crate::identity::{SpiffeId, TrustDomain};
@@ -124,11 +124,12 @@ impl DirectFetcher {
         .map_err(|_| timeout("GetDocument"))?
         .map_err(status("GetDocument"))?
         .into_inner();
-        let proven = proven_identity(&slot)?;
+        let proven = proven(&slot)?;
+        proven.check_bans(&self.sink.bans().current(), &authority)?;
         self.sink
             .install(
                 doc.jws.as_bytes(),
-                Some(&proven),
+                Some(&proven.identity),
                 &format!("direct:{}", due.address),
             )
             .await?;

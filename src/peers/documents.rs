@@ -1,16 +1,21 @@
 //! `DocumentSink`: how any trust source installs a signed key-set document,
 //! whoever relayed it (a mesh peer, the etcd directory, a direct fetch):
 //! verify it (`engine::verify_document`: chain to the CA, the certificate's
-//! identity, signature, limits, times), optionally require the identity a
-//! TLS connection proved to be the document's, then hand it to the trust
+//! identity, signature, limits, times), refuse it if the operator banned
+//! its signing certificate (x5c leaf serial), its identity, its instance id
+//! or the address it advertises (so a relayed document meets the same bans
+//! as one from a mesh connection), optionally require the identity a TLS
+//! connection proved to be the document's, then hand it to the trust
 //! writer, where the rollback check runs against the high-water mark of its
-//! (identity, instance). A refusal keeps what was installed before.
+//! (identity, instance), and record where its keys came from (`KeyOrigins`)
+//! so a later ban reaches them. A refusal keeps what was installed before.
 
 use std::sync::Arc;
 
 use super::{PeerError, TrustFeed};
 use crate::engine::{
-    DocumentAnchors, DocumentLimits, TrustUpdate, TrustView, VerifiedDocument, verify_document,
+    BanView, DocumentAnchors, DocumentLimits, KeyOrigin, KeyOrigins, TrustUpdate, TrustView,
+    VerifiedDocument, verify_document,
 };
 use crate::identity::SpiffeId;
 use crate::time::SharedClock;
@@ -23,21 +28,38 @@ pub struct DocumentSink {
     feed: TrustFeed,
     view: TrustView,
     clock: SharedClock,
+    bans: BanView,
+    origins: KeyOrigins,
     discover: bool,
+}
+
+/// Where the keys of `doc` come from: its signing certificate, its
+/// instance, and the peer address it advertises.
+pub(crate) fn origin_of(doc: &VerifiedDocument) -> KeyOrigin {
+    KeyOrigin {
+        serial: doc.serial.clone(),
+        instance: doc.claims.instance.clone(),
+        address: doc
+            .claims
+            .address
+            .as_deref()
+            .and_then(|a| super::connect::authority_of(a).ok()),
+    }
 }
 
 // === impl DocumentSink ===
 
 impl DocumentSink {
-    /// A sink checking against `anchors` within `limits`, feeding `feed`.
+    /// A sink checking against `anchors` within `limits` and the
+    /// operator's `bans`, feeding `feed` and recording into `origins`.
     /// Only issuers the trust view already knows are installed (see
     /// `discovering`).
     pub(crate) fn new(
         anchors: DocumentAnchors,
         limits: DocumentLimits,
-        feed: TrustFeed,
-        view: TrustView,
+        (feed, view): (TrustFeed, TrustView),
         clock: SharedClock,
+        (bans, origins): (BanView, KeyOrigins),
     ) -> Self {
         Self {
             anchors,
@@ -45,6 +67,8 @@ impl DocumentSink {
             feed,
             view,
             clock,
+            bans,
+            origins,
             discover: false,
         }
     }
@@ -65,6 +89,11 @@ impl DocumentSink {
     /// The clock documents are checked at.
     pub(crate) fn clock(&self) -> &SharedClock {
         &self.clock
+    }
+
+    /// The operator's bans documents are checked against.
+    pub(crate) fn bans(&self) -> &BanView {
+        &self.bans
     }
 
     /// The anchors documents are checked against.
@@ -89,8 +118,42 @@ impl DocumentSink {
         proven: Option<&SpiffeId>,
         source: &str,
     ) -> Result<Arc<VerifiedDocument>, PeerError> {
+        let doc = self.verify(jws)?;
+        self.install_verified(Arc::new(doc), proven, source).await
+    }
+
+    /// Verifies `jws` at this instant (chain to the current CA bundle,
+    /// identity, signature, limits, times) and refuses it if it falls under
+    /// a ban; installs nothing.
+    pub fn verify(&self, jws: &[u8]) -> Result<VerifiedDocument, PeerError> {
+        let doc = verify_document(jws, &self.anchors, self.clock.now(), &self.limits)?;
+        self.check_bans(&doc)?;
+        Ok(doc)
+    }
+
+    /// The ban `doc` falls under (its signing certificate's serial, its
+    /// identity, its instance id or advertised address), as a refusal.
+    fn check_bans(&self, doc: &VerifiedDocument) -> Result<(), PeerError> {
+        let bans = self.bans.current();
+        match bans.of_origin(doc.claims.identity.as_str(), &origin_of(doc)) {
+            Some(ban) => Err(PeerError::Banned {
+                serial: doc.serial.clone(),
+                ban: format!("{} {}", ban.kind.as_str(), ban.value),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Installs a document `verify` returned (the bans are checked again:
+    /// one may have been set since). See `install`.
+    pub async fn install_verified(
+        &self,
+        doc: Arc<VerifiedDocument>,
+        proven: Option<&SpiffeId>,
+        source: &str,
+    ) -> Result<Arc<VerifiedDocument>, PeerError> {
+        self.check_bans(&doc)?;
         let now = self.clock.now();
-        let doc = Arc::new(verify_document(jws, &self.anchors, now, &self.limits)?);
         let identity = &doc.claims.identity;
         if let Some(proven) = proven
             && proven != identity
@@ -111,6 +174,12 @@ impl DocumentSink {
                 })
                 .await?;
         }
+        let origin = origin_of(&doc);
+        let kids = || doc.claims.keys.iter().map(|k| k.kid().to_owned());
+        // New kids get their origin before they can be found; known ones
+        // keep theirs until the writer accepted this document (a replayed
+        // older document, refused as a rollback, must not rewrite them).
+        self.origins.record_new(identity.as_str(), &origin, kids());
         self.feed
             .apply(TrustUpdate::Document {
                 document: doc.clone(),
@@ -118,6 +187,7 @@ impl DocumentSink {
                 at: now,
             })
             .await?;
+        self.origins.record(identity.as_str(), &origin, kids());
         metrics::counter!("tokend_documents_installed_total").increment(1);
         Ok(doc)
     }

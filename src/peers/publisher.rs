@@ -1,7 +1,10 @@
 //! This instance's signed key-set documents. `DocumentPublisher` owns the
-//! instance's sequence (`keys::InstanceState`) and the peer certificate's
-//! key; it signs a document at once, again on every key-set change
-//! (rotation, revocation), and again at half of the document lifetime, and
+//! instance's sequence (`keys::InstanceState`) and signs with the peer
+//! certificate's key — the CURRENT one when it follows the reloadable peer
+//! TLS material (`signing_with_current`), so a renewed certificate signs
+//! the next document; it signs a document at once, again on every key-set
+//! change (rotation, revocation), on every certificate reload, and again
+//! at half of the document lifetime, and
 //! hands the current one out through a `watch` of `Arc<SignedDocument>`:
 //! the peer API serves it (`GetDocument`, `WatchDocuments`), and any relay
 //! (the etcd directory) publishes it. A failure to sign is logged and
@@ -13,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::PeerTls;
 use crate::engine::{DocumentClaims, DocumentKey, SignedDocument, sign_document};
 use crate::identity::SpiffeId;
 use crate::keys::{InstanceState, KeySet, KeyView};
@@ -30,12 +34,23 @@ pub enum PublishError {
     /// The key refused to sign.
     #[error("cannot sign the key-set document: {0}")]
     Sign(#[from] crate::engine::DocumentKeyError),
+    /// The current peer certificate's key cannot sign documents.
+    #[error("cannot sign the key-set document: {0}")]
+    Key(String),
+}
+
+/// The key documents are signed with.
+enum Signer {
+    /// One key, for the publisher's life.
+    Fixed(DocumentKey),
+    /// The peer TLS material in use at each signature.
+    Current(PeerTls),
 }
 
 /// Signs and re-signs this instance's key-set document.
 pub struct DocumentPublisher {
     identity: SpiffeId,
-    key: DocumentKey,
+    key: Signer,
     instance: InstanceState,
     keys: KeyView,
     clock: SharedClock,
@@ -104,7 +119,7 @@ impl DocumentPublisher {
         let (tx, _) = watch::channel(Arc::new(first));
         Ok(Self {
             identity,
-            key,
+            key: Signer::Fixed(key),
             instance,
             keys,
             clock,
@@ -112,6 +127,14 @@ impl DocumentPublisher {
             address,
             tx,
         })
+    }
+
+    /// The same publisher, signing every later document with the peer
+    /// certificate `tls` holds at that moment, and re-signing as soon as it
+    /// is reloaded.
+    pub(crate) fn signing_with_current(mut self, tls: PeerTls) -> Self {
+        self.key = Signer::Current(tls);
+        self
     }
 
     /// Every document this publisher signs, the current one first.
@@ -125,9 +148,19 @@ impl DocumentPublisher {
     }
 
     fn publish(&mut self) -> Result<(), PublishError> {
+        let fresh;
+        let key = match &self.key {
+            Signer::Fixed(k) => k,
+            Signer::Current(tls) => {
+                fresh = tls
+                    .document_key()
+                    .map_err(|e| PublishError::Key(e.to_string()))?;
+                &fresh
+            }
+        };
         let doc = sign(
             &self.identity,
-            &self.key,
+            key,
             &mut self.instance,
             &self.keys.current(),
             self.clock.now(),
@@ -140,10 +173,18 @@ impl DocumentPublisher {
         Ok(())
     }
 
-    /// Re-signs on every key-set change and at half life, until cancelled.
+    /// Re-signs on every key-set change, every certificate reload and at
+    /// half life, until cancelled.
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut changes = self.keys.subscribe();
         changes.mark_unchanged();
+        let mut reloads = match &self.key {
+            Signer::Current(tls) => Some(tls.reloads()),
+            Signer::Fixed(_) => None,
+        };
+        if let Some(r) = &mut reloads {
+            r.mark_unchanged();
+        }
         let mut retry_at: Option<UnixTime> = None;
         loop {
             let cur = self.current();
@@ -157,6 +198,9 @@ impl DocumentPublisher {
                         return;
                     }
                 }
+                Some(()) = reloaded(&mut reloads) => {
+                    tracing::info!("peer certificate reloaded; re-signing the key-set document with it");
+                }
                 _ = clock.sleep_until(wake) => {}
             }
             match self.publish() {
@@ -168,6 +212,17 @@ impl DocumentPublisher {
             }
         }
     }
+}
+
+/// Resolves on the next certificate reload; never without a reloadable
+/// source (or once its sender is gone).
+async fn reloaded(reloads: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    if let Some(r) = reloads
+        && r.changed().await.is_ok()
+    {
+        return Some(());
+    }
+    std::future::pending().await
 }
 
 fn sign(

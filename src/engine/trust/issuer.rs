@@ -258,7 +258,9 @@ impl IssuerKeys {
 
     /// Installs a verified document as its instance's set, unless an
     /// equal or higher sequence of that instance is already installed
-    /// (equal: a re-delivery, nothing to do) or a higher one was ever seen.
+    /// (equal: a re-delivery, which changes no key but counts as the last
+    /// delivery: the instance is in contact again, not stale) or a higher
+    /// one was ever seen.
     pub(super) fn put_document(
         &mut self,
         issuer: &str,
@@ -276,12 +278,16 @@ impl IssuerKeys {
                     got: seq,
                 });
             }
-            let installed = self
+            if let Some(inst) = self
                 .instances
-                .get(instance)
-                .and_then(|i| i.document.as_ref())
-                .is_some_and(|d| d.seq == seq);
-            if installed {
+                .get_mut(instance)
+                .filter(|i| i.document.as_ref().is_some_and(|d| d.seq == seq))
+            {
+                let inst = Arc::make_mut(inst);
+                inst.stale = false;
+                inst.updated_at = at;
+                self.updated_at = at;
+                self.last_error = None;
                 return Ok(());
             }
         }

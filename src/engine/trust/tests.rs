@@ -128,6 +128,7 @@ mod instances {
                 },
                 usable_until: t(exp),
                 jws: Arc::from("test"),
+                serial: "0a".into(),
             }),
             source: "test".into(),
             at: t(iat),
@@ -226,6 +227,20 @@ mod instances {
         );
         let (_, r) = set.apply(doc("a", 5, &[&a2], &[a1.kid()], 100, 400));
         r.expect("re-delivery");
+        // A re-delivery later on counts as the last delivery of the issuer.
+        let TrustUpdate::Document { document, .. } = doc("a", 5, &[&a2], &[a1.kid()], 100, 400)
+        else {
+            unreachable!()
+        };
+        let again = apply(
+            &set,
+            TrustUpdate::Document {
+                document,
+                source: "test".into(),
+                at: t(120),
+            },
+        );
+        assert_eq!(again.issuer(ISS).expect("i").updated_at, t(120));
         let set = apply(&set, doc("b", 1, &[&a1], &[], 100, 400));
         let set = apply(
             &set,

@@ -401,21 +401,47 @@ async fn ca_rollover_in_three_steps_fails_no_call() {
 /// A CA, an intermediate and leaves made by openssl, as a bank's own PKI or
 /// cert-manager hands them over (cert.pem = leaf + intermediate): peers
 /// connect and keys are filed under the SPIFFE ID of the certificate. A
-/// leaf without a URI SAN, or with two, is refused with a clear reason.
+/// leaf without a URI SAN, or with two, or usable only as a server, is
+/// refused with a clear reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_ca_with_intermediate_works_and_bad_leaves_are_refused() {
     let bank = Bank::new();
     let ext = bank.root().join("extca");
     openssl_ca(&ext);
     std::fs::copy(ext.join("root.pem"), ext.join("ca.pem")).expect("bundle");
+    let leaf = |name: &str, sans: &str, eku: &str| {
+        openssl_leaf_eku(&ext, name, sans, eku, &bank.root().join(name).join("peer"));
+    };
+    let both = "serverAuth,clientAuth";
     for name in ["payments", "ledger"] {
-        openssl_leaf(
-            &ext,
+        leaf(
             name,
             &format!("URI:spiffe://bank.internal/{name},DNS:localhost"),
-            &bank.root().join(name).join("peer"),
+            both,
         );
     }
+    let bad = [
+        ("nosan", "DNS:localhost", both, "carries 0 URI SANs"),
+        (
+            "twosans",
+            "URI:spiffe://bank.internal/twosans,URI:spiffe://bank.internal/payments,DNS:localhost",
+            both,
+            "carries 2 URI SANs",
+        ),
+        // Presented as a client too, a server-only certificate is refused.
+        (
+            "serveronly",
+            "URI:spiffe://bank.internal/serveronly,DNS:localhost",
+            "serverAuth",
+            "as a client certificate",
+        ),
+    ];
+    for (name, sans, eku, _) in bad {
+        leaf(name, sans, eku);
+    }
+    // openssl starts validity at the wall clock's now: the bank's clock,
+    // set when the bank was made, must not be behind it.
+    bank.advance_to(support::now() + 1);
     let ext_peer = |name: &str| bank.lean(name).peer_api(&ext);
     let a = bank.start(ext_peer("payments")).await;
     let b = bank
@@ -426,15 +452,7 @@ async fn openssl_ca_with_intermediate_works_and_bad_leaves_are_refused() {
     assert!(b.verify(&token).await.is_ok());
     assert_eq!(b.issuer("payments").await.issuer, id("payments"));
 
-    for (name, sans, reason) in [
-        ("nosan", "DNS:localhost", "carries 0 URI SANs"),
-        (
-            "twosans",
-            "URI:spiffe://bank.internal/twosans,URI:spiffe://bank.internal/payments,DNS:localhost",
-            "carries 2 URI SANs",
-        ),
-    ] {
-        openssl_leaf(&ext, name, sans, &bank.root().join(name).join("peer"));
+    for (name, _, _, reason) in bad {
         let err = bank
             .try_start(ext_peer(name))
             .await

@@ -86,6 +86,24 @@ struct FileConfig {
     metrics: Option<MetricsFile>,
     #[serde(default)]
     limits: LimitsFile,
+    bans: Option<BansSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BansSection {
+    document: PathBuf,
+    signer: PathBuf,
+}
+
+/// The fleet-wide ban document (`[bans]`): where it arrives and whose
+/// signature counts.
+#[derive(Clone, Debug)]
+pub struct BansConfig {
+    /// The signed document, polled every second.
+    pub document: PathBuf,
+    /// The certificate of the key the trust domain designates to sign it.
+    pub signer: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -278,6 +296,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// Connection, stream, size and time limits of the listeners.
     pub limits: LimitsConfig,
+    /// The fleet-wide ban document, if one is distributed.
+    pub bans: Option<BansConfig>,
 }
 
 /// `serve` flags that override the file.
@@ -380,6 +400,10 @@ impl Config {
             peers,
             metrics_listen: metrics(f.metrics, ov)?,
             limits: limits(f.limits)?,
+            bans: f.bans.map(|b| BansConfig {
+                document: rel(b.document),
+                signer: rel(b.signer),
+            }),
         })
     }
 }

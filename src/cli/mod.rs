@@ -6,6 +6,7 @@ mod offline;
 mod remote;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -358,11 +359,12 @@ pub async fn run(cli: Cli) -> u8 {
             ttl,
             intermediate,
         }) => {
-            let secs = ttl.unwrap_or_else(|| {
-                u64::try_from(days.unwrap_or(365).max(1)).unwrap_or(365) * 86_400
-            });
-            let ttl = std::time::Duration::from_secs(secs);
-            let mut spec = crate::ca::IssueSpec::peer(&ca, &name, &out, ttl);
+            let mut spec = match ttl {
+                Some(secs) => {
+                    crate::ca::IssueSpec::peer(&ca, &name, &out, Duration::from_secs(secs))
+                }
+                None => crate::ca::IssueSpec::days(&ca, &name, &out, days.unwrap_or(365)),
+            };
             spec.dns = dns;
             spec.intermediate = intermediate;
             offline::ca_issue(&spec)

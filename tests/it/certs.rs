@@ -116,7 +116,8 @@ fn scrape(addr: std::net::SocketAddr) -> String {
 /// A replacement with a mismatched key, with another service's certificate,
 /// or with an expired certificate is refused with its reason logged
 /// (naming the file) and counted in `tokend_peer_tls_reload_total`; fresh
-/// connections keep seeing the old serial. A good one then goes through.
+/// connections keep seeing the old serial. A good one then goes through,
+/// and a peer's watch stream opened before all of it is still the one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replacements_are_refused_and_the_old_certificate_serves_on() {
     let root = support::tmp();
@@ -131,6 +132,12 @@ async fn bad_replacements_are_refused_and_the_old_certificate_serves_on() {
         "payments",
         &[],
         &format!("[metrics]\nlisten = \"{metrics}\""),
+    );
+    // ledger watches payments's keys through all of it, on one stream.
+    let ledger = support::Sidecar::start_peer(r, "ledger", &[("payments", a.peer_addr())], "");
+    assert!(
+        eventually(15, || async { !ledger.kids_of("payments").is_empty() }).await,
+        "ledger never learnt payments's keys"
     );
     let peer = r.join("payments/peer");
     let ca = r.join("ca");
@@ -204,6 +211,11 @@ async fn bad_replacements_are_refused_and_the_old_certificate_serves_on() {
     )
     .await;
     assert!(scrape(metrics).contains("tokend_peer_tls_reload_total{result=\"ok\"} 1"));
+    // The established watch stream outlived every reload, refused or not.
+    let watches = a.stderr().matches("peer watching keys").count();
+    assert_eq!(watches, 1, "{}", a.stderr());
+    let token = a.mint("ledger").await.token;
+    assert!(ledger.verify(&token).await.is_ok());
     assert!(scrape(metrics).contains("tokend_peer_cert_expires_in_seconds"));
     assert!(scrape(metrics).contains("tokend_peer_ca_expires_in_seconds{serial="));
 }

@@ -157,6 +157,20 @@ impl IssueSpec {
             intermediate: false,
         }
     }
+
+    /// A peer certificate for `name` valid for `days` (at least one), from
+    /// an hour ago: the `--days` lifetimes tokend always issued.
+    pub fn days(ca_dir: &Path, name: &str, out: &Path, days: i64) -> Self {
+        let days = u64::try_from(days.max(1)).unwrap_or(1);
+        let mut spec = Self::peer(
+            ca_dir,
+            name,
+            out,
+            std::time::Duration::from_secs(days * 86_400),
+        );
+        spec.not_before -= 3300;
+        spec
+    }
 }
 
 /// Issues `out/cert.pem` and `out/key.pem` for service `name`, signed by the
@@ -168,14 +182,7 @@ pub fn issue(
     dns: &[String],
     days: i64,
 ) -> Result<SpiffeId, CaError> {
-    let days = u64::try_from(days.max(1)).unwrap_or(1);
-    let mut spec = IssueSpec::peer(
-        ca_dir,
-        name,
-        out,
-        std::time::Duration::from_secs(days * 86_400),
-    );
-    spec.not_before -= 3300; // an hour back, as before
+    let mut spec = IssueSpec::days(ca_dir, name, out, days);
     spec.dns = dns.to_vec();
     issue_with(&spec)
 }

@@ -91,6 +91,24 @@ struct FileConfig {
     limits: LimitsFile,
     #[serde(default)]
     ext_authz: ext_authz::ExtAuthzFile,
+    bans: Option<BansSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BansSection {
+    document: PathBuf,
+    signer: PathBuf,
+}
+
+/// The fleet-wide ban document (`[bans]`): where it arrives and whose
+/// signature counts.
+#[derive(Clone, Debug)]
+pub struct BansConfig {
+    /// The signed document, polled every second.
+    pub document: PathBuf,
+    /// The certificate of the key the trust domain designates to sign it.
+    pub signer: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -302,6 +320,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Envoy external authorization defaults.
     pub ext_authz: ExtAuthzConfig,
+    /// The fleet-wide ban document, if one is distributed.
+    pub bans: Option<BansConfig>,
 }
 
 /// `serve` flags that override the file.
@@ -406,6 +426,10 @@ impl Config {
             metrics_listen: metrics(f.metrics, ov)?,
             limits: limits(f.limits)?,
             ext_authz,
+            bans: f.bans.map(|b| BansConfig {
+                document: rel(b.document),
+                signer: rel(b.signer),
+            }),
         })
     }
 }

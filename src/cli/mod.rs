@@ -6,6 +6,7 @@ mod offline;
 mod remote;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -185,6 +186,23 @@ pub enum BanCommand {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Sign a fleet-wide ban document (prints a compact JWS): every sidecar
+    /// whose `[bans] signer` is this key's certificate takes it from its
+    /// `[bans] document` file if SEQ is higher than any it has seen.
+    Sign {
+        /// The designated signer's private key (PKCS#8 P-256, as `tokend ca issue` writes key.pem).
+        #[arg(long)]
+        key: PathBuf,
+        /// The trust domain the document is for.
+        #[arg(long)]
+        trust_domain: String,
+        /// Sequence number: higher than the last document's.
+        #[arg(long)]
+        seq: u64,
+        /// A JSON array of {"kind", "value", "reason"} (`-`: stdin).
+        #[arg(long)]
+        bans: PathBuf,
+    },
 }
 
 /// `tokend keys ...`
@@ -321,6 +339,12 @@ pub async fn run(cli: Cli) -> u8 {
             value,
         }) => remote::unban(&socket.socket, kind, value).await,
         Command::Ban(BanCommand::List { socket }) => remote::bans(&socket.socket).await,
+        Command::Ban(BanCommand::Sign {
+            key,
+            trust_domain,
+            seq,
+            bans,
+        }) => offline::ban_sign(&key, &trust_domain, seq, &bans),
         Command::Decode { token } => match token_arg(&token) {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),
@@ -335,11 +359,12 @@ pub async fn run(cli: Cli) -> u8 {
             ttl,
             intermediate,
         }) => {
-            let secs = ttl.unwrap_or_else(|| {
-                u64::try_from(days.unwrap_or(365).max(1)).unwrap_or(365) * 86_400
-            });
-            let ttl = std::time::Duration::from_secs(secs);
-            let mut spec = crate::ca::IssueSpec::peer(&ca, &name, &out, ttl);
+            let mut spec = match ttl {
+                Some(secs) => {
+                    crate::ca::IssueSpec::peer(&ca, &name, &out, Duration::from_secs(secs))
+                }
+                None => crate::ca::IssueSpec::days(&ca, &name, &out, days.unwrap_or(365)),
+            };
             spec.dns = dns;
             spec.intermediate = intermediate;
             offline::ca_issue(&spec)

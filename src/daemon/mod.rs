@@ -141,6 +141,8 @@ pub struct Daemon {
     peer_addr: Option<SocketAddr>,
     /// The peer TLS material, reloaded from its files while serving.
     peer_tls: Option<(PeerTls, ExpiryPolicy)>,
+    /// The fleet-wide ban document's file, polled while serving.
+    ban_document: Option<(crate::bans::DocumentSource, Arc<crate::bans::BanStore>)>,
     health: tonic_health::server::HealthReporter,
     clock: SharedClock,
     shutdown: CancellationToken,
@@ -182,6 +184,17 @@ impl Daemon {
             None => None,
         };
         let (ban_store, bans) = crate::bans::BanStore::open(&config.keys_dir)?;
+        let ban_document = match &config.bans {
+            Some(b) => Some((
+                crate::bans::DocumentSource::new(
+                    &b.document,
+                    &b.signer,
+                    config.trust_domain.as_str(),
+                )?,
+                ban_store.clone(),
+            )),
+            None => None,
+        };
         let origins = KeyOrigins::default();
         let containment = (bans.clone(), origins.clone());
         let sources = trust_sources(&config, peer_tls.as_ref(), &clock, &containment)?;
@@ -253,6 +266,7 @@ impl Daemon {
             peer_server,
             peer_addr,
             peer_tls,
+            ban_document,
             health,
             clock,
             shutdown,
@@ -315,6 +329,12 @@ impl Daemon {
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(direct) = self.direct {
             tracker.spawn(direct.run(cancel.clone()));
+        }
+        if let Some((source, store)) = self.ban_document {
+            tracker.spawn(
+                crate::bans::watch_document(source, store, cancel.clone())
+                    .instrument(tracing::info_span!("ban_document")),
+            );
         }
         if let Some((tls, policy)) = self.peer_tls {
             tracker.spawn(

@@ -339,3 +339,125 @@ async fn a_banned_replica_leaves_the_other_replicas_working() {
         assert_eq!(p.verdict(two).await, None, "{value} lifted");
     }
 }
+
+/// Signs a ban document with `tokend ban sign` (`key_dir/key.pem`).
+fn sign_document(key_dir: &std::path::Path, seq: u64, bans: serde_json::Value) -> String {
+    let list = key_dir.join(format!("bans-{seq}.json"));
+    std::fs::write(&list, bans.to_string()).expect("write list");
+    let out = std::process::Command::new(crate::support::bin())
+        .args(["ban", "sign", "--trust-domain", crate::support::TD, "--seq"])
+        .arg(seq.to_string())
+        .arg("--key")
+        .arg(key_dir.join("key.pem"))
+        .arg("--bans")
+        .arg(&list)
+        .output()
+        .expect("tokend ban sign");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// A fleet-wide ban document, signed with `tokend ban sign` by the key the
+/// trust domain designates (`[bans] signer`) and delivered as a file, bans
+/// payments at two verifiers at once; a later document lifts it; an older
+/// document (a rollback), one signed by another key and an altered one are
+/// refused and the bans in force stay; the document's bans survive a
+/// restart with the file gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_fleet_ban_document_bans_at_every_verifier() {
+    use crate::pki::{issue, rename_into};
+    let bank = Bank::new();
+    let signer = issue(&bank.ca(), "tokend-bans", &bank.root().join("signer"));
+    let mallory = issue(&bank.ca(), "mallory", &bank.root().join("mallory"));
+    let fleet = bank.root().join("fleet");
+    std::fs::create_dir_all(&fleet).expect("mkdir");
+    let section = format!(
+        "[bans]\ndocument = \"{}\"\nsigner = \"{}\"\n",
+        fleet.join("bans.jws").display(),
+        signer.join("cert.pem").display()
+    );
+    let payments = bank.start(bank.lean_peer("payments")).await;
+    let archive = bank.start(bank.lean_peer("archive")).await;
+    let verifier = |name: &str| {
+        bank.lean_peer(name)
+            .config(&section)
+            .peer("payments", payments.peer_addr())
+            .peer("archive", archive.peer_addr())
+    };
+    let mut ledger = bank.start(verifier("ledger")).await;
+    let vault = bank.start(verifier("vault")).await;
+    for v in [&ledger, &vault] {
+        v.learns(&["payments", "archive"]).await;
+    }
+    let publish = |doc: &str| rename_into(&fleet, "bans.jws", doc.as_bytes());
+    let ban_payments =
+        serde_json::json!([{"kind": "spiffe_id", "value": "payments", "reason": "incident 7"}]);
+
+    let first = sign_document(&signer, 1, ban_payments.clone());
+    publish(&first);
+    for v in [&ledger, &vault] {
+        assert!(
+            eventually(10, || async {
+                verdict(&payments, v).await == Some(Reason::RevokedKey)
+            })
+            .await,
+            "{} never took the document",
+            v.name()
+        );
+        assert_eq!(verdict(&archive, v).await, None);
+    }
+
+    publish(&sign_document(&signer, 2, serde_json::json!([])));
+    for v in [&ledger, &vault] {
+        assert!(
+            eventually(10, || async { verdict(&payments, v).await.is_none() }).await,
+            "{} never lifted the ban",
+            v.name()
+        );
+    }
+
+    // A rollback to document 1, another signer, an altered document: refused.
+    let forged = sign_document(&mallory, 3, ban_payments.clone());
+    let (h, rest) = first.split_once('.').expect("jws");
+    let (_, sig) = rest.split_once('.').expect("jws");
+    let altered = format!(
+        "{h}.{}.{sig}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            br#"{"trust_domain":"bank.internal","seq":9,"iat":0,"bans":[{"kind":"spiffe_id","value":"spiffe://bank.internal/archive","reason":""}]}"#
+        )
+    );
+    for doc in [first.as_str(), forged.as_str(), altered.as_str()] {
+        publish(doc);
+        tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+        for v in [&ledger, &vault] {
+            assert_eq!(verdict(&payments, v).await, None);
+            assert_eq!(verdict(&archive, v).await, None);
+        }
+    }
+
+    publish(&sign_document(&signer, 4, ban_payments));
+    assert!(
+        eventually(10, || async {
+            verdict(&payments, &ledger).await == Some(Reason::RevokedKey)
+        })
+        .await
+    );
+    std::fs::remove_file(fleet.join("bans.jws")).expect("rm");
+    ledger.restart().await;
+    ledger.learns(&["archive"]).await;
+    let token = payments.mint("ledger").await.token;
+    // The ban held: payments's certificate publishes nothing to ledger.
+    assert_eq!(ledger.refusal(&token).await.0, Some(Reason::UnknownKid));
+    assert_eq!(verdict(&archive, &ledger).await, None);
+}
+
+/// The reason `at` refuses a fresh token from `from` for it (None: accepted).
+async fn verdict(from: &Node, at: &Node) -> Option<Reason> {
+    let token = from.mint(&at.name()).await.token;
+    at.refusal(&token).await.0
+}

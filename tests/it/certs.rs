@@ -116,7 +116,8 @@ fn scrape(addr: std::net::SocketAddr) -> String {
 /// A replacement with a mismatched key, with another service's certificate,
 /// or with an expired certificate is refused with its reason logged
 /// (naming the file) and counted in `tokend_peer_tls_reload_total`; fresh
-/// connections keep seeing the old serial. A good one then goes through.
+/// connections keep seeing the old serial. A good one then goes through,
+/// and a peer's watch stream opened before all of it is still the one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_replacements_are_refused_and_the_old_certificate_serves_on() {
     let root = support::tmp();
@@ -131,6 +132,12 @@ async fn bad_replacements_are_refused_and_the_old_certificate_serves_on() {
         "payments",
         &[],
         &format!("[metrics]\nlisten = \"{metrics}\""),
+    );
+    // ledger watches payments's keys through all of it, on one stream.
+    let ledger = support::Sidecar::start_peer(r, "ledger", &[("payments", a.peer_addr())], "");
+    assert!(
+        eventually(15, || async { !ledger.kids_of("payments").is_empty() }).await,
+        "ledger never learnt payments's keys"
     );
     let peer = r.join("payments/peer");
     let ca = r.join("ca");
@@ -204,6 +211,14 @@ async fn bad_replacements_are_refused_and_the_old_certificate_serves_on() {
     )
     .await;
     assert!(scrape(metrics).contains("tokend_peer_tls_reload_total{result=\"ok\"} 1"));
+    // The established watch stream outlived every reload, refused or not
+    // (a peer of this release watches signed documents; an older one, keys).
+    let log = a.stderr();
+    let watches =
+        log.matches("peer watching documents").count() + log.matches("peer watching keys").count();
+    assert_eq!(watches, 1, "{log}");
+    let token = a.mint("ledger").await.token;
+    assert!(ledger.verify(&token).await.is_ok());
     assert!(scrape(metrics).contains("tokend_peer_cert_expires_in_seconds"));
     assert!(scrape(metrics).contains("tokend_peer_ca_expires_in_seconds{serial="));
 }
@@ -401,24 +416,47 @@ async fn ca_rollover_in_three_steps_fails_no_call() {
 /// A CA, an intermediate and leaves made by openssl, as a bank's own PKI or
 /// cert-manager hands them over (cert.pem = leaf + intermediate): peers
 /// connect and keys are filed under the SPIFFE ID of the certificate. A
-/// leaf without a URI SAN, or with two, is refused with a clear reason.
+/// leaf without a URI SAN, or with two, or usable only as a server, is
+/// refused with a clear reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openssl_ca_with_intermediate_works_and_bad_leaves_are_refused() {
     let bank = Bank::new();
     let ext = bank.root().join("extca");
     openssl_ca(&ext);
     std::fs::copy(ext.join("root.pem"), ext.join("ca.pem")).expect("bundle");
+    let leaf = |name: &str, sans: &str, eku: &str| {
+        openssl_leaf_eku(&ext, name, sans, eku, &bank.root().join(name).join("peer"));
+    };
+    let both = "serverAuth,clientAuth";
     for name in ["payments", "ledger"] {
-        openssl_leaf(
-            &ext,
+        leaf(
             name,
             &format!("URI:spiffe://bank.internal/{name},DNS:localhost"),
-            &bank.root().join(name).join("peer"),
+            both,
         );
     }
-    // openssl dates its certificates by the wall clock, which may have
-    // passed the bank's (taken at `Bank::new`) by a second or more.
-    bank.advance_to(support::now().max(bank.now()));
+    let bad = [
+        ("nosan", "DNS:localhost", both, "carries 0 URI SANs"),
+        (
+            "twosans",
+            "URI:spiffe://bank.internal/twosans,URI:spiffe://bank.internal/payments,DNS:localhost",
+            both,
+            "carries 2 URI SANs",
+        ),
+        // Presented as a client too, a server-only certificate is refused.
+        (
+            "serveronly",
+            "URI:spiffe://bank.internal/serveronly,DNS:localhost",
+            "serverAuth",
+            "as a client certificate",
+        ),
+    ];
+    for (name, sans, eku, _) in bad {
+        leaf(name, sans, eku);
+    }
+    // openssl starts validity at the wall clock's now: the bank's clock,
+    // set when the bank was made, must not be behind it.
+    bank.advance_to(support::now() + 1);
     let ext_peer = |name: &str| bank.lean(name).peer_api(&ext);
     let a = bank.start(ext_peer("payments")).await;
     let b = bank
@@ -429,16 +467,7 @@ async fn openssl_ca_with_intermediate_works_and_bad_leaves_are_refused() {
     assert!(b.verify(&token).await.is_ok());
     assert_eq!(b.issuer("payments").await.issuer, id("payments"));
 
-    for (name, sans, reason) in [
-        ("nosan", "DNS:localhost", "carries 0 URI SANs"),
-        (
-            "twosans",
-            "URI:spiffe://bank.internal/twosans,URI:spiffe://bank.internal/payments,DNS:localhost",
-            "carries 2 URI SANs",
-        ),
-    ] {
-        openssl_leaf(&ext, name, sans, &bank.root().join(name).join("peer"));
-        bank.advance_to(support::now().max(bank.now()));
+    for (name, _, _, reason) in bad {
         let err = bank
             .try_start(ext_peer(name))
             .await

@@ -281,13 +281,20 @@ pub fn openssl_ca(dir: &Path) {
 /// (`URI:spiffe://…,DNS:localhost`), written as `out/cert.pem` (leaf +
 /// intermediate, as cert-manager's tls.crt) and `out/key.pem`.
 pub fn openssl_leaf(ca: &Path, cn: &str, sans: &str, out: &Path) -> PathBuf {
+    openssl_leaf_eku(ca, cn, sans, "serverAuth,clientAuth", out)
+}
+
+/// `openssl_leaf` with the extended key usages `eku`.
+pub fn openssl_leaf_eku(ca: &Path, cn: &str, sans: &str, eku: &str, out: &Path) -> PathBuf {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(out)
         .expect("mkdir");
     let ext = ca.join(format!("{cn}.ext"));
-    let mut text = "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n".to_owned();
+    let mut text = format!(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage={eku}\n"
+    );
     if !sans.is_empty() {
         text.push_str(&format!("subjectAltName={sans}\n"));
     }

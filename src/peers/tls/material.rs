@@ -3,7 +3,8 @@
 //! is ever used: every CA of the bundle parses, the key matches the leaf,
 //! the leaf carries exactly one URI SAN, this sidecar's SPIFFE ID, is valid
 //! at `now` and chains (through the intermediates after it in the file) to
-//! one CA of the bundle. Pure: bytes and `now` in, a `Material` or the
+//! one CA of the bundle, both as a TLS server and as a TLS client
+//! certificate (it is presented in both roles). Pure: bytes and `now` in, a `Material` or the
 //! reason out.
 
 use std::path::PathBuf;
@@ -219,6 +220,15 @@ impl Material {
         )
         .build()
         .map_err(|e| ca_err(e.to_string()))?;
+        // The same certificate is presented as a client: peers check it
+        // with the client rules (clientAuth usage), so check it here too.
+        client_verifier
+            .verify_client_cert(&leaf_der, &chain[1..], tls_time(now))
+            .map_err(|e| TlsError::Chain {
+                cert: paths.cert.clone(),
+                ca: paths.ca.clone(),
+                detail: format!("as a client certificate: {e}"),
+            })?;
         Ok(Material {
             certified: Arc::new(certified),
             key,

@@ -11,6 +11,7 @@
 //! to a verified token.
 
 mod authz;
+mod bans;
 mod cache;
 #[cfg(test)]
 mod contract;
@@ -31,6 +32,8 @@ use serde_json::{Map, Value};
 #[cfg(test)]
 pub(crate) use self::authz::HeaderClaim;
 pub(crate) use self::authz::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
+pub(crate) use self::bans::normalize_serial;
+pub use self::bans::{Ban, BanKind, BanList, BanView, KeyOrigin, KeyOrigins};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
 pub use self::document::{
     DEFAULT_DOCUMENT_LIFETIME, DOCUMENT_TYPE, DocumentAnchors, DocumentClaims, DocumentError,
@@ -79,6 +82,8 @@ pub struct Engine {
     refresh_wait: Duration,
     replay: Arc<dyn ReplayStore>,
     cache: cache::VerifyCache,
+    bans: BanView,
+    origins: KeyOrigins,
     /// Signatures running on the blocking pool at once: one per core.
     signers: tokio::sync::Semaphore,
     clock: SharedClock,
@@ -115,6 +120,8 @@ impl Engine {
             refresh_wait: DEFAULT_REFRESH_WAIT,
             replay: Arc::new(MemoryReplay::default()),
             cache: cache::VerifyCache::new(cache::DEFAULT_CAPACITY),
+            bans: BanView::none(),
+            origins: KeyOrigins::default(),
             signers: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
@@ -132,6 +139,14 @@ impl Engine {
     pub fn with_refresher(mut self, refresher: Arc<dyn Refresh>, wait: Duration) -> Self {
         self.refresher = Some(refresher);
         self.refresh_wait = wait;
+        self
+    }
+
+    /// Refuses, as `revoked_key`, every verification resting on material
+    /// `bans` names; `origins` says which certificate delivered each peer key.
+    pub fn with_bans(mut self, bans: BanView, origins: KeyOrigins) -> Self {
+        self.bans = bans;
+        self.origins = origins;
         self
     }
 
@@ -262,6 +277,11 @@ impl Engine {
             });
             match decided {
                 Ok((v, hit)) => {
+                    // Bans are checked on every answer, remembered or not,
+                    // so a ban takes effect on the next call.
+                    if let Some(refusal) = self.bans.current().refusal(&v.keys, &self.origins) {
+                        return Err(refusal);
+                    }
                     let result = if hit { "hit" } else { "miss" };
                     metrics::counter!("tokend_verify_cache_total", "result" => result).increment(1);
                     if !v.one_time.is_empty() {

@@ -258,8 +258,9 @@ impl IssuerKeys {
 
     /// Installs a verified document as its instance's set, unless a higher
     /// sequence of that instance was ever seen (rollback). The installed
-    /// document delivered again changes nothing but marks its instance in
-    /// contact (neither stale nor gone).
+    /// document delivered again (equal sequence) changes no key but counts
+    /// as the last delivery and marks its instance in contact (neither
+    /// stale nor gone).
     pub(super) fn put_document(
         &mut self,
         issuer: &str,
@@ -282,11 +283,12 @@ impl IssuerKeys {
             {
                 // The very document installed, delivered again (a reconnect,
                 // a lease put again): its instance is evidently in contact.
-                if inst.stale || inst.gone {
-                    let inst = Arc::make_mut(inst);
-                    inst.stale = false;
-                    inst.gone = false;
-                }
+                let inst = Arc::make_mut(inst);
+                inst.stale = false;
+                inst.gone = false;
+                inst.updated_at = at;
+                self.updated_at = at;
+                self.last_error = None;
                 return Ok(());
             }
         }

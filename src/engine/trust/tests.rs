@@ -128,6 +128,7 @@ mod instances {
                 },
                 usable_until: t(exp),
                 jws: Arc::from("test"),
+                serial: "0a".into(),
             }),
             source: "test".into(),
             at: t(iat),
@@ -237,6 +238,20 @@ mod instances {
         let back = apply(&gone, doc("a", 5, &[&a2], &[a1.kid()], 100, 400));
         let (_, inst) = back.issuer(ISS).expect("i").instances()[0];
         assert!(!inst.is_gone(), "the same document put again: in contact");
+        // A re-delivery later on counts as the last delivery of the issuer.
+        let TrustUpdate::Document { document, .. } = doc("a", 5, &[&a2], &[a1.kid()], 100, 400)
+        else {
+            unreachable!()
+        };
+        let again = apply(
+            &set,
+            TrustUpdate::Document {
+                document,
+                source: "test".into(),
+                at: t(120),
+            },
+        );
+        assert_eq!(again.issuer(ISS).expect("i").updated_at, t(120));
         let set = apply(&set, doc("b", 1, &[&a1], &[], 100, 400));
         let set = apply(
             &set,
@@ -371,6 +386,7 @@ fn a_plain_set_cannot_shadow_a_documented_kid() {
             },
             usable_until: t(400),
             jws: Arc::from("x"),
+            serial: "01".into(),
         }),
         source: "t".into(),
         at: t(100),

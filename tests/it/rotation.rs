@@ -25,7 +25,17 @@ const GRACE: i64 = 300 + 30;
 /// A (payments) and B (ledger, trusting A), in-process on the bank's clock;
 /// returns once B holds A's first key set.
 async fn pair(bank: &Bank) -> (Node, Node) {
-    let a = bank.start(bank.peer("payments").config(HOURLY)).await;
+    // Documents outlive a clock step by more than the skew: with the
+    // default 300 s, a 240 s step just before A re-signs (at half life)
+    // could expire A's document at B until the re-signed one arrives,
+    // which under load a call can see. Rotation is what is tested here.
+    let a = bank
+        .start(
+            bank.peer("payments")
+                .config(HOURLY)
+                .document_lifetime("600s"),
+        )
+        .await;
     let b = bank
         .start(
             bank.peer("ledger")

@@ -55,6 +55,12 @@ pub struct InstanceKeys {
     document: Option<DocumentState>,
     /// Last delivery.
     pub updated_at: UnixTime,
+    /// The issuer's delivery count at its last delivery: of two instances
+    /// listing one kid with different keys, the later delivery's key is
+    /// used (as one set replaced another before instances existed), so a
+    /// refresh from the issuer's own source restores a key a relay holding
+    /// its certificate planted.
+    delivery: u64,
 }
 
 // === impl InstanceKeys ===
@@ -97,6 +103,7 @@ impl InstanceKeys {
                 jws: doc.jws.clone(),
             }),
             updated_at: at,
+            delivery: 0,
         }
     }
 
@@ -171,6 +178,8 @@ pub struct IssuerKeys {
     revoked: HashSet<String>,
     /// instance → (highest document seq seen, when).
     high_water: HashMap<String, (u64, UnixTime)>,
+    /// Deliveries so far (orders the instances' sets).
+    deliveries: u64,
     /// Last successful update (EPOCH: never).
     pub updated_at: UnixTime,
     /// Last error of a source, if its latest attempt failed.
@@ -252,6 +261,11 @@ impl IssuerKeys {
         }
         self.updated_at = set.updated_at;
         self.last_error = None;
+        self.deliveries += 1;
+        let set = InstanceKeys {
+            delivery: self.deliveries,
+            ..set
+        };
         self.instances.insert(instance.to_owned(), Arc::new(set));
         Ok(())
     }
@@ -286,6 +300,8 @@ impl IssuerKeys {
                 let inst = Arc::make_mut(inst);
                 inst.stale = false;
                 inst.updated_at = at;
+                self.deliveries += 1;
+                inst.delivery = self.deliveries;
                 self.updated_at = at;
                 self.last_error = None;
                 return Ok(());
@@ -361,7 +377,11 @@ impl IssuerKeys {
             current
         };
         let mut index: HashMap<String, Usable> = HashMap::new();
-        for inst in self.instances.values() {
+        // The latest delivery first: a kid two instances list with
+        // different keys takes the latest one's key.
+        let mut instances: Vec<&Arc<InstanceKeys>> = self.instances.values().collect();
+        instances.sort_by_key(|i| std::cmp::Reverse(i.delivery));
+        for inst in instances {
             for key in &inst.keys {
                 if self.revoked.contains(key.kid()) {
                     continue;
@@ -370,9 +390,11 @@ impl IssuerKeys {
                 index
                     .entry(key.kid().to_owned())
                     .and_modify(|u| {
-                        u.until = match (u.until, until) {
-                            (Some(a), Some(b)) => Some(a.max(b)),
-                            _ => None,
+                        if u.key.fingerprint() == key.fingerprint() {
+                            u.until = match (u.until, until) {
+                                (Some(a), Some(b)) => Some(a.max(b)),
+                                _ => None,
+                            }
                         }
                     })
                     .or_insert_with(|| Usable {

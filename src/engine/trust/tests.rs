@@ -196,6 +196,38 @@ mod instances {
         assert!(found(&set, &b1, 150), "b keeps working");
     }
 
+    /// A kid two instances list with different keys (a relay holding the
+    /// issuer's certificate planting its own modulus) takes the key of the
+    /// latest delivery; a re-delivery of the real instance's document (the
+    /// refresh from the issuer's own source) takes it back.
+    #[test]
+    fn a_conflicting_kid_takes_the_latest_delivery() {
+        let mut n = vec![0xd1; 256];
+        let real = PublicKey::from_components(&n, &[1, 0, 1], Some("kid".into())).expect("key");
+        n[255] = 0x33;
+        let planted = PublicKey::from_components(&n, &[1, 0, 1], Some("kid".into())).expect("key");
+        let found = |s: &TrustSet| match s.lookup(ISS, "kid", t(150)) {
+            Lookup::Found(k) => Some(k.fingerprint()),
+            _ => None,
+        };
+        let set = apply(&registered(), doc("real", 1, &[&real], &[], 100, 400));
+        let set = apply(
+            &set,
+            TrustUpdate::Instance {
+                issuer: ISS.into(),
+                instance: "peer:relay".into(),
+                source: "peer:relay".into(),
+                keys: vec![planted.clone()],
+                revoked: vec![],
+                expires: HashMap::new(),
+                at: t(100),
+            },
+        );
+        assert_eq!(found(&set), Some(planted.fingerprint()));
+        let set = apply(&set, doc("real", 1, &[&real], &[], 100, 400));
+        assert_eq!(found(&set), Some(real.fingerprint()));
+    }
+
     /// Rollback: a lower sequence than one seen from that instance is
     /// refused (the installed set stays), also after the instance left and
     /// was forgotten; an equal one is a harmless re-delivery; another

@@ -111,7 +111,8 @@ impl DocumentSink {
     /// identity must also be the document's. `source` labels where it came
     /// from (`peer:<address>`, `directory:<…>`, `direct:<address>`).
     /// Returns the installed document; a re-delivery of the installed one is
-    /// accepted and changes nothing.
+    /// accepted, changes no key, and counts as the instance's last delivery.
+    /// A document under a ban is refused (`PeerError::Banned`).
     pub async fn install(
         &self,
         jws: &[u8],

@@ -593,3 +593,70 @@ async fn a_certificate_issued_ahead_of_the_clock_is_taken_once_valid() {
         "never taken once valid"
     );
 }
+
+/// A renewal re-signs the instance's key-set document at once, with the new
+/// certificate: without any key change, ledger receives a document of a
+/// higher sequence, and the document payments serves carries the new
+/// certificate as its `x5c` leaf (issue 13 item 1 on issue 10's documents).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_certificate_signs_the_next_document() {
+    use base64::Engine as _;
+    use tokend::pb::tokend as pb;
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+    let bank = Bank::new();
+    let a = bank.start(bank.lean_peer("payments")).await;
+    let b = bank
+        .start(bank.lean_peer("ledger").peer("payments", a.peer_addr()))
+        .await;
+    b.learns(&["payments"]).await;
+    let seq = |i: pb::IssuerKeys| i.instances.iter().map(|i| i.seq).max().unwrap_or(0);
+    let before = seq(b.issuer("payments").await);
+    assert!(before > 0, "ledger holds a document of payments");
+
+    let v2 = issue(
+        &bank.ca(),
+        "payments",
+        &bank.root().join("stage").join("p2"),
+    );
+    renew_by_rename(&v2, &bank.root().join("payments/peer"));
+    let renewed = serial_of(&v2.join("cert.pem"));
+    assert!(
+        eventually(15, || async { seq(b.issuer("payments").await) > before }).await,
+        "no re-signed document reached ledger after the renewal"
+    );
+
+    let auditor = crate::peers::issue(&bank, "auditor");
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(ca_pem(&bank)).expect("ca"),
+        ))
+        .domain_name("payments")
+        .identity(crate::peers::identity_of(&auditor));
+    let channel = Endpoint::try_from(format!("https://{}", a.peer_addr()))
+        .expect("endpoint")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("connect");
+    let jws = pb::peer_service_client::PeerServiceClient::new(channel)
+        .get_document(pb::GetDocumentRequest {})
+        .await
+        .expect("GetDocument")
+        .into_inner()
+        .jws;
+    let header = jws.split('.').next().expect("header");
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header)
+            .expect("base64url"),
+    )
+    .expect("json");
+    let leaf = base64::engine::general_purpose::STANDARD
+        .decode(header["x5c"][0].as_str().expect("x5c"))
+        .expect("base64");
+    assert_eq!(serial_of_der(&leaf), renewed);
+    let token = a.mint("ledger").await.token;
+    assert!(b.verify(&token).await.is_ok());
+}

@@ -196,6 +196,38 @@ mod instances {
         assert!(found(&set, &b1, 150), "b keeps working");
     }
 
+    /// A kid two instances list with different keys (a relay holding the
+    /// issuer's certificate planting its own modulus, both plain sets: a
+    /// documented key is never shadowed, see
+    /// `a_plain_set_cannot_shadow_a_documented_kid`) takes the key of the
+    /// latest delivery; a re-delivery of the real instance's set (the
+    /// refresh from the issuer's own source) takes it back.
+    #[test]
+    fn a_conflicting_kid_takes_the_latest_delivery() {
+        let mut n = vec![0xd1; 256];
+        let real = PublicKey::from_components(&n, &[1, 0, 1], Some("kid".into())).expect("key");
+        n[255] = 0x33;
+        let planted = PublicKey::from_components(&n, &[1, 0, 1], Some("kid".into())).expect("key");
+        let found = |s: &TrustSet| match s.lookup(ISS, "kid", t(150)) {
+            Lookup::Found(k) => Some(k.fingerprint()),
+            _ => None,
+        };
+        let plain = |instance: &str, key: &PublicKey| TrustUpdate::Instance {
+            issuer: ISS.into(),
+            instance: instance.into(),
+            source: instance.into(),
+            keys: vec![key.clone()],
+            revoked: vec![],
+            expires: HashMap::new(),
+            at: t(100),
+        };
+        let set = apply(&registered(), plain("peer:real", &real));
+        let set = apply(&set, plain("peer:relay", &planted));
+        assert_eq!(found(&set), Some(planted.fingerprint()));
+        let set = apply(&set, plain("peer:real", &real));
+        assert_eq!(found(&set), Some(real.fingerprint()));
+    }
+
     /// Rollback: a lower sequence than one seen from that instance is
     /// refused (the installed set stays), also after the instance left and
     /// was forgotten; an equal one is a harmless re-delivery; another

@@ -93,6 +93,7 @@ struct FileConfig {
     #[serde(default)]
     ext_authz: ext_authz::ExtAuthzFile,
     audit: Option<AuditFile>,
+    bans: Option<BansSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +102,23 @@ struct AuditFile {
     file: Option<PathBuf>,
     max_bytes: Option<u64>,
     keep: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BansSection {
+    document: PathBuf,
+    signer: PathBuf,
+}
+
+/// The fleet-wide ban document (`[bans]`): where it arrives and whose
+/// signature counts.
+#[derive(Clone, Debug)]
+pub struct BansConfig {
+    /// The signed document, polled every second.
+    pub document: PathBuf,
+    /// The certificate of the key the trust domain designates to sign it.
+    pub signer: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -130,6 +148,7 @@ struct PeerApiFile {
     key: PathBuf,
     document_lifetime: Option<HumanDuration>,
     advertise: Option<String>,
+    warn_at: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,12 +226,17 @@ pub struct PeerApiConfig {
     /// `https://<bound listen address>` unless that is an unspecified
     /// address (0.0.0.0, ::), and then none (no direct fetch of it).
     pub advertise: Option<String>,
+    /// The fraction of a certificate's lifetime (own or CA) after which a
+    /// warning is logged: 0.8 warns in the last fifth.
+    pub warn_at: f64,
 }
 
 /// The shortest `[peer_api] document_lifetime`.
 pub(crate) const MIN_DOCUMENT_LIFETIME: Duration = Duration::from_secs(10);
 /// Addresses of one peer at most.
 pub(crate) const MAX_PEER_ADDRESSES: usize = 64;
+/// `[peer_api] warn_at` when not set.
+pub(crate) const DEFAULT_WARN_AT: f64 = 0.8;
 
 /// The smallest `limits.max_request_bytes`: a largest token (8 KiB) with an
 /// audience and framing must still fit.
@@ -314,6 +338,8 @@ pub struct Config {
     pub ext_authz: ExtAuthzConfig,
     /// Where the audit trail goes.
     pub audit: AuditConfig,
+    /// The fleet-wide ban document, if one is distributed.
+    pub bans: Option<BansConfig>,
 }
 
 /// `[audit]`: the audit trail goes to `file` (rotated by size) or, with no
@@ -456,6 +482,10 @@ impl Config {
             directory,
             ext_authz,
             audit: audit(f.audit, &rel)?,
+            bans: f.bans.map(|b| BansConfig {
+                document: rel(b.document),
+                signer: rel(b.signer),
+            }),
         })
     }
 }
@@ -636,6 +666,15 @@ fn peer_api(
                 Some(a) => Some(https_url("peer_api.advertise", a)?),
                 None => None,
             };
+            let warn_at = p.warn_at.unwrap_or(DEFAULT_WARN_AT);
+            if !(warn_at > 0.0 && warn_at < 1.0) {
+                return Err(invalid(
+                    "peer_api.warn_at",
+                    format!(
+                        "{warn_at} is not a fraction of a lifetime between 0 and 1 (such as 0.8)"
+                    ),
+                ));
+            }
             Ok(Some(PeerApiConfig {
                 listen,
                 ca: rel(p.ca),
@@ -643,6 +682,7 @@ fn peer_api(
                 key: rel(p.key),
                 document_lifetime,
                 advertise,
+                warn_at,
             }))
         }
     }

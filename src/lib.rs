@@ -17,7 +17,8 @@
 //! 4. `config`: TOML → typed sections that build their policies.
 //! 5. `listen`: both listeners' caps, deadlines and accept back-off;
 //!    `audit`: the hash-chained audit trail (below `api`, which records
-//!    into it).
+//!    into it); `bans`: the operator's bans, persisted in the keys
+//!    directory.
 //! 6. `peers` (trust sources feeding one writer; the peer-facing server),
 //!    `api` (the local gRPC services, each with its own handles; the one
 //!    refusal → status mapping), `telemetry`, `replay_log` (the one-time
@@ -32,6 +33,7 @@
 
 mod api;
 mod audit;
+mod bans;
 mod ca;
 mod cli;
 mod config;
@@ -52,16 +54,17 @@ mod time;
 
 pub use crate::api::{ERROR_DOMAIN, REASON_KEY, ServeError, connect, detail_of, reason_of};
 pub use crate::audit::AuditError;
-pub use crate::ca::{init as ca_init, issue as ca_issue};
+pub use crate::ca::{IssueSpec, init as ca_init, issue as ca_issue, issue_with as ca_issue_with};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};
 pub use crate::config::check_config;
 pub use crate::daemon::{Daemon, DaemonError, RunningSidecar, Sidecar, SidecarError};
 pub use crate::engine::{
-    DEFAULT_DOCUMENT_LIFETIME, DEFAULT_INSTANCE, DOCUMENT_TYPE, DocumentAnchors, DocumentClaims,
-    DocumentError, DocumentKey, DocumentKeyError, DocumentLimits, DocumentState, Engine,
-    InstanceKeys, IssuerKeys, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LIFETIME, MintPolicy, MintRequest,
-    Minted, SetError, SignedDocument, TrustSet, TrustUpdate, TrustView, Unverified, Verified,
-    VerifiedDocument, VerifyPolicy, sign_document, verify_at, verify_document,
+    Ban, BanKind, BanList, BanView, DEFAULT_DOCUMENT_LIFETIME, DEFAULT_INSTANCE, DOCUMENT_TYPE,
+    DocumentAnchors, DocumentClaims, DocumentError, DocumentKey, DocumentKeyError, DocumentLimits,
+    DocumentState, Engine, InstanceKeys, IssuerKeys, KeyOrigin, KeyOrigins, MAX_DOCUMENT_BYTES,
+    MAX_DOCUMENT_LIFETIME, MintPolicy, MintRequest, Minted, SetError, SignedDocument, TrustSet,
+    TrustUpdate, TrustView, Unverified, Verified, VerifiedDocument, VerifyPolicy, sign_document,
+    verify_at, verify_document,
 };
 pub use crate::identity::{SpiffeId, TrustDomain};
 pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};

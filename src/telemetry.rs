@@ -232,4 +232,27 @@ fn describe_families() {
         "tokend_audit_dropped_total",
         "Audit records dropped because the audit writer fell behind (a gap record follows)."
     );
+    describe_counter!(
+        "tokend_peer_tls_reload_total",
+        "Changed peer TLS material sets seen, by result (ok: swapped in; refused: the previous set stays)."
+    );
+    describe_gauge!(
+        "tokend_peer_cert_expires_in_seconds",
+        Unit::Seconds,
+        "Remaining validity of the peer certificate in use (negative once expired)."
+    );
+    describe_gauge!(
+        "tokend_peer_ca_expires_in_seconds",
+        Unit::Seconds,
+        "Remaining validity of each CA of the peer bundle, by serial (NaN once it left the bundle)."
+    );
+    describe_gauge!("tokend_bans", "Bans in force at this verifier.");
+    describe_counter!(
+        "tokend_ban_document_total",
+        "Fleet ban documents read, by result."
+    );
+    describe_gauge!(
+        "tokend_ban_document_seq",
+        "Sequence number of the fleet ban document in force."
+    );
 }

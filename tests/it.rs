@@ -14,6 +14,13 @@ mod inproc;
 
 #[path = "it/audit.rs"]
 mod audit;
+#[path = "it/pki.rs"]
+mod pki;
+
+#[path = "it/bans.rs"]
+mod bans;
+#[path = "it/certs.rs"]
+mod certs;
 #[path = "it/cli.rs"]
 mod cli;
 #[path = "it/config.rs"]

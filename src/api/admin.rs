@@ -2,6 +2,8 @@
 //! rotation task, the keys directory's single writer), and the JWKS this
 //! sidecar publishes and trusts. Admin calls are limited to admin uids.
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status};
 
@@ -28,6 +30,7 @@ pub(crate) struct AdminApi {
     callers: Callers,
     admins: Callers,
     audit: Audit,
+    bans: Option<Arc<crate::bans::BanStore>>,
 }
 
 fn key_info(rec: &KeyRecord, set: &KeySet, now: crate::time::UnixTime) -> pb::KeyInfo {
@@ -84,7 +87,14 @@ impl AdminApi {
             callers,
             admins: Callers::new(Some(admins)),
             audit,
+            bans: None,
         }
+    }
+
+    /// Serves the ban calls from `store`.
+    pub(crate) fn with_bans(mut self, store: Arc<crate::bans::BanStore>) -> Self {
+        self.bans = Some(store);
+        self
     }
 
     fn allowed<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -146,6 +156,37 @@ impl pb::admin_service_server::AdminService for AdminApi {
         req: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
         self.get_jwks_call(req)
+    }
+
+    async fn ban(&self, req: Request<pb::BanRequest>) -> Result<Response<pb::BanResponse>, Status> {
+        let mut event = Event::new("ban", caller_of(&req));
+        event.ban = Some(asked_ban(&req.get_ref().kind, &req.get_ref().value));
+        let result = self.ban_call(req).await;
+        if let Ok(r) = &result
+            && let Some(b) = &r.get_ref().ban
+        {
+            event.ban = Some(format!("{} {}", b.kind, b.value));
+        }
+        audited(&self.audit, event, result, true)
+    }
+
+    async fn unban(
+        &self,
+        req: Request<pb::UnbanRequest>,
+    ) -> Result<Response<pb::UnbanResponse>, Status> {
+        let mut event = Event::new("unban", caller_of(&req));
+        event.ban = Some(asked_ban(&req.get_ref().kind, &req.get_ref().value));
+        let result = self.unban_call(req).await;
+        audited(&self.audit, event, result, true)
+    }
+
+    async fn list_bans(
+        &self,
+        req: Request<pb::ListBansRequest>,
+    ) -> Result<Response<pb::ListBansResponse>, Status> {
+        let event = Event::new("list_bans", caller_of(&req));
+        let result = self.list_bans_call(req);
+        audited(&self.audit, event, result, true)
     }
 }
 
@@ -225,5 +266,52 @@ impl AdminApi {
             }
         }
         Ok(Response::new(pb::GetJwksResponse { issuers }))
+    }
+}
+
+/// A ban as asked (kind and value, bounded), for the audit record.
+fn asked_ban(kind: &str, value: &str) -> String {
+    let bounded = |s: &str| s.chars().take(256).collect::<String>();
+    format!("{} {}", bounded(kind), bounded(value.trim()))
+}
+
+// The calls behind the audited ban methods.
+impl AdminApi {
+    async fn ban_call(
+        &self,
+        req: Request<pb::BanRequest>,
+    ) -> Result<Response<pb::BanResponse>, Status> {
+        self.allowed(&req)?;
+        let store = super::bans::store(&self.bans)?;
+        let now = self.clock.now();
+        super::bans::ban(store, &self.own, req.into_inner(), now)
+            .await
+            .map(Response::new)
+    }
+
+    async fn unban_call(
+        &self,
+        req: Request<pb::UnbanRequest>,
+    ) -> Result<Response<pb::UnbanResponse>, Status> {
+        self.allowed(&req)?;
+        let store = super::bans::store(&self.bans)?;
+        super::bans::unban(store, &self.own, req.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    fn list_bans_call(
+        &self,
+        req: Request<pb::ListBansRequest>,
+    ) -> Result<Response<pb::ListBansResponse>, Status> {
+        self.allowed(&req)?;
+        let store = super::bans::store(&self.bans)?;
+        let bans = store
+            .current()
+            .bans()
+            .iter()
+            .map(super::bans::entry)
+            .collect();
+        Ok(Response::new(pb::ListBansResponse { bans }))
     }
 }

@@ -2,7 +2,10 @@
 //! registered here as SERVING; on shutdown all of them (and the overall
 //! status, `""`) turn NOT_SERVING first, then every open `Watch` delivers
 //! that and ends, so a watcher learns the sidecar is going and cannot hold
-//! the graceful drain open.
+//! the graceful drain open. A status another loop owns (the peer API's,
+//! set by the peer TLS watch on certificate expiry) is registered with
+//! `follow` so shutdown turns it NOT_SERVING too; that loop sets it through
+//! `reporter`.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -79,6 +82,19 @@ impl LocalHealth {
                 reporter.set_service_status(name, now).await;
             }
         });
+    }
+
+    /// Registers `name`, whose status another loop sets through
+    /// `reporter`, so that shutdown turns it NOT_SERVING as well.
+    pub(crate) fn register(&mut self, name: &'static str) {
+        if !self.names.contains(&name) {
+            self.names.push(name);
+        }
+    }
+
+    /// The statuses' reporter, for a loop that owns one of them.
+    pub(crate) fn reporter(&self) -> HealthReporter {
+        self.reporter.clone()
     }
 
     /// The grpc.health.v1 service over these statuses.

@@ -6,6 +6,7 @@
 //! refusals become wire statuses. No business logic here.
 
 mod admin;
+mod bans;
 mod ext_authz;
 mod health;
 mod spiffe;
@@ -17,13 +18,12 @@ use std::future::Future;
 
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::UnixListener;
-use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::server::UdsConnectInfo;
 
 pub(crate) use self::admin::AdminApi;
 pub(crate) use self::ext_authz::ExtAuthzApi;
-use self::health::LocalHealth;
+pub(crate) use self::health::LocalHealth;
 pub(crate) use self::spiffe::SpiffeApi;
 pub use self::status::{ERROR_DOMAIN, REASON_KEY, detail_of, reason_of};
 pub(crate) use self::token::TokenApi;
@@ -93,6 +93,9 @@ pub(crate) struct LocalApi {
     /// Whether the etcd directory is live (`[directory]` only): reported
     /// as the health of service `tokend.directory`.
     pub directory_health: Option<tokio::sync::watch::Receiver<bool>>,
+    /// grpc.health.v1 statuses, NOT_SERVING on shutdown; the daemon's
+    /// loops set some (the peer API's, through `LocalHealth::reporter`).
+    pub health: LocalHealth,
 }
 
 /// The grpc.health.v1 service name that says whether the directory is live.
@@ -103,8 +106,9 @@ pub(crate) const DIRECTORY_HEALTH: &str = "tokend.directory";
 const MAX_CHECK_BYTES: usize = 64 * 1024;
 
 /// Serves every local service on `listener` until `shutdown` completes;
-/// then every service turns NOT_SERVING, `streams` is cancelled (ending
-/// health watches, bundle streams and the other long-lived streams), and
+/// then every service turns NOT_SERVING (the peer API's too, if followed),
+/// the health's stop token is cancelled (ending health watches, bundle
+/// streams and the other long-lived streams), and
 /// in-flight calls finish before it returns. `listen` caps connections and
 /// closes idle ones; `limits` bounds streams, request size and time.
 pub(crate) async fn serve(
@@ -113,9 +117,8 @@ pub(crate) async fn serve(
     limits: crate::config::LimitsConfig,
     listen: crate::listen::ListenLimits,
     shutdown: impl Future<Output = ()> + Send,
-    streams: CancellationToken,
 ) -> Result<(), ServeError> {
-    let mut health = LocalHealth::new(streams);
+    let mut health = api.health;
     health.serving::<TokenServer>().await;
     health.serving::<AdminServer>().await;
     health.serving::<SpiffeServer>().await;

@@ -51,7 +51,7 @@ pub(crate) struct Caller {
 #[derive(Clone, Debug, Default, Serialize)]
 pub(crate) struct Event {
     /// The action: mint, exchange, verify, validate, fetch_jwt_svid,
-    /// rotate_key, revoke_key, list_keys, gap.
+    /// rotate_key, revoke_key, list_keys, ban, unban, list_bans, gap.
     pub(crate) event: &'static str,
     /// `ok` or `refused` (`dropped` for a gap).
     pub(crate) outcome: &'static str,
@@ -78,6 +78,10 @@ pub(crate) struct Event {
     /// Key id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) kid: Option<String>,
+    /// For ban and unban: `KIND VALUE` (as the store keeps it once
+    /// accepted; as asked, bounded, when refused).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) ban: Option<String>,
     /// For a gap: how many records were dropped before this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) dropped: Option<u64>,

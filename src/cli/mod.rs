@@ -8,6 +8,7 @@ mod offline;
 mod remote;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -151,6 +152,11 @@ pub enum Command {
     /// The trust domain's CA and peer certificates.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Bans at this verifier: a certificate serial, an instance, a kid or a
+    /// SPIFFE ID whose tokens are refused (revoked_key) and whose key sets
+    /// are not accepted, without the banned side's cooperation.
+    #[command(subcommand)]
+    Ban(BanCommand),
     /// Start a small bank of sidecars in this process and show minting,
     /// verification, a refused impersonation and a rotation.
     Demo {
@@ -187,9 +193,12 @@ pub enum CaCommand {
         #[arg(long)]
         trust_domain: String,
     },
-    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and OUT/key.pem (0600).
+    /// Issue a peer certificate for service NAME: writes OUT/cert.pem and
+    /// OUT/key.pem (0600). With --intermediate, an intermediate CA named
+    /// NAME instead: OUT/ca.pem and OUT/ca.key, usable as --ca in turn (its
+    /// leaves' cert.pem then holds leaf + intermediate).
     Issue {
-        /// Directory holding ca.pem and ca.key.
+        /// Directory holding ca.pem and ca.key (a root or an intermediate).
         #[arg(long)]
         ca: PathBuf,
         /// Service name; the certificate carries spiffe://TD/NAME.
@@ -201,9 +210,69 @@ pub enum CaCommand {
         /// DNS names (repeatable; default: localhost and NAME).
         #[arg(long)]
         dns: Vec<String>,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
-        days: i64,
+        /// Validity in days (default 365).
+        #[arg(long, conflicts_with = "ttl")]
+        days: Option<i64>,
+        /// Validity as a duration, such as 12h (short-lived certificates).
+        #[arg(long, value_parser = parse_ttl)]
+        ttl: Option<u64>,
+        /// Issue an intermediate CA instead of a peer certificate.
+        #[arg(long)]
+        intermediate: bool,
+    },
+}
+
+/// `tokend ban ...`
+#[derive(Debug, Subcommand)]
+pub enum BanCommand {
+    /// Put a ban in force (persisted in the keys directory).
+    Add {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// serial | instance | kid | spiffe-id
+        kind: String,
+        /// A serial in hex (colons allowed), an instance (peer address), a
+        /// kid, or a SPIFFE ID (a bare service name means this trust domain).
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+        /// Why (kept with the ban, shown in refusals).
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Lift a ban.
+    Remove {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+        /// serial | instance | kid | spiffe-id
+        kind: String,
+        /// The banned value.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
+    /// The bans in force, as JSON.
+    List {
+        /// The sidecar's socket.
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Sign a fleet-wide ban document (prints a compact JWS): every sidecar
+    /// whose `[bans] signer` is this key's certificate takes it from its
+    /// `[bans] document` file if SEQ is higher than any it has seen.
+    Sign {
+        /// The designated signer's private key (PKCS#8 P-256, as `tokend ca issue` writes key.pem).
+        #[arg(long)]
+        key: PathBuf,
+        /// The trust domain the document is for.
+        #[arg(long)]
+        trust_domain: String,
+        /// Sequence number: higher than the last document's.
+        #[arg(long)]
+        seq: u64,
+        /// A JSON array of {"kind", "value", "reason"} (`-`: stdin).
+        #[arg(long)]
+        bans: PathBuf,
     },
 }
 
@@ -372,6 +441,33 @@ pub async fn run(cli: Cli) -> u8 {
             Err(e) => fail_usage(&e),
         },
         Command::Audit(AuditCommand::Verify { files }) => offline::audit_verify(&files),
+        Command::Ban(BanCommand::Add {
+            socket,
+            kind,
+            value,
+            reason,
+        }) => match socket.path() {
+            Ok(s) => remote::ban(&s, kind, value, reason).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Ban(BanCommand::Remove {
+            socket,
+            kind,
+            value,
+        }) => match socket.path() {
+            Ok(s) => remote::unban(&s, kind, value).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Ban(BanCommand::List { socket }) => match socket.path() {
+            Ok(s) => remote::bans(&s).await,
+            Err(e) => fail_usage(&e),
+        },
+        Command::Ban(BanCommand::Sign {
+            key,
+            trust_domain,
+            seq,
+            bans,
+        }) => offline::ban_sign(&key, &trust_domain, seq, &bans),
         Command::Decode { token } => match token_arg(&token) {
             Ok(t) => offline::decode(&t),
             Err(e) => fail_usage(&e),
@@ -383,7 +479,19 @@ pub async fn run(cli: Cli) -> u8 {
             out,
             dns,
             days,
-        }) => offline::ca_issue(&ca, &name, &out, &dns, days),
+            ttl,
+            intermediate,
+        }) => {
+            let mut spec = match ttl {
+                Some(secs) => {
+                    crate::ca::IssueSpec::peer(&ca, &name, &out, Duration::from_secs(secs))
+                }
+                None => crate::ca::IssueSpec::days(&ca, &name, &out, days.unwrap_or(365)),
+            };
+            spec.dns = dns;
+            spec.intermediate = intermediate;
+            offline::ca_issue(&spec)
+        }
         Command::Demo { directory } => demo::run(directory).await,
     }
 }

@@ -60,18 +60,21 @@ pub(super) fn ca_init(out: &std::path::Path, td: &str) -> u8 {
 }
 
 /// `tokend ca issue`.
-pub(super) fn ca_issue(
-    ca: &std::path::Path,
-    name: &str,
-    out: &std::path::Path,
-    dns: &[String],
-    days: i64,
-) -> u8 {
-    match crate::ca::issue(ca, name, out, dns, days) {
+pub(super) fn ca_issue(spec: &crate::ca::IssueSpec) -> u8 {
+    match crate::ca::issue_with(spec) {
+        Ok(id) if spec.intermediate => {
+            println!(
+                "intermediate CA {} of {} written to {}/{{ca.pem,ca.key}}",
+                spec.name,
+                id.trust_domain(),
+                spec.out.display()
+            );
+            0
+        }
         Ok(id) => {
             println!(
                 "certificate for {id} written to {}/{{cert.pem,key.pem}}",
-                out.display()
+                spec.out.display()
             );
             0
         }
@@ -97,5 +100,48 @@ pub(super) fn audit_verify(files: &[std::path::PathBuf]) -> u8 {
             eprintln!("broken: {broken}");
             1
         }
+    }
+}
+
+/// `tokend ban sign`.
+pub(super) fn ban_sign(key: &std::path::Path, td: &str, seq: u64, bans: &std::path::Path) -> u8 {
+    let fail = |msg: String| {
+        eprintln!("tokend: {msg}");
+        super::EXIT_USAGE
+    };
+    let list = if bans == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text.into_bytes())
+    } else {
+        std::fs::read(bans)
+    };
+    let list = match list {
+        Ok(l) => l,
+        Err(e) => return fail(format!("{}: {e}", bans.display())),
+    };
+    let entries: Vec<crate::bans::Entry> = match serde_json::from_slice(&list) {
+        Ok(e) => e,
+        Err(e) => {
+            return fail(format!(
+                "{}: not a JSON array of {{\"kind\", \"value\", \"reason\"}}: {e}",
+                bans.display()
+            ));
+        }
+    };
+    let pem = match std::fs::read(key) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("{}: {e}", key.display())),
+    };
+    let der = match pem::parse(&pem) {
+        Ok(block) => block.into_contents(),
+        Err(e) => return fail(format!("{}: not PEM: {e}", key.display())),
+    };
+    let now = crate::time::Clock::now(&crate::time::SystemClock);
+    match crate::bans::sign(&der, td, seq, now, entries) {
+        Ok(jws) => {
+            println!("{jws}");
+            0
+        }
+        Err(e) => fail(e),
     }
 }

@@ -251,6 +251,74 @@ pub(super) async fn keys_revoke(socket: &Path, kid: String) -> u8 {
     }
 }
 
+/// `tokend ban add KIND VALUE [--reason R]`.
+pub(super) async fn ban(socket: &Path, kind: String, value: String, reason: String) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client
+        .ban(pb::BanRequest {
+            kind,
+            value,
+            reason,
+        })
+        .await
+    {
+        Ok(r) => {
+            let r = r.into_inner();
+            let b = r.ban.unwrap_or_default();
+            let state = if r.added {
+                "now banned"
+            } else {
+                "already banned"
+            };
+            println!("{} {} {state}", b.kind, b.value);
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
+/// `tokend ban remove KIND VALUE`.
+pub(super) async fn unban(socket: &Path, kind: String, value: String) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client.unban(pb::UnbanRequest { kind, value }).await {
+        Ok(r) if r.get_ref().removed => {
+            println!("ban lifted");
+            0
+        }
+        Ok(_) => {
+            eprintln!("no such ban");
+            1
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
+/// `tokend ban list`.
+pub(super) async fn bans(socket: &Path) -> u8 {
+    let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
+    match client.list_bans(pb::ListBansRequest {}).await {
+        Ok(r) => {
+            let list: Vec<_> = r
+                .into_inner()
+                .bans
+                .iter()
+                .map(|b| {
+                    serde_json::json!({
+                        "kind": b.kind, "value": b.value,
+                        "reason": b.reason, "banned_at": b.banned_at,
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&list).unwrap_or_default()
+            );
+            0
+        }
+        Err(s) => print_status(&s, "refused"),
+    }
+}
+
 /// `tokend jwks [--all]`.
 pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));

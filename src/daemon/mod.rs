@@ -22,14 +22,16 @@ use crate::api::{AdminApi, Callers, ExtAuthzApi, LocalApi, SocketError, SpiffeAp
 use crate::audit::{Audit, AuditWriter};
 use crate::config::{Config, LimitsConfig, PeerSource};
 use crate::directory::{Directory, EtcdReplay};
+use crate::engine::{
+    BanView, Engine, KeyOrigins, MemoryReplay, ReplayStore, TrustUpdate, TrustView,
+};
 use crate::engine::{DocumentLimits, SignedDocument};
-use crate::engine::{Engine, MemoryReplay, ReplayStore, TrustUpdate, TrustView};
 use crate::keys::InstanceState;
 use crate::keys::{Command, KeyError, KeyStore, KeyView, ProofKeyStore};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
-    DirectFetcher, DocumentPublisher, DocumentSink, JwksFileSource, PeerContext, PeerError,
-    PeerGroup, PeerKeysApi, PeerTls, PublishError, Refresher, TlsError, TrustWriter,
+    DirectFetcher, DocumentPublisher, DocumentSink, ExpiryPolicy, JwksFileSource, PeerContext,
+    PeerError, PeerGroup, PeerKeysApi, PeerTls, PublishError, Refresher, TlsError, TrustWriter,
 };
 use crate::replay_log::JournalReplay;
 use crate::time::SharedClock;
@@ -70,6 +72,9 @@ pub enum DaemonError {
     /// The first signed key-set document could not be made.
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// The bans file cannot be read.
+    #[error(transparent)]
+    Bans(#[from] crate::bans::BanError),
     /// The replay journal cannot be read or written.
     #[error(transparent)]
     Replay(#[from] crate::replay_log::JournalError),
@@ -93,6 +98,7 @@ impl DaemonError {
                 | DaemonError::Tls(_)
                 | DaemonError::Peers(_)
                 | DaemonError::Directory(_)
+                | DaemonError::Bans(_)
         )
     }
 }
@@ -147,6 +153,11 @@ pub struct Daemon {
     caps: FdCaps,
     peer_server: Option<PeerServer>,
     peer_addr: Option<SocketAddr>,
+    /// The peer TLS material, reloaded from its files while serving.
+    peer_tls: Option<(PeerTls, ExpiryPolicy)>,
+    /// The fleet-wide ban document's file, polled while serving.
+    ban_document: Option<(crate::bans::DocumentSource, Arc<crate::bans::BanStore>)>,
+    health: tonic_health::server::HealthReporter,
     clock: SharedClock,
     shutdown: CancellationToken,
     audit: AuditWriter,
@@ -191,7 +202,21 @@ impl Daemon {
             )?),
             None => None,
         };
-        let sources = trust_sources(&config, peer_tls.as_ref(), &clock)?;
+        let (ban_store, bans) = crate::bans::BanStore::open(&config.keys_dir)?;
+        let ban_document = match &config.bans {
+            Some(b) => Some((
+                crate::bans::DocumentSource::new(
+                    &b.document,
+                    &b.signer,
+                    config.trust_domain.as_str(),
+                )?,
+                ban_store.clone(),
+            )),
+            None => None,
+        };
+        let origins = KeyOrigins::default();
+        let containment = (bans.clone(), origins.clone());
+        let sources = trust_sources(&config, peer_tls.as_ref(), &clock, &containment)?;
         let engine = Arc::new(
             Engine::new(
                 config.id.clone(),
@@ -206,6 +231,7 @@ impl Daemon {
                 crate::engine::DEFAULT_REFRESH_WAIT,
             )
             .with_replay(replay)
+            .with_bans(bans, origins)
             .with_verify_cache(config.tokens.verify_cache)
             .with_proof_keys(open_proof_keys(&config)?)
             .with_proof_window(config.tokens.proof_window),
@@ -218,6 +244,10 @@ impl Daemon {
             _ => None,
         };
         let peer_addr = peer_server.as_ref().map(|p| p.addr);
+        let peer_tls = peer_tls.zip(config.peer_api.as_ref()).map(|(tls, p)| {
+            let policy = ExpiryPolicy { warn_at: p.warn_at };
+            (tls, policy)
+        });
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
         let mut api = local_api(
@@ -242,6 +272,13 @@ impl Daemon {
             _ => None,
         };
         api.directory_health = directory.as_ref().map(Directory::health);
+        api.admin = api.admin.with_bans(ban_store);
+        if peer_tls.is_some() {
+            // The peer TLS watch sets the peer API's status (NOT_SERVING once
+            // its certificate expired); shutdown turns it NOT_SERVING too.
+            api.health.register(crate::peers::PEER_SERVICE);
+        }
+        let health = api.health.reporter();
         Ok(Self {
             id: config.id.to_string(),
             store,
@@ -251,7 +288,7 @@ impl Daemon {
             groups: sources.groups,
             files: sources.files,
             direct: match (&sources.documents, &peer_tls) {
-                (Some(sink), Some(tls)) => Some(DirectFetcher::new(
+                (Some(sink), Some((tls, _))) => Some(DirectFetcher::new(
                     sink.clone(),
                     tls.client_config()?,
                     tls.trust_domain().clone(),
@@ -269,6 +306,9 @@ impl Daemon {
             caps,
             peer_server,
             peer_addr,
+            peer_tls,
+            ban_document,
+            health,
             clock,
             shutdown,
             audit: audit_writer,
@@ -332,8 +372,13 @@ impl Daemon {
             .map(|k| k.kid().to_owned())
             .unwrap_or_default();
         tracker.spawn(
-            crate::keys::run_rotation(self.store, self.commands, self.clock, cancel.clone())
-                .instrument(tracing::info_span!("rotation", id = %self.id)),
+            crate::keys::run_rotation(
+                self.store,
+                self.commands,
+                self.clock.clone(),
+                cancel.clone(),
+            )
+            .instrument(tracing::info_span!("rotation", id = %self.id)),
         );
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(direct) = self.direct {
@@ -344,6 +389,24 @@ impl Daemon {
         }
         if let Some(directory) = self.directory {
             directory.spawn(&tracker, &cancel);
+        }
+        if let Some((source, store)) = self.ban_document {
+            tracker.spawn(
+                crate::bans::watch_document(source, store, cancel.clone())
+                    .instrument(tracing::info_span!("ban_document")),
+            );
+        }
+        if let Some((tls, policy)) = self.peer_tls {
+            tracker.spawn(
+                crate::peers::watch_tls(
+                    tls,
+                    self.clock.clone(),
+                    policy,
+                    self.health.clone(),
+                    cancel.clone(),
+                )
+                .instrument(tracing::info_span!("peer_tls")),
+            );
         }
         if let Some(PeerServer {
             tcp,
@@ -401,7 +464,6 @@ impl Daemon {
                     _ = stop.cancelled() => {}
                 }
             },
-            cancel.clone(),
         );
         let drained = cancel.clone();
         let result = tokio::select! {
@@ -528,15 +590,18 @@ async fn bind_peer_api(
         Ok(_) => {
             let instance = InstanceState::open(&config.keys_dir).map_err(KeyError::from)?;
             let signer = tls.clone();
-            Some(DocumentPublisher::new(
-                config.id.clone(),
-                Arc::new(move || signer.document_key().map_err(|e| e.to_string())),
-                instance,
-                keys.clone(),
-                clock.clone(),
-                p.document_lifetime,
-                advertise,
-            )?)
+            Some(
+                DocumentPublisher::new(
+                    config.id.clone(),
+                    Arc::new(move || signer.document_key().map_err(|e| e.to_string())),
+                    instance,
+                    keys.clone(),
+                    clock.clone(),
+                    p.document_lifetime,
+                    advertise,
+                )?
+                .resigning_on(tls.reloads()),
+            )
         }
         Err(e) => {
             // A peer key that served before documents existed (a SEC1 or
@@ -603,6 +668,7 @@ fn local_api(
             config.ext_authz.clone(),
         ),
         directory_health: None,
+        health: crate::api::LocalHealth::new(shutdown.clone()),
     }
 }
 
@@ -634,6 +700,7 @@ fn trust_sources(
     config: &Config,
     tls: Option<&PeerTls>,
     clock: &SharedClock,
+    containment: &(BanView, KeyOrigins),
 ) -> Result<TrustSources, DaemonError> {
     let (mut writer, feed, view) = TrustWriter::new();
     let mut refresher = Refresher::new(MIN_REFRESH_INTERVAL);
@@ -646,9 +713,9 @@ fn trust_sources(
                 clock_skew: config.tokens.clock_skew,
                 ..DocumentLimits::default()
             },
-            feed.clone(),
-            view.clone(),
+            (feed.clone(), view.clone()),
             clock.clone(),
+            containment.clone(),
         )
     });
     for peer in &config.peers {
@@ -679,6 +746,8 @@ fn trust_sources(
                     view: view.clone(),
                     documents: documents.clone(),
                     clock: clock.clone(),
+                    bans: containment.0.clone(),
+                    origins: containment.1.clone(),
                 };
                 let group = PeerGroup::new(&peer.name, peer.id.clone(), addresses.clone(), cx)?;
                 writer

@@ -12,6 +12,7 @@
 //! for tokens bound to this instance's proof key.
 
 mod authz;
+mod bans;
 mod bound;
 mod cache;
 #[cfg(test)]
@@ -34,6 +35,8 @@ use serde_json::{Map, Value};
 #[cfg(test)]
 pub(crate) use self::authz::HeaderClaim;
 pub(crate) use self::authz::{AccessRules, ClaimHeader, ClaimRule, parse_issuers};
+pub(crate) use self::bans::normalize_serial;
+pub use self::bans::{Ban, BanKind, BanList, BanView, KeyOrigin, KeyOrigins};
 pub(crate) use self::delegation::{MAX_DELEGATION_DEPTH, chain_depth};
 pub use self::document::{
     DEFAULT_DOCUMENT_LIFETIME, DOCUMENT_TYPE, DocumentAnchors, DocumentClaims, DocumentError,
@@ -89,6 +92,8 @@ pub struct Engine {
     proof_window: Duration,
     /// Proof ids this verifier has seen within the window.
     seen_proofs: dpop::SeenProofs,
+    bans: BanView,
+    origins: KeyOrigins,
     /// Signatures running on the blocking pool at once: one per core.
     signers: tokio::sync::Semaphore,
     clock: SharedClock,
@@ -132,6 +137,8 @@ impl Engine {
             refresh_wait: DEFAULT_REFRESH_WAIT,
             replay: Arc::new(MemoryReplay::default()),
             cache: cache::VerifyCache::new(cache::DEFAULT_CAPACITY),
+            bans: BanView::none(),
+            origins: KeyOrigins::default(),
             signers: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(2, |n| n.get()),
             ),
@@ -149,6 +156,14 @@ impl Engine {
     pub fn with_refresher(mut self, refresher: Arc<dyn Refresh>, wait: Duration) -> Self {
         self.refresher = Some(refresher);
         self.refresh_wait = wait;
+        self
+    }
+
+    /// Refuses, as `revoked_key`, every verification resting on material
+    /// `bans` names; `origins` says which certificate delivered each peer key.
+    pub fn with_bans(mut self, bans: BanView, origins: KeyOrigins) -> Self {
+        self.bans = bans;
+        self.origins = origins;
         self
     }
 
@@ -309,6 +324,11 @@ impl Engine {
             });
             match decided {
                 Ok((v, hit)) => {
+                    // Bans are checked on every answer, remembered or not,
+                    // so a ban takes effect on the next call.
+                    if let Some(refusal) = self.bans.current().refusal(&v.keys, &self.origins) {
+                        return Err(refusal);
+                    }
                     let result = if hit { "hit" } else { "miss" };
                     metrics::counter!("tokend_verify_cache_total", "result" => result).increment(1);
                     // The proof before the one-time claim: a stolen one-time

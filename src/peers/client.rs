@@ -5,7 +5,11 @@
 //! name configured for the address, never what the message says). A
 //! document is checked exactly as one relayed by anyone else, and the
 //! identity the TLS connection proved must also be the document's.
-//! Reconnects back off exponentially with full jitter; while out of contact
+//! A connection presenting a banned certificate (serial or identity), or
+//! dialled at a banned instance address, delivers nothing; a document also
+//! meets the bans on its own signing certificate and instance (in the
+//! `DocumentSink`, as relayed ones do), and where each installed key came
+//! from is recorded (`KeyOrigins`) so a later ban reaches it. Reconnects back off exponentially with full jitter; while out of contact
 //! the last keys stay in use until their document expires or their
 //! publisher's expiry hints pass. Bounded: message size, key count, key
 //! policy, and time to answer.
@@ -22,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 
 use super::connect::{
-    ANSWER_TIMEOUT, PeerApi, Slot, authority_of, connect, proven_identity, status,
+    ANSWER_TIMEOUT, PeerApi, Proven, Slot, authority_of, connect, proven, status,
 };
 use super::keyset::key_set_parts;
 use super::refresh::KeySource;
 use super::{DocumentSink, LogLimit, PeerError, TrustFeed};
-use crate::engine::{TrustUpdate, TrustView};
+use crate::engine::{BanView, KeyOrigin, KeyOrigins, TrustUpdate, TrustView};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
 use crate::time::SharedClock;
@@ -87,6 +91,11 @@ pub(crate) struct PeerClient {
     view: TrustView,
     documents: DocumentSink,
     clock: SharedClock,
+    /// The operator's bans: a connection presenting a banned certificate
+    /// delivers nothing.
+    bans: BanView,
+    /// Where each plain key set this client installs came from.
+    origins: KeyOrigins,
     delivered: Mutex<Delivered>,
     /// Refusals of this peer's sets are logged at most once a second.
     log_limit: LogLimit,
@@ -104,7 +113,8 @@ impl std::fmt::Debug for PeerClient {
 /// Everything a peer client needs besides its address.
 #[derive(Clone, Debug)]
 pub(crate) struct PeerContext {
-    /// The client side of the peer TLS.
+    /// The client side of the peer TLS (its hooks read the current,
+    /// reloadable material at each handshake).
     pub(crate) tls: Arc<rustls::ClientConfig>,
     /// The trust domain.
     pub(crate) td: TrustDomain,
@@ -116,6 +126,10 @@ pub(crate) struct PeerContext {
     pub(crate) documents: DocumentSink,
     /// The clock.
     pub(crate) clock: SharedClock,
+    /// The operator's bans.
+    pub(crate) bans: BanView,
+    /// Where each peer key came from.
+    pub(crate) origins: KeyOrigins,
 }
 
 // === impl PeerClient ===
@@ -155,6 +169,8 @@ impl PeerClient {
             view: cx.view.clone(),
             documents: cx.documents.clone(),
             clock: cx.clock.clone(),
+            bans: cx.bans.clone(),
+            origins: cx.origins.clone(),
             delivered: Mutex::default(),
             log_limit: LogLimit::default(),
         }))
@@ -188,9 +204,18 @@ impl PeerClient {
         }
     }
 
+    /// Refuses everything from a connection whose certificate or address
+    /// is banned.
+    fn check_bans(&self, proven: &Proven) -> Result<(), PeerError> {
+        proven.check_bans(&self.bans.current(), &self.authority)
+    }
+
     /// Validates a plain key set (a release without documents) and installs
-    /// it as this address's instance under `identity`.
-    async fn install_set(&self, identity: &SpiffeId, msg: pb::PeerKeySet) -> Result<(), PeerError> {
+    /// it as this address's instance under the identity `proven`; its keys'
+    /// origin is the connection's certificate and the address (`host:port`).
+    async fn install_set(&self, proven: &Proven, msg: pb::PeerKeySet) -> Result<(), PeerError> {
+        self.check_bans(proven)?;
+        let identity = &proven.identity;
         self.warn_if_unexpected(identity, &msg.issuer);
         if !self.view.current().knows(identity.as_str()) {
             return Err(PeerError::NotConfigured(identity.clone()));
@@ -200,6 +225,16 @@ impl PeerClient {
         let at = self.clock.now();
         let n = keys.len();
         let instance = self.source();
+        let origin = KeyOrigin {
+            serial: proven.serial.clone(),
+            instance: self.authority.clone(),
+            address: None,
+        };
+        let kids: Vec<String> = keys.iter().map(|k| k.kid().to_owned()).collect();
+        // New kids get their origin before they can be found; known ones
+        // keep theirs until the writer took the set.
+        self.origins
+            .record_new(identity.as_str(), &origin, kids.iter().cloned());
         self.feed
             .apply(TrustUpdate::Instance {
                 issuer: identity.to_string(),
@@ -211,18 +246,22 @@ impl PeerClient {
                 at,
             })
             .await?;
+        self.origins.record(identity.as_str(), &origin, kids);
         self.delivered().instances.insert(instance);
         tracing::debug!(issuer = %identity, keys = n, version, "installed peer keys");
         self.count_update();
         Ok(())
     }
 
-    /// Verifies and installs a signed document served by `identity`.
+    /// Verifies and installs a signed document served over a connection
+    /// that proved `proven` (the sink checks the document's own bans).
     async fn install_document(
         &self,
-        identity: &SpiffeId,
+        proven: &Proven,
         msg: pb::KeySetDocument,
     ) -> Result<(), PeerError> {
+        self.check_bans(proven)?;
+        let identity = &proven.identity;
         self.warn_if_unexpected(identity, "<signed document>");
         let doc = self
             .documents
@@ -255,6 +294,7 @@ impl PeerClient {
         }
         let kind = match error {
             PeerError::Document(e) => e.kind(),
+            PeerError::Banned { .. } => "banned",
             _ => "other",
         };
         metrics::counter!("tokend_peer_refusals_total", "peer" => self.name.clone(), "kind" => kind)
@@ -287,9 +327,10 @@ impl PeerClient {
         )
         .await
         .map_err(|_| timeout("GetDocument"))?;
-        let identity = proven_identity(&slot)?;
+        let proven = proven(&slot)?;
+        let identity = proven.identity.clone();
         let result = match doc {
-            Ok(d) => self.install_document(&identity, d.into_inner()).await,
+            Ok(d) => self.install_document(&proven, d.into_inner()).await,
             Err(s) if s.code() == tonic::Code::Unimplemented => {
                 let msg =
                     tokio::time::timeout(ANSWER_TIMEOUT, client.get_keys(pb::GetKeysRequest {}))
@@ -297,7 +338,7 @@ impl PeerClient {
                         .map_err(|_| timeout("GetKeys"))?
                         .map_err(status("GetKeys"))?
                         .into_inner();
-                self.install_set(&identity, msg).await
+                self.install_set(&proven, msg).await
             }
             Err(s) => Err(status("GetDocument")(s)),
         };
@@ -346,11 +387,12 @@ impl PeerClient {
             what: "WatchDocuments",
             after: ANSWER_TIMEOUT,
         })?;
-        let identity = proven_identity(&slot)?;
+        let proven = proven(&slot)?;
+        let identity = proven.identity.clone();
         self.delivered().identity = Some(identity.clone());
         match opened {
             Ok(stream) => {
-                self.follow(stream.into_inner(), "WatchDocuments", &identity, cancel)
+                self.follow(stream.into_inner(), "WatchDocuments", &proven, cancel)
                     .await
             }
             Err(s) if s.code() == tonic::Code::Unimplemented => {
@@ -363,7 +405,7 @@ impl PeerClient {
                         })?
                         .map_err(status("WatchKeys"))?
                         .into_inner();
-                self.follow(stream, "WatchKeys", &identity, cancel).await
+                self.follow(stream, "WatchKeys", &proven, cancel).await
             }
             Err(s) => {
                 let e = status("WatchDocuments")(s);
@@ -380,9 +422,10 @@ impl PeerClient {
         &self,
         mut stream: Streaming<T>,
         rpc: &'static str,
-        identity: &SpiffeId,
+        proven: &Proven,
         cancel: &CancellationToken,
     ) -> Result<bool, PeerError> {
+        let identity = &proven.identity;
         let mut got_any = false;
         loop {
             let msg = self.next(&mut stream, !got_any, rpc, cancel).await;
@@ -390,14 +433,18 @@ impl PeerClient {
                 return Ok(got_any);
             };
             let installed = match msg.into() {
-                Delivery::Document(d) => self.install_document(identity, d).await,
-                Delivery::Set(s) => self.install_set(identity, s).await,
+                Delivery::Document(d) => self.install_document(proven, d).await,
+                Delivery::Set(s) => self.install_set(proven, s).await,
             };
             if let Err(e) = installed {
                 if matches!(e, PeerError::WriterGone) {
                     return Ok(got_any);
                 }
                 self.refuse(Some(identity), &e);
+                if matches!(e, PeerError::Banned { .. }) {
+                    // Nothing more from this connection.
+                    return Err(e);
+                }
             }
         }
     }

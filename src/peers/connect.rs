@@ -1,8 +1,9 @@
 //! One mTLS connection to a peer API, as the peer client and the direct
 //! document fetch both make it: TCP under a deadline, the TLS handshake
 //! under a deadline (the server's chain to the CA and one SPIFFE ID of the
-//! trust domain, never its DNS name), and the identity the server's
-//! certificate proved, recorded for the caller to bind keys to.
+//! trust domain, never its DNS name), and the identity and serial the
+//! server's certificate proved, recorded for the caller to bind keys to
+//! and to check against the operator's bans.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +13,8 @@ use rustls::pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::PeerError;
-use super::tls::spiffe_id_of;
+use super::tls::{serial_of, svid_id};
+use crate::engine::BanList;
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::proto::tokend::v1 as pb;
 
@@ -21,14 +23,43 @@ pub(super) const MAX_PEER_MESSAGE: usize = super::MAX_JWKS_BYTES + 16 * 1024;
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the connector records the identity the server's certificate proved.
-pub(super) type Slot = Arc<Mutex<Option<SpiffeId>>>;
+/// What the server's certificate proved on one connection.
+#[derive(Clone, Debug)]
+pub(super) struct Proven {
+    /// Its SPIFFE ID.
+    pub(super) identity: SpiffeId,
+    /// Its serial (lowercase hex).
+    pub(super) serial: String,
+}
+
+// === impl Proven ===
+
+impl Proven {
+    /// Refuses a connection presenting a banned certificate (its serial or
+    /// its identity) or dialled at a banned instance address (`host:port`):
+    /// nothing it delivers is installed.
+    pub(super) fn check_bans(&self, bans: &BanList, authority: &str) -> Result<(), PeerError> {
+        match bans
+            .of_certificate(self.identity.as_str(), &self.serial)
+            .or_else(|| bans.of_instance(authority))
+        {
+            Some(ban) => Err(PeerError::Banned {
+                serial: self.serial.clone(),
+                ban: format!("{} {}", ban.kind.as_str(), ban.value),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where the connector records what the server's certificate proved.
+pub(super) type Slot = Arc<Mutex<Option<Proven>>>;
 
 /// A peer API client over one mTLS connection.
 pub(super) type PeerApi = pb::peer_service_client::PeerServiceClient<Channel>;
 
-/// The identity the server's certificate proved on this channel's connection.
-pub(super) fn proven_identity(slot: &Slot) -> Result<SpiffeId, PeerError> {
+/// What the server's certificate proved on this channel's connection.
+pub(super) fn proven(slot: &Slot) -> Result<Proven, PeerError> {
     slot.lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone()
@@ -84,11 +115,10 @@ pub(super) async fn connect(
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .cloned();
-            let id = leaf
-                .ok_or_else(|| "no server certificate".to_owned())
-                .and_then(|der| spiffe_id_of(&der, &td))
-                .map_err(std::io::Error::other)?;
-            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+            let der = leaf.ok_or_else(|| std::io::Error::other("no server certificate"))?;
+            let identity = svid_id(&der, &td).map_err(std::io::Error::other)?;
+            let serial = serial_of(&der).map_err(std::io::Error::other)?;
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(Proven { identity, serial });
             Ok::<_, std::io::Error>(TokioIo::new(stream))
         }
     });

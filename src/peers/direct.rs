@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{ANSWER_TIMEOUT, authority_of, connect, proven_identity, status};
+use super::connect::{ANSWER_TIMEOUT, authority_of, connect, proven, status};
 use super::{DocumentSink, PeerError};
 use crate::engine::TrustSet;
 use crate::identity::{SpiffeId, TrustDomain};
@@ -219,11 +219,12 @@ impl Fetch {
         .map_err(|_| timeout("GetDocument"))?
         .map_err(status("GetDocument"))?
         .into_inner();
-        let proven = proven_identity(&slot)?;
+        let proven = proven(&slot)?;
+        proven.check_bans(&self.sink.bans().current(), &authority)?;
         self.sink
             .install(
                 doc.jws.as_bytes(),
-                Some(&proven),
+                Some(&proven.identity),
                 &format!("direct:{}", due.address),
             )
             .await?;
@@ -252,6 +253,7 @@ mod tests {
                 },
                 usable_until: UnixTime::from_secs(exp + 30),
                 jws: Arc::from("x"),
+                serial: "01".into(),
             }),
             source: "directory:test".into(),
             at: UnixTime::from_secs(iat),

@@ -1,16 +1,21 @@
 //! `DocumentSink`: how any trust source installs a signed key-set document,
 //! whoever relayed it (a mesh peer, the etcd directory, a direct fetch):
 //! verify it (`engine::verify_document`: chain to the CA, the certificate's
-//! identity, signature, limits, times), optionally require the identity a
-//! TLS connection proved to be the document's, then hand it to the trust
+//! identity, signature, limits, times), refuse it if the operator banned
+//! its signing certificate (x5c leaf serial), its identity, its instance id
+//! or the address it advertises (so a relayed document meets the same bans
+//! as one from a mesh connection), optionally require the identity a TLS
+//! connection proved to be the document's, then hand it to the trust
 //! writer, where the rollback check runs against the high-water mark of its
-//! (identity, instance). A refusal keeps what was installed before.
+//! (identity, instance), and record where its keys came from (`KeyOrigins`)
+//! so a later ban reaches them. A refusal keeps what was installed before.
 
 use std::sync::Arc;
 
 use super::{PeerError, TrustFeed};
 use crate::engine::{
-    DocumentAnchors, DocumentLimits, TrustUpdate, TrustView, VerifiedDocument, verify_document,
+    BanView, DocumentAnchors, DocumentLimits, KeyOrigin, KeyOrigins, TrustUpdate, TrustView,
+    VerifiedDocument, verify_document,
 };
 use crate::identity::SpiffeId;
 use crate::time::SharedClock;
@@ -27,6 +32,8 @@ pub struct DocumentSink {
     feed: TrustFeed,
     view: TrustView,
     clock: SharedClock,
+    bans: BanView,
+    origins: KeyOrigins,
     discover: bool,
 }
 
@@ -39,18 +46,33 @@ impl std::fmt::Debug for DocumentSink {
     }
 }
 
+/// Where the keys of `doc` come from: its signing certificate, its
+/// instance, and the peer address it advertises.
+pub(crate) fn origin_of(doc: &VerifiedDocument) -> KeyOrigin {
+    KeyOrigin {
+        serial: doc.serial.clone(),
+        instance: doc.claims.instance.clone(),
+        address: doc
+            .claims
+            .address
+            .as_deref()
+            .and_then(|a| super::connect::authority_of(a).ok()),
+    }
+}
+
 // === impl DocumentSink ===
 
 impl DocumentSink {
-    /// A sink checking against `anchors` within `limits`, feeding `feed`.
+    /// A sink checking against `anchors` within `limits` and the
+    /// operator's `bans`, feeding `feed` and recording into `origins`.
     /// Only issuers the trust view already knows are installed (see
     /// `discovering`).
     pub(crate) fn new(
         anchors: AnchorSource,
         limits: DocumentLimits,
-        feed: TrustFeed,
-        view: TrustView,
+        (feed, view): (TrustFeed, TrustView),
         clock: SharedClock,
+        (bans, origins): (BanView, KeyOrigins),
     ) -> Self {
         Self {
             anchors,
@@ -58,6 +80,8 @@ impl DocumentSink {
             feed,
             view,
             clock,
+            bans,
+            origins,
             discover: false,
         }
     }
@@ -80,6 +104,11 @@ impl DocumentSink {
         &self.clock
     }
 
+    /// The operator's bans documents are checked against.
+    pub(crate) fn bans(&self) -> &BanView {
+        &self.bans
+    }
+
     /// The anchors documents are checked against now.
     pub fn anchors(&self) -> DocumentAnchors {
         (self.anchors)()
@@ -91,17 +120,27 @@ impl DocumentSink {
     }
 
     /// Verifies `jws` now (`engine::verify_document` with this sink's
-    /// anchors and limits), installing nothing: for a relay that checks
-    /// more (say, that the identity is the one its key path names) before
-    /// `install_verified`.
+    /// current anchors and limits) and refuses it if it falls under a ban,
+    /// installing nothing: for a relay that checks more (say, that the
+    /// identity is the one its key path names) before `install_verified`.
     pub fn verify(&self, jws: &[u8]) -> Result<Arc<VerifiedDocument>, PeerError> {
         let now = self.clock.now();
-        Ok(Arc::new(verify_document(
-            jws,
-            &(self.anchors)(),
-            now,
-            &self.limits,
-        )?))
+        let doc = verify_document(jws, &(self.anchors)(), now, &self.limits)?;
+        self.check_bans(&doc)?;
+        Ok(Arc::new(doc))
+    }
+
+    /// The ban `doc` falls under (its signing certificate's serial, its
+    /// identity, its instance id or advertised address), as a refusal.
+    fn check_bans(&self, doc: &VerifiedDocument) -> Result<(), PeerError> {
+        let bans = self.bans.current();
+        match bans.of_origin(doc.claims.identity.as_str(), &origin_of(doc)) {
+            Some(ban) => Err(PeerError::Banned {
+                serial: doc.serial.clone(),
+                ban: format!("{} {}", ban.kind.as_str(), ban.value),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Verifies `jws` now and installs it, filed under its certificate's
@@ -131,14 +170,16 @@ impl DocumentSink {
     }
 
     /// Installs a document `verify` accepted, through the trust writer
-    /// (where the rollback check runs). An identity the trust view does not
-    /// know is refused as `NotConfigured`, or registered if the sink is
+    /// (where the rollback check runs). The bans are checked again (one
+    /// may have been set since `verify`). An identity the trust view does
+    /// not know is refused as `NotConfigured`, or registered if the sink is
     /// `discovering`.
     pub async fn install_verified(
         &self,
         doc: Arc<VerifiedDocument>,
         source: &str,
     ) -> Result<(), PeerError> {
+        self.check_bans(&doc)?;
         let identity = &doc.claims.identity;
         if !self.view.current().knows(identity.as_str()) {
             if !self.discover {
@@ -151,13 +192,20 @@ impl DocumentSink {
                 })
                 .await?;
         }
+        let origin = origin_of(&doc);
+        let kids = || doc.claims.keys.iter().map(|k| k.kid().to_owned());
+        // New kids get their origin before they can be found; known ones
+        // keep theirs until the writer accepted this document (a replayed
+        // older document, refused as a rollback, must not rewrite them).
+        self.origins.record_new(identity.as_str(), &origin, kids());
         self.feed
             .apply(TrustUpdate::Document {
-                document: doc,
+                document: doc.clone(),
                 source: source.to_owned(),
                 at: self.clock.now(),
             })
             .await?;
+        self.origins.record(identity.as_str(), &origin, kids());
         metrics::counter!("tokend_documents_installed_total").increment(1);
         Ok(())
     }

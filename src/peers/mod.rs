@@ -28,7 +28,9 @@ pub use self::keyset::peer_key_set_update;
 pub use self::publisher::{DocumentHandle, DocumentPublisher, PublishError};
 pub(crate) use self::refresh::Refresher;
 pub(crate) use self::server::{PeerKeysApi, serve};
-pub(crate) use self::tls::{PeerTls, TlsError, uri_sans};
+pub(crate) use self::tls::{
+    ExpiryPolicy, PEER_SERVICE, PeerTls, TlsError, uri_sans, watch as watch_tls,
+};
 pub(crate) use self::writer::{TrustFeed, TrustWriter};
 use crate::engine::SetError;
 use crate::identity::SpiffeId;
@@ -102,6 +104,17 @@ pub enum PeerError {
         path: std::path::PathBuf,
         /// Why.
         detail: String,
+    },
+    /// The connection presented a banned certificate, or the key set or
+    /// document comes from a banned certificate, identity or instance: it
+    /// is refused.
+    #[error("key set from a banned certificate or instance (serial {serial}; ban: {ban}); refused")]
+    Banned {
+        /// The serial of the certificate the connection presented, or of
+        /// the document's signing certificate.
+        serial: String,
+        /// The ban it falls under.
+        ban: String,
     },
     /// The stream of updates ended.
     #[error("the peer ended its key stream")]

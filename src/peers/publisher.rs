@@ -1,7 +1,11 @@
 //! This instance's signed key-set documents. `DocumentPublisher` owns the
-//! instance's sequence (`keys::InstanceState`) and the peer certificate's
-//! key; it signs a document at once, again on every key-set change
-//! (rotation, revocation), and again at half of the document lifetime, and
+//! instance's sequence (`keys::InstanceState`) and signs with the peer
+//! certificate's key — read afresh for every signature (the daemon reads
+//! the reloadable peer TLS material), so a renewed certificate signs the
+//! next document; it signs a document at once, again on every key-set
+//! change (rotation, revocation), on every certificate reload
+//! (`resigning_on`), and again
+//! at half of the document lifetime, and
 //! hands the current one out through a `watch` of `Arc<SignedDocument>`:
 //! the peer API serves it (`GetDocument`, `WatchDocuments`), and any relay
 //! (the etcd directory) publishes it. `GetDocument` asks the
@@ -46,6 +50,8 @@ pub(crate) type SignerSource = Arc<dyn Fn() -> Result<DocumentKey, String> + Sen
 /// Signs and re-signs this instance's key-set document.
 pub struct DocumentPublisher {
     shared: Arc<Shared>,
+    /// Peer certificate reloads, each answered with a new signature.
+    reloads: Option<watch::Receiver<u64>>,
 }
 
 /// A handle on the publisher: the current document, signed anew on demand
@@ -157,7 +163,17 @@ impl DocumentPublisher {
                 }),
                 tx,
             }),
+            reloads: None,
         })
+    }
+
+    /// The same publisher, also re-signing as soon as `reloads` reports a
+    /// reloaded peer certificate (its signer reads the current material),
+    /// so the document's chain follows a renewal at once.
+    pub(crate) fn resigning_on(mut self, mut reloads: watch::Receiver<u64>) -> Self {
+        reloads.mark_unchanged();
+        self.reloads = Some(reloads);
+        self
     }
 
     /// A handle for the peer API and relays.
@@ -172,12 +188,16 @@ impl DocumentPublisher {
         self.shared.tx.subscribe()
     }
 
-    /// Re-signs on every key-set change and at half life, until cancelled.
+    /// Re-signs on every key-set change, every certificate reload and at
+    /// half life, until cancelled.
     pub async fn run(self, cancel: CancellationToken) {
         let shared = self.shared;
+        let mut reloads = self.reloads;
         let mut changes = shared.keys.subscribe();
         changes.mark_unchanged();
         let mut retry_at: Option<UnixTime> = None;
+        // A reload seen and not yet signed for (kept until a signature succeeds).
+        let mut force = false;
         loop {
             let half = half_life(&shared.tx.borrow());
             let wake = retry_at.map_or(half, |r| r.min(half));
@@ -188,10 +208,17 @@ impl DocumentPublisher {
                         return;
                     }
                 }
+                Some(()) = reloaded(&mut reloads) => {
+                    tracing::info!("peer certificate reloaded; re-signing the key-set document with it");
+                    force = true;
+                }
                 _ = shared.clock.sleep_until(wake) => {}
             }
-            match shared.fresh() {
-                Ok(_) => retry_at = None,
+            match shared.fresh(force) {
+                Ok(_) => {
+                    retry_at = None;
+                    force = false;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot sign the key-set document; the previous one stays until it expires");
                     retry_at = Some(shared.clock.now() + RETRY);
@@ -208,7 +235,7 @@ impl DocumentHandle {
     /// or lists an older key set (so a fetch never gets a document about to
     /// expire, however the clock moved); the last one if signing fails.
     pub fn fresh(&self) -> Arc<SignedDocument> {
-        match self.shared.fresh() {
+        match self.shared.fresh(false) {
             Ok(d) => d,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot sign the key-set document; serving the previous one");
@@ -226,12 +253,12 @@ impl DocumentHandle {
 // === impl Shared ===
 
 impl Shared {
-    fn fresh(&self) -> Result<Arc<SignedDocument>, PublishError> {
+    fn fresh(&self, force: bool) -> Result<Arc<SignedDocument>, PublishError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = self.clock.now();
         let set = self.keys.current();
         let current = self.tx.borrow().clone();
-        if state.version == set.version && now < half_life(&current) {
+        if !force && state.version == set.version && now < half_life(&current) {
             return Ok(current);
         }
         let doc = Arc::new(sign(
@@ -249,6 +276,17 @@ impl Shared {
         self.tx.send_replace(doc.clone());
         Ok(doc)
     }
+}
+
+/// Resolves on the next certificate reload; never without a reloadable
+/// source (or once its sender is gone).
+async fn reloaded(reloads: &mut Option<watch::Receiver<u64>>) -> Option<()> {
+    if let Some(r) = reloads
+        && r.changed().await.is_ok()
+    {
+        return Some(());
+    }
+    std::future::pending().await
 }
 
 fn sign(

@@ -136,7 +136,7 @@ impl PeerKeysApi {
 
     fn caller<T>(&self, req: &Request<T>) -> String {
         req.peer_certs()
-            .and_then(|c| c.first().map(|d| super::tls::spiffe_id_of(d, &self.td)))
+            .and_then(|c| c.first().map(|d| super::tls::svid_id(d, &self.td)))
             .map(|r| {
                 r.map(|id| id.to_string())
                     .unwrap_or_else(|e| format!("<{e}>"))

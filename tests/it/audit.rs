@@ -6,6 +6,8 @@
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
+use tokend::pb::tokend as pb;
+
 use crate::inproc::Bank;
 use crate::support::*;
 
@@ -127,6 +129,78 @@ async fn refused_verify_is_audited_once_and_the_chain_shows_edits() {
     assert!(
         err.contains(&format!("cut.log:{last}: truncated record")),
         "{err}"
+    );
+}
+
+/// The operator's bans are admin actions like the others: Ban, Unban and
+/// ListBans each leave one record naming the ban (as the store keeps it),
+/// a refused Ban leaves one with its reason, and the chain verifies.
+#[tokio::test]
+async fn bans_are_audited() {
+    let bank = Bank::new();
+    let path = bank.root().join("trail").join("audit.log");
+    let a = bank
+        .start(bank.lean("payments").config(&format!(
+            "[audit]\nfile = {:?}",
+            path.to_str().expect("utf8")
+        )))
+        .await;
+    let mut admin = a.admin().await;
+    let ban = admin
+        .ban(pb::BanRequest {
+            kind: "spiffe_id".into(),
+            value: "ledger".into(),
+            reason: "incident 42".into(),
+        })
+        .await
+        .expect("ban")
+        .into_inner();
+    assert_eq!(ban.ban.expect("ban").value, id("ledger"));
+    let bad = admin
+        .ban(pb::BanRequest {
+            kind: "color".into(),
+            value: "red".into(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("unknown kind");
+    assert_eq!(tokend::reason_of(&bad), Some(tokend::Reason::Malformed));
+    admin.list_bans(pb::ListBansRequest {}).await.expect("list");
+    let lifted = admin
+        .unban(pb::UnbanRequest {
+            kind: "spiffe_id".into(),
+            value: "ledger".into(),
+        })
+        .await
+        .expect("unban")
+        .into_inner();
+    assert!(lifted.removed);
+    assert!(
+        eventually(10, || async { records(&path).len() >= 4 }).await,
+        "records: {:?}",
+        records(&path)
+    );
+    let all = records(&path);
+    let of = |event: &str| -> Vec<&serde_json::Value> {
+        all.iter().filter(|r| r["event"] == event).collect()
+    };
+    let bans = of("ban");
+    assert_eq!(bans.len(), 2, "{all:?}");
+    assert_eq!(bans[0]["outcome"], "ok");
+    assert_eq!(bans[0]["ban"], format!("spiffe_id {}", id("ledger")));
+    assert_eq!(bans[1]["outcome"], "refused");
+    assert_eq!(bans[1]["reason"], "malformed");
+    assert_eq!(bans[1]["ban"], "color red");
+    let unbans = of("unban");
+    assert_eq!(unbans.len(), 1, "{all:?}");
+    assert_eq!(unbans[0]["outcome"], "ok");
+    assert_eq!(unbans[0]["ban"], "spiffe_id ledger");
+    assert_eq!(of("list_bans").len(), 1, "{all:?}");
+    let out = audit_verify(&[&path]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 

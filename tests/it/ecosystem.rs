@@ -456,6 +456,58 @@ async fn sigterm_turns_health_not_serving_and_exits_promptly() {
     assert!(!a.stderr().contains("still in flight"), "{}", a.stderr());
 }
 
+/// With a peer API, `tokend.v1.PeerService` (whose status the peer TLS
+/// watch sets) is SERVING on the socket's health service and turns
+/// NOT_SERVING on SIGTERM like every other service, then its watch ends.
+#[tokio::test]
+async fn sigterm_turns_the_peer_service_not_serving_too() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let root = tmp();
+    ca_init(root.path());
+    let mut a = Sidecar::start_peer(root.path(), "payments", &[], "");
+    let channel = tokend::connect(&a.socket).await.expect("connect");
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "tokend.v1.PeerService".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut first = watch.message().await.expect("status").expect("first");
+    if first.status == ServingStatus::ServiceUnknown as i32 {
+        // The watch loop reports the peer API's status on its first poll.
+        first = tokio::time::timeout(Duration::from_secs(5), watch.message())
+            .await
+            .expect("no status within 5s")
+            .expect("status")
+            .expect("a status");
+    }
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(a.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch saw nothing within 5s")
+        .expect("a status")
+        .expect("a status, not the end");
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch did not end within 5s");
+    assert!(
+        !matches!(end, Ok(Some(_))),
+        "more after NOT_SERVING: {end:?}"
+    );
+    let status = a
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running 5s after SIGTERM (the drain bound is 10s)");
+    assert!(status.success(), "exit status {status:?}");
+}
+
 /// The client commands find the sidecar through SPIFFE_ENDPOINT_SOCKET
 /// (`unix:///path` and `unix:/path`) when neither --socket nor
 /// TOKEND_SOCKET is given; those two win over it; other schemes are refused

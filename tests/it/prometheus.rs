@@ -121,3 +121,81 @@ async fn scrape_passes_promtool_and_has_help_for_every_family() {
     );
     assert!(!text.contains("quantile="), "no summaries: {text}");
 }
+
+/// A sidecar with a peer API and a ban in force: the certificate expiry
+/// and ban families are exported with HELP and TYPE, and the scrape still
+/// passes `promtool check metrics` with no problem.
+#[tokio::test]
+async fn peer_certificate_and_ban_families_have_help() {
+    let promtool = tool("promtool", "Debian prometheus (.ci/deps/promtool.sh)");
+    let root = tmp();
+    ca_init(root.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let a = Sidecar::start_peer(
+        root.path(),
+        "payments",
+        &[],
+        &format!("[metrics]\nlisten = \"{port}\""),
+    );
+    let out = a.cli(&["ban", "add", "kid", "compromised-kid"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = eventually(10, || async {
+        let t = scrape(port);
+        t.contains("tokend_peer_ca_expires_in_seconds{serial=") && t.contains("tokend_bans 1")
+    })
+    .await;
+    let text = scrape(port);
+    assert!(ok, "{text}");
+
+    let mut check = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("feed promtool");
+    let out = check.wait_with_output().expect("promtool output");
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && problems.trim().is_empty(),
+        "promtool check metrics: {problems}\n{text}"
+    );
+    for family in [
+        "tokend_peer_cert_expires_in_seconds",
+        "tokend_peer_ca_expires_in_seconds",
+        "tokend_bans",
+    ] {
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "no HELP for {family}:\n{text}"
+        );
+        assert!(
+            text.contains(&format!("# TYPE {family} gauge\n")),
+            "no TYPE gauge for {family}:\n{text}"
+        );
+    }
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let family = line.split_whitespace().nth(2).expect("name");
+        assert!(
+            text.contains(&format!("# HELP {family} ")),
+            "{family} has no HELP"
+        );
+    }
+}

@@ -71,6 +71,7 @@ pub fn verify_document(
         usable_until: claims.expires_at + limits.clock_skew,
         claims,
         jws: Arc::from(text),
+        serial: serial_hex(leaf.raw_serial()),
     })
 }
 
@@ -137,6 +138,13 @@ fn x5c(
         .collect()
 }
 
+/// A certificate serial as lowercase hex, leading zero bytes dropped (the
+/// form `engine::bans` and the peer TLS print).
+fn serial_hex(raw: &[u8]) -> String {
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    crate::engine::normalize_serial(&hex).unwrap_or(hex)
+}
+
 /// The leaf, once the chain leads to the CA at `now`.
 fn check_chain<'c>(
     chain: &'c [CertificateDer<'static>],
@@ -149,7 +157,7 @@ fn check_chain<'c>(
         .map_err(|e| bad(format!("leaf: {e}")))?;
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
-        &anchors.roots,
+        &anchors.roots(),
         &chain[1..],
         tls_time(now),
         PROVIDER.signature_verification_algorithms.all,

@@ -91,10 +91,33 @@ impl Default for DocumentLimits {
 }
 
 /// The trust domain and its CA: what a document's chain must lead to.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct DocumentAnchors {
     td: TrustDomain,
-    roots: Arc<RootCertStore>,
+    roots: Roots,
+}
+
+/// The CA roots: fixed, or read afresh at each verification.
+#[derive(Clone)]
+enum Roots {
+    Fixed(Arc<RootCertStore>),
+    /// The roots in use now (a CA bundle that is reloaded while serving).
+    Current(Arc<dyn Fn() -> Arc<RootCertStore> + Send + Sync>),
+}
+
+impl std::fmt::Debug for DocumentAnchors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DocumentAnchors")
+            .field("td", &self.td)
+            .field(
+                "roots",
+                &match self.roots {
+                    Roots::Fixed(_) => "fixed",
+                    Roots::Current(_) => "current CA bundle",
+                },
+            )
+            .finish()
+    }
 }
 
 // === impl DocumentAnchors ===
@@ -102,7 +125,30 @@ pub struct DocumentAnchors {
 impl DocumentAnchors {
     /// Anchors for `td` with these CA roots (the peer TLS roots).
     pub fn new(td: TrustDomain, roots: Arc<RootCertStore>) -> Self {
-        Self { td, roots }
+        Self {
+            td,
+            roots: Roots::Fixed(roots),
+        }
+    }
+
+    /// Anchors for `td` whose roots `current` returns at each verification:
+    /// the peer CA bundle as it is now, so a rolled CA is followed.
+    pub fn live(
+        td: TrustDomain,
+        current: impl Fn() -> Arc<RootCertStore> + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            td,
+            roots: Roots::Current(Arc::new(current)),
+        }
+    }
+
+    /// The roots to verify against now.
+    pub(crate) fn roots(&self) -> Arc<RootCertStore> {
+        match &self.roots {
+            Roots::Fixed(r) => r.clone(),
+            Roots::Current(f) => f(),
+        }
     }
 
     /// Anchors for `td` from the CA certificate(s) in PEM.
@@ -159,6 +205,9 @@ pub struct VerifiedDocument {
     pub usable_until: UnixTime,
     /// The compact JWS as received (to relay it on, or show it).
     pub jws: Arc<str>,
+    /// The serial of its signing (leaf) certificate, lowercase hex as
+    /// `tokend` prints serials: what a ban by serial matches.
+    pub serial: String,
 }
 
 /// A document this instance signed, as its publisher hands it out.

@@ -55,6 +55,12 @@ pub struct InstanceKeys {
     document: Option<DocumentState>,
     /// Last delivery.
     pub updated_at: UnixTime,
+    /// The issuer's delivery count at its last delivery: of two instances
+    /// listing one kid with different keys, the later delivery's key is
+    /// used (as one set replaced another before instances existed), so a
+    /// refresh from the issuer's own source restores a key a relay holding
+    /// its certificate planted.
+    delivery: u64,
 }
 
 // === impl InstanceKeys ===
@@ -97,6 +103,7 @@ impl InstanceKeys {
                 jws: doc.jws.clone(),
             }),
             updated_at: at,
+            delivery: 0,
         }
     }
 
@@ -171,6 +178,8 @@ pub struct IssuerKeys {
     revoked: HashSet<String>,
     /// instance → (highest document seq seen, when).
     high_water: HashMap<String, (u64, UnixTime)>,
+    /// Deliveries so far (orders the instances' sets).
+    deliveries: u64,
     /// Last successful update (EPOCH: never).
     pub updated_at: UnixTime,
     /// Last error of a source, if its latest attempt failed.
@@ -252,14 +261,20 @@ impl IssuerKeys {
         }
         self.updated_at = set.updated_at;
         self.last_error = None;
+        self.deliveries += 1;
+        let set = InstanceKeys {
+            delivery: self.deliveries,
+            ..set
+        };
         self.instances.insert(instance.to_owned(), Arc::new(set));
         Ok(())
     }
 
     /// Installs a verified document as its instance's set, unless a higher
     /// sequence of that instance was ever seen (rollback). The installed
-    /// document delivered again changes nothing but marks its instance in
-    /// contact (neither stale nor gone).
+    /// document delivered again (equal sequence) changes no key but counts
+    /// as the last delivery and marks its instance in contact (neither
+    /// stale nor gone).
     pub(super) fn put_document(
         &mut self,
         issuer: &str,
@@ -282,11 +297,14 @@ impl IssuerKeys {
             {
                 // The very document installed, delivered again (a reconnect,
                 // a lease put again): its instance is evidently in contact.
-                if inst.stale || inst.gone {
-                    let inst = Arc::make_mut(inst);
-                    inst.stale = false;
-                    inst.gone = false;
-                }
+                let inst = Arc::make_mut(inst);
+                inst.stale = false;
+                inst.gone = false;
+                inst.updated_at = at;
+                self.deliveries += 1;
+                inst.delivery = self.deliveries;
+                self.updated_at = at;
+                self.last_error = None;
                 return Ok(());
             }
         }
@@ -363,11 +381,12 @@ impl IssuerKeys {
         // so two instances listing one kid list one key; should they differ
         // (a plain set from a compromised or foreign relay reusing a kid),
         // a key from a signed document beats one from a plain set, then the
-        // more recent delivery wins: a poisoned entry cannot shadow a key
-        // its owner signed for.
-        let mut index: HashMap<String, (Usable, (bool, UnixTime))> = HashMap::new();
+        // later delivery wins (the issuer's delivery count, so a re-delivery
+        // of an unchanged set takes the kid back, whatever the clock): a
+        // poisoned entry cannot shadow a key its owner signed for.
+        let mut index: HashMap<String, (Usable, (bool, u64))> = HashMap::new();
         for inst in self.instances.values() {
-            let rank = (inst.document.is_some(), inst.updated_at);
+            let rank = (inst.document.is_some(), inst.delivery);
             for key in &inst.keys {
                 if self.revoked.contains(key.kid()) {
                     continue;
@@ -386,11 +405,12 @@ impl IssuerKeys {
                     None => {
                         index.insert(key.kid().to_owned(), fresh());
                     }
-                    Some((u, _)) if u.key.fingerprint() == key.fingerprint() => {
+                    Some((u, r)) if u.key.fingerprint() == key.fingerprint() => {
                         u.until = match (u.until, until) {
                             (Some(a), Some(b)) => Some(a.max(b)),
                             _ => None,
                         };
+                        *r = (*r).max(rank);
                     }
                     Some(entry) if rank > entry.1 => *entry = fresh(),
                     Some(_) => {}

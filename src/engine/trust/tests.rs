@@ -128,6 +128,7 @@ mod instances {
                 },
                 usable_until: t(exp),
                 jws: Arc::from("test"),
+                serial: "0a".into(),
             }),
             source: "test".into(),
             at: t(iat),
@@ -195,6 +196,38 @@ mod instances {
         assert!(found(&set, &b1, 150), "b keeps working");
     }
 
+    /// A kid two instances list with different keys (a relay holding the
+    /// issuer's certificate planting its own modulus, both plain sets: a
+    /// documented key is never shadowed, see
+    /// `a_plain_set_cannot_shadow_a_documented_kid`) takes the key of the
+    /// latest delivery; a re-delivery of the real instance's set (the
+    /// refresh from the issuer's own source) takes it back.
+    #[test]
+    fn a_conflicting_kid_takes_the_latest_delivery() {
+        let mut n = vec![0xd1; 256];
+        let real = PublicKey::from_components(&n, &[1, 0, 1], Some("kid".into())).expect("key");
+        n[255] = 0x33;
+        let planted = PublicKey::from_components(&n, &[1, 0, 1], Some("kid".into())).expect("key");
+        let found = |s: &TrustSet| match s.lookup(ISS, "kid", t(150)) {
+            Lookup::Found(k) => Some(k.fingerprint()),
+            _ => None,
+        };
+        let plain = |instance: &str, key: &PublicKey| TrustUpdate::Instance {
+            issuer: ISS.into(),
+            instance: instance.into(),
+            source: instance.into(),
+            keys: vec![key.clone()],
+            revoked: vec![],
+            expires: HashMap::new(),
+            at: t(100),
+        };
+        let set = apply(&registered(), plain("peer:real", &real));
+        let set = apply(&set, plain("peer:relay", &planted));
+        assert_eq!(found(&set), Some(planted.fingerprint()));
+        let set = apply(&set, plain("peer:real", &real));
+        assert_eq!(found(&set), Some(real.fingerprint()));
+    }
+
     /// Rollback: a lower sequence than one seen from that instance is
     /// refused (the installed set stays), also after the instance left and
     /// was forgotten; an equal one is a harmless re-delivery; another
@@ -237,6 +270,20 @@ mod instances {
         let back = apply(&gone, doc("a", 5, &[&a2], &[a1.kid()], 100, 400));
         let (_, inst) = back.issuer(ISS).expect("i").instances()[0];
         assert!(!inst.is_gone(), "the same document put again: in contact");
+        // A re-delivery later on counts as the last delivery of the issuer.
+        let TrustUpdate::Document { document, .. } = doc("a", 5, &[&a2], &[a1.kid()], 100, 400)
+        else {
+            unreachable!()
+        };
+        let again = apply(
+            &set,
+            TrustUpdate::Document {
+                document,
+                source: "test".into(),
+                at: t(120),
+            },
+        );
+        assert_eq!(again.issuer(ISS).expect("i").updated_at, t(120));
         let set = apply(&set, doc("b", 1, &[&a1], &[], 100, 400));
         let set = apply(
             &set,
@@ -371,6 +418,7 @@ fn a_plain_set_cannot_shadow_a_documented_kid() {
             },
             usable_until: t(400),
             jws: Arc::from("x"),
+            serial: "01".into(),
         }),
         source: "t".into(),
         at: t(100),

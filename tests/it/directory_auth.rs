@@ -112,9 +112,13 @@ async fn directory_with_etcd_user_and_password() {
             "{} discovered payments through etcd with auth",
             l.name()
         );
-        assert_eq!(
-            directory_status(l).await,
-            ServingStatus::Serving as i32,
+        // The watch turns the status SERVING once its first read is in,
+        // which may come a moment after the keys under a loaded machine.
+        assert!(
+            eventually(20, || async {
+                directory_status(l).await == ServingStatus::Serving as i32
+            })
+            .await,
             "{}: directory SERVING",
             l.name()
         );

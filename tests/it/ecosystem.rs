@@ -448,9 +448,12 @@ async fn sigterm_turns_health_not_serving_and_exits_promptly() {
             "more after NOT_SERVING: {end:?}"
         );
     }
+    // The drain bound is 10 s: an exit within 9 s of SIGTERM shows the open
+    // watches and the bundle stream did not hold the drain to its end (the
+    // margin is for a loaded CI machine; it exits in well under 1 s idle).
     let status = a
-        .wait_exit(Duration::from_secs(5))
-        .expect("still running 5s after SIGTERM (the drain bound is 10s)");
+        .wait_exit(Duration::from_secs(9))
+        .expect("still running 9s after SIGTERM (the drain bound is 10s)");
     assert!(status.success(), "exit status {status:?}");
     assert!(!a.socket.exists(), "socket removed");
     assert!(!a.stderr().contains("still in flight"), "{}", a.stderr());

@@ -203,7 +203,7 @@ impl TokenApi {
         Ok(Response::new(pb::VerifyResponse {
             issuer: v.issuer.clone(),
             subject: v.subject.clone(),
-            claims_json: serde_json::to_string(&v.claims).unwrap_or_else(|_| "{}".into()),
+            claims_json: v.claims_json().to_owned(),
             kid: v.kid.clone(),
             expires_at: v.expires_at.as_secs(),
         }))

@@ -263,6 +263,7 @@ mod tests {
             one_time: Vec::new(),
             keys: Vec::new(),
             not_before: UnixTime::from_secs(0),
+            claims_json: Default::default(),
         }
     }
 

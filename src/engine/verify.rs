@@ -47,6 +47,19 @@ pub struct Verified {
     pub keys: Vec<KeyUse>,
     /// The earliest instant it is valid (nbf and iat, before skew).
     pub not_before: UnixTime,
+    /// `claims` as JSON, written once: a remembered result is shared by
+    /// every later hit, which then answers without serializing again.
+    pub(super) claims_json: std::sync::OnceLock<String>,
+}
+
+impl Verified {
+    /// The claims as a JSON object, serialized on first use only.
+    pub fn claims_json(&self) -> &str {
+        self.claims_json.get_or_init(|| {
+            // A map of JSON values always serializes; "{}" is unreachable.
+            serde_json::to_string(&self.claims).unwrap_or_else(|_| "{}".into())
+        })
+    }
 }
 
 /// One key a verification used: whose, which kid, and which material.
@@ -206,6 +219,7 @@ pub fn verify_at(
         claims,
         one_time,
         keys,
+        claims_json: std::sync::OnceLock::new(),
     })
 }
 

@@ -582,19 +582,8 @@ async fn directory_withheld_revocation_is_caught_by_the_direct_fetch() {
 
 /// The health of service `tokend.directory` at `node`: true if SERVING.
 async fn directory_serving(node: &Node) -> bool {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tokend::connect(&node.socket()).await.expect("connect"),
-    );
-    let r = client
-        .check(HealthCheckRequest {
-            service: "tokend.directory".into(),
-        })
-        .await
-        .expect("tokend.directory has a health status")
-        .into_inner();
-    r.status == ServingStatus::Serving as i32
+    node.health_status("tokend.directory").await == ServingStatus::Serving as i32
 }
 
 /// etcd going down makes the directory stale (health NOT_SERVING) while

@@ -6,11 +6,10 @@
 //! was down logs in once it is back.
 
 use etcd_client::{ConnectOptions, Permission};
-use tokend::pb::tokend as pb;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::etcd::Etcd;
-use crate::inproc::{Bank, Node};
+use crate::inproc::Bank;
 use crate::support::*;
 
 const ROOT_PASSWORD: &str = "root-pw-for-tests";
@@ -52,37 +51,6 @@ fn directory(etcd: &Etcd, dir: &std::path::Path, password: &str) -> String {
     )
 }
 
-/// Mints a one-time token for `audience` at `node`.
-async fn mint_one_time(node: &Node, audience: &str) -> String {
-    node.tokens()
-        .await
-        .mint(pb::MintRequest {
-            audience: audience.into(),
-            one_time: true,
-            ..Default::default()
-        })
-        .await
-        .expect("mint")
-        .into_inner()
-        .token
-}
-
-/// The status of health service `tokend.directory` at `node`.
-async fn directory_status(node: &Node) -> i32 {
-    use tonic_health::pb::HealthCheckRequest;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tokend::connect(&node.socket()).await.expect("connect"),
-    );
-    client
-        .check(HealthCheckRequest {
-            service: "tokend.directory".into(),
-        })
-        .await
-        .expect("tokend.directory has a health status")
-        .into_inner()
-        .status
-}
-
 /// With etcd auth enabled: `payments` and two `ledger` replicas logged in
 /// as `tokend` publish, discover (no [[peers]]) and claim a one-time token
 /// once (`replayed` at the second replica); the documents are in etcd. A
@@ -116,14 +84,14 @@ async fn directory_with_etcd_user_and_password() {
         // which may come a moment after the keys under a loaded machine.
         assert!(
             eventually(20, || async {
-                directory_status(l).await == ServingStatus::Serving as i32
+                l.health_status("tokend.directory").await == ServingStatus::Serving as i32
             })
             .await,
             "{}: directory SERVING",
             l.name()
         );
     }
-    let once = mint_one_time(&payments, "ledger").await;
+    let once = payments.mint_one_time("ledger").await;
     assert_eq!(ledgers[0].verify(&once).await.err(), None, "first claim");
     assert_eq!(
         ledgers[1].verify(&once).await.err().as_deref(),
@@ -158,14 +126,14 @@ async fn directory_with_etcd_user_and_password() {
         .await,
         "wrong password: the sidecar runs, mesh peers work"
     );
-    let once = mint_one_time(&payments, "intruder").await;
+    let once = payments.mint_one_time("intruder").await;
     assert_eq!(
         intruder.verify(&once).await.err().as_deref(),
         Some("unavailable"),
         "wrong password: one-time tokens fail closed"
     );
     assert_eq!(
-        directory_status(&intruder).await,
+        intruder.health_status("tokend.directory").await,
         ServingStatus::NotServing as i32,
         "wrong password: directory NOT_SERVING"
     );
@@ -183,7 +151,7 @@ async fn directory_with_etcd_user_and_password() {
         eventually(10, || async { !late.kids_of("payments").await.is_empty() }).await,
         "started with its etcd user while etcd is down"
     );
-    let once = mint_one_time(&payments, "late").await;
+    let once = payments.mint_one_time("late").await;
     assert_eq!(
         late.verify(&once).await.err().as_deref(),
         Some("unavailable"),
@@ -192,14 +160,14 @@ async fn directory_with_etcd_user_and_password() {
     etcd.restart_single();
     assert!(
         eventually(30, || async {
-            directory_status(&late).await == ServingStatus::Serving as i32
+            late.health_status("tokend.directory").await == ServingStatus::Serving as i32
         })
         .await,
         "logged in once etcd is back: SERVING"
     );
     assert!(
         eventually(10, || async {
-            let once = mint_one_time(&payments, "late").await;
+            let once = payments.mint_one_time("late").await;
             late.verify(&once).await.is_ok()
         })
         .await,

@@ -6,10 +6,8 @@
 //! CA, starts but reports the directory NOT_SERVING and refuses one-time
 //! tokens `unavailable` (fail closed).
 
-use tokend::pb::tokend as pb;
-
 use crate::etcd::Etcd;
-use crate::inproc::{Bank, Node};
+use crate::inproc::Bank;
 use crate::support::*;
 
 /// `[directory]` for the TLS etcd under `/tls/` with client certificate
@@ -19,37 +17,6 @@ fn directory(etcd: &Etcd, client: Option<&str>) -> String {
         "{}lease_ttl = \"2s\"\nrequest_timeout = \"2s\"\nconnect_timeout = \"2s\"\n",
         etcd.tls_directory_toml("/tls/", client)
     )
-}
-
-/// Mints a one-time token for `audience` at `node`.
-async fn mint_one_time(node: &Node, audience: &str) -> String {
-    node.tokens()
-        .await
-        .mint(pb::MintRequest {
-            audience: audience.into(),
-            one_time: true,
-            ..Default::default()
-        })
-        .await
-        .expect("mint")
-        .into_inner()
-        .token
-}
-
-/// The status of health service `tokend.directory` at `node`.
-async fn directory_status(node: &Node) -> i32 {
-    use tonic_health::pb::HealthCheckRequest;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(
-        tokend::connect(&node.socket()).await.expect("connect"),
-    );
-    client
-        .check(HealthCheckRequest {
-            service: "tokend.directory".into(),
-        })
-        .await
-        .expect("tokend.directory has a health status")
-        .into_inner()
-        .status
 }
 
 /// Two replicas of `ledger` (no [[peers]]) discover `payments` through a
@@ -87,7 +54,7 @@ async fn directory_over_tls_with_client_certificates() {
         );
         assert!(
             eventually(10, || async {
-                directory_status(l).await == ServingStatus::Serving as i32
+                l.health_status("tokend.directory").await == ServingStatus::Serving as i32
             })
             .await,
             "{}: directory SERVING over TLS",
@@ -98,7 +65,7 @@ async fn directory_over_tls_with_client_certificates() {
     for l in &ledgers {
         assert_eq!(l.verify(&plain).await.err(), None, "{}", l.name());
     }
-    let once = mint_one_time(&payments, "ledger").await;
+    let once = payments.mint_one_time("ledger").await;
     assert_eq!(ledgers[0].verify(&once).await.err(), None, "first claim");
     assert_eq!(
         ledgers[1].verify(&once).await.err().as_deref(),
@@ -131,14 +98,14 @@ async fn directory_over_tls_with_client_certificates() {
         );
         let plain = payments.mint(name).await.token;
         assert_eq!(node.verify(&plain).await.err(), None, "{name}: plain");
-        let once = mint_one_time(&payments, name).await;
+        let once = payments.mint_one_time(name).await;
         assert_eq!(
             node.verify(&once).await.err().as_deref(),
             Some("unavailable"),
             "{name}: one-time tokens fail closed"
         );
         assert_eq!(
-            directory_status(&node).await,
+            node.health_status("tokend.directory").await,
             ServingStatus::NotServing as i32,
             "{name}: directory NOT_SERVING"
         );

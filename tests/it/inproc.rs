@@ -170,6 +170,36 @@ impl Node {
         )
     }
 
+    /// Mints a one-time token for `audience`.
+    pub async fn mint_one_time(&self, audience: &str) -> String {
+        self.tokens()
+            .await
+            .mint(pb::MintRequest {
+                audience: audience.into(),
+                one_time: true,
+                ..Default::default()
+            })
+            .await
+            .expect("mint one-time")
+            .into_inner()
+            .token
+    }
+
+    /// The grpc.health.v1 status (as its wire number) of `service` here.
+    pub async fn health_status(&self, service: &str) -> i32 {
+        let mut client = tonic_health::pb::health_client::HealthClient::new(
+            tokend::connect(&self.socket()).await.expect("connect"),
+        );
+        client
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("{service} has no health status: {s:?}"))
+            .into_inner()
+            .status
+    }
+
     /// An admin client.
     pub async fn admin(&self) -> pb::admin_service_client::AdminServiceClient<Channel> {
         pb::admin_service_client::AdminServiceClient::new(

@@ -3,26 +3,9 @@
 //! it, also while the etcd leader is killed, and never when etcd cannot
 //! answer (`unavailable`).
 
-use tokend::pb::tokend as pb;
-
 use crate::etcd::Etcd;
 use crate::inproc::{Bank, Node};
 use crate::support::*;
-
-/// Mints a one-time token for `audience` at `node`.
-async fn mint_one_time(node: &Node, audience: &str) -> String {
-    node.tokens()
-        .await
-        .mint(pb::MintRequest {
-            audience: audience.into(),
-            one_time: true,
-            ..Default::default()
-        })
-        .await
-        .expect("mint")
-        .into_inner()
-        .token
-}
 
 /// `payments`, and `n` replicas of `ledger` trusting it, sharing `etcd`.
 async fn replicas(bank: &Bank, etcd: &Etcd, n: usize) -> (Node, Vec<Node>) {
@@ -85,7 +68,7 @@ async fn shared_replay_accepts_once_across_replicas() {
     let bank = Bank::new();
     let (payments, ledgers) = replicas(&bank, &etcd, 3).await;
     for round in 0..5 {
-        let token = mint_one_time(&payments, "ledger").await;
+        let token = payments.mint_one_time("ledger").await;
         let outcomes = race(&ledgers, &token).await;
         assert_eq!(count(&outcomes, "ok"), 1, "round {round}: {outcomes:?}");
         assert_eq!(
@@ -118,7 +101,7 @@ async fn shared_replay_accepts_once_across_replicas() {
     );
 
     etcd.kill_all();
-    let token = mint_one_time(&payments, "ledger").await;
+    let token = payments.mint_one_time("ledger").await;
     for l in &ledgers {
         assert_eq!(
             l.verify(&token).await.err().as_deref(),
@@ -143,7 +126,7 @@ async fn shared_replay_holds_through_leader_kill() {
     let (payments, ledgers) = replicas(&bank, &etcd, 3).await;
     let mut tokens = Vec::new();
     for _ in 0..40 {
-        tokens.push(mint_one_time(&payments, "ledger").await);
+        tokens.push(payments.mint_one_time("ledger").await);
     }
     let mut seen = Vec::new();
     for (i, token) in tokens.iter().enumerate() {
@@ -167,7 +150,7 @@ async fn shared_replay_holds_through_leader_kill() {
     // Each token, retried at every replica once the cluster has settled:
     // none that was accepted is accepted again.
     let settled = eventually(20, || async {
-        let t = mint_one_time(&payments, "ledger").await;
+        let t = payments.mint_one_time("ledger").await;
         count(&race(&ledgers, &t).await, "ok") == 1
     })
     .await;
@@ -201,7 +184,6 @@ async fn shared_replay_holds_through_leader_kill() {
 /// directory's health is NOT_SERVING.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_replay_fails_closed_when_etcd_never_answered() {
-    use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_check_response::ServingStatus;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -228,21 +210,13 @@ async fn shared_replay_fails_closed_when_etcd_never_answered() {
     );
     let plain = payments.mint("ledger").await.token;
     assert_eq!(ledger.verify(&plain).await.err(), None);
-    let once = mint_one_time(&payments, "ledger").await;
+    let once = payments.mint_one_time("ledger").await;
     assert_eq!(
         ledger.verify(&once).await.err().as_deref(),
         Some("unavailable")
     );
-    let mut health = tonic_health::pb::health_client::HealthClient::new(
-        tokend::connect(&ledger.socket()).await.expect("connect"),
+    assert_eq!(
+        ledger.health_status("tokend.directory").await,
+        ServingStatus::NotServing as i32
     );
-    let status = health
-        .check(HealthCheckRequest {
-            service: "tokend.directory".into(),
-        })
-        .await
-        .expect("check")
-        .into_inner()
-        .status;
-    assert_eq!(status, ServingStatus::NotServing as i32);
 }

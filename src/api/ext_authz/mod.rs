@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use self::reply::Decision;
 use self::route::{Credentials, Route, credentials, route};
-use super::status::status;
+use super::status::{is_proof_refusal, status};
 use super::token::refresh_budget;
 use super::uds::Callers;
 use crate::config::ExtAuthzConfig;
@@ -152,6 +152,12 @@ impl ExtAuthzApi {
             .await
         {
             Ok(v) => v,
+            // A proof refusal where nonces are required carries the next
+            // nonce (RFC 9449 §9: 401 with a `DPoP-Nonce` header).
+            Err(r) if is_proof_refusal(r.reason) => match self.engine.fresh_nonce() {
+                Some(nonce) => return Decision::ProofRefused { refusal: r, nonce },
+                None => return Decision::refused(r),
+            },
             Err(r) => return Decision::refused(r),
         };
         if let Err(r) = rules.check(&verified) {
@@ -282,6 +288,7 @@ fn record(mode: &'static str, decision: &Decision, http: &HttpRequest) {
         }
         Decision::InvalidRequest(r)
         | Decision::InvalidToken(r)
+        | Decision::ProofRefused { refusal: r, .. }
         | Decision::Forbidden(r)
         | Decision::Unavailable(r) => tracing::info!(
             mode,

@@ -63,7 +63,7 @@ fn assert_bad(r: Refusal, says: &str) {
 #[test]
 fn made_proof_checks_once() {
     let k = key();
-    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
     let ok = check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
     assert_eq!(ok.jkt, k.jkt());
     assert!(ok.jti.len() >= 16, "jti carries at least 96 bits");
@@ -93,7 +93,7 @@ fn made_proof_checks_once() {
 #[test]
 fn made_proof_shape() {
     let k = key();
-    let proof = make_proof(&k, post(&format!("{URI}?q=1#f")), TOKEN, t(5)).expect("proof");
+    let proof = make_proof(&k, post(&format!("{URI}?q=1#f")), TOKEN, None, t(5)).expect("proof");
     let mut it = proof.split('.');
     let header: Value =
         serde_json::from_slice(&B64.decode(it.next().expect("h")).expect("b64")).expect("json");
@@ -110,7 +110,7 @@ fn made_proof_shape() {
 #[test]
 fn another_key_refused() {
     let (k, other) = (key(), key());
-    let proof = make_proof(&other, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&other, post(URI), TOKEN, None, t(1_000)).expect("proof");
     assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "is not the key");
 }
 
@@ -118,7 +118,7 @@ fn another_key_refused() {
 #[test]
 fn another_request_refused() {
     let k = key();
-    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
     let get = ProofTarget {
         method: "GET",
         uri: URI,
@@ -144,7 +144,7 @@ fn another_request_refused() {
 #[test]
 fn expired_and_future_proofs_refused() {
     let k = key();
-    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
     check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_030), WINDOW).expect("edge of window");
     assert_bad(refused(&proof, k.jkt(), post(URI), 1_031), "older than");
     assert_bad(refused(&proof, k.jkt(), post(URI), 969), "ahead");
@@ -154,7 +154,7 @@ fn expired_and_future_proofs_refused() {
 #[test]
 fn ath_for_another_token_refused() {
     let k = key();
-    let proof = make_proof(&k, post(URI), "another.token.here", t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), "another.token.here", None, t(1_000)).expect("proof");
     assert_bad(
         refused(&proof, k.jkt(), post(URI), 1_000),
         "hash of another token",
@@ -326,4 +326,94 @@ fn bound_key_reads_cnf() {
             Reason::Malformed
         );
     }
+}
+
+/// Server nonces (RFC 9449 §9): a nonce is accepted by the issuer that made
+/// it (or one holding the same secret: nothing is stored per nonce) for
+/// the window; another replica's, a forged, a tampered, an expired, a
+/// future or a missing nonce is `use_dpop_nonce`, naming which.
+#[test]
+fn nonces_are_pinned_to_their_replica_and_window() {
+    let a = Nonces::with_secret(b"replica a secret");
+    let b = Nonces::with_secret(b"replica b secret");
+    let nonce = a.issue(t(1_000));
+    assert!(is_nonce_syntax(&nonce), "{nonce}");
+    assert!(
+        nonce.len() >= 32,
+        "at least 128 bits of tag besides the time"
+    );
+    assert_eq!(a.check(Some(&nonce), t(1_000), WINDOW), Ok(()));
+    assert_eq!(a.check(Some(&nonce), t(1_030), WINDOW), Ok(()));
+    let same = Nonces::with_secret(b"replica a secret");
+    assert_eq!(same.check(Some(&nonce), t(1_010), WINDOW), Ok(()));
+    let use_nonce = |r: Result<(), Refusal>, says: &str| {
+        let r = r.expect_err("refused");
+        assert_eq!(r.reason, Reason::UseDpopNonce, "{r}");
+        assert!(r.detail.contains(says), "{r} should say {says:?}");
+    };
+    use_nonce(
+        b.check(Some(&nonce), t(1_000), WINDOW),
+        "not issued by this verifier",
+    );
+    use_nonce(a.check(None, t(1_000), WINDOW), "requires a server nonce");
+    use_nonce(
+        a.check(Some(&nonce), t(1_031), WINDOW),
+        "older than the 30s window",
+    );
+    use_nonce(a.check(Some(&nonce), t(999), WINDOW), "lies ahead");
+    for garbage in ["", "abc", "!!!!", "eyJ7S_zG.eyJH0-Z.HX4w-7v"] {
+        use_nonce(
+            a.check(Some(garbage), t(1_000), WINDOW),
+            "not a nonce of this verifier",
+        );
+    }
+    // The issue time is under the MAC: moving it refuses the nonce.
+    let mut raw = B64.decode(&nonce).expect("b64");
+    raw[7] ^= 1;
+    use_nonce(
+        a.check(Some(&B64.encode(&raw)), t(1_000), WINDOW),
+        "not issued by this verifier",
+    );
+    let mut raw = B64.decode(&nonce).expect("b64");
+    raw[20] ^= 1;
+    use_nonce(
+        a.check(Some(&B64.encode(&raw)), t(1_000), WINDOW),
+        "not issued by this verifier",
+    );
+}
+
+/// A proof made with a nonce carries it in its `nonce` claim and
+/// `check_proof` hands it on; a nonce that is not RFC 9449 syntax is not
+/// put in a proof; a `nonce` claim that is not a string is `bad_proof`.
+#[test]
+fn proof_nonce_claim() {
+    let k = key();
+    let n = Nonces::with_secret(b"s").issue(t(1_000));
+    let proof = make_proof(&k, post(URI), TOKEN, Some(&n), t(1_000)).expect("proof");
+    let claims: Value = serde_json::from_slice(
+        &B64.decode(proof.split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(claims["nonce"], json!(n));
+    let ok = check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
+    assert_eq!(ok.nonce.as_deref(), Some(n.as_str()));
+    let plain = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
+    let ok = check_proof(&plain, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
+    assert_eq!(ok.nonce, None);
+    for bad in ["", "a b", "a\"b", "a\\b", "é"] {
+        let r = make_proof(&k, post(URI), TOKEN, Some(bad), t(1_000)).expect_err("bad nonce");
+        assert_eq!(r.reason, Reason::Malformed, "{bad:?}: {r}");
+    }
+    assert!(
+        is_nonce_syntax("eyJ7S_zG.eyJH0-Z.HX4w-7v"),
+        "RFC 9449 Figure 20's nonce"
+    );
+    let mut claims = good_claims(1_000);
+    claims["nonce"] = json!(42);
+    let forged = forge(&k, &good_header(&k), &claims);
+    assert_bad(
+        refused(&forged, k.jkt(), post(URI), 1_000),
+        "claim nonce is not a string",
+    );
 }

@@ -269,45 +269,106 @@ fn structure_refused() {
     );
 }
 
-/// RFC 9449's own examples: the §7.1 resource request proof verifies for
-/// its token, method, URI and time; its token request proof (§4.1, no
-/// `ath`) has a good signature but is not a proof for a token.
+/// RFC 9449's examples, as published (`tests/vectors/rfc9449_dpop.json`).
+fn rfc9449() -> Value {
+    serde_json::from_str(include_str!("../../../tests/vectors/rfc9449_dpop.json"))
+        .expect("the RFC 9449 vector file is JSON")
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("vector field {key} is a string"))
+}
+
+/// RFC 9449's example proofs through the engine's own checks, each at a
+/// clock set to its `iat`: the §7.1 resource request proof (Figure 13)
+/// verifies for its token, method, URI and time, and its replay is refused;
+/// one second past the window it is too old. The token request proofs of
+/// §4.1 (Figure 2) and §5 (Figure 7) carry no `ath` (they go to a token
+/// endpoint, with no access token yet): their signatures verify under the
+/// embedded key (the checks pass up to `ath`), and they are refused as
+/// proofs for an access token, which is what tokend verifies them for.
 #[test]
-fn rfc9449_examples() {
-    const JKT: &str = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
-    const HEADER: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19";
-    let resource = format!(
-        "{HEADER}.{}.{}",
-        "eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFFbyJ9",
-        "2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
-    );
-    let token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU";
-    assert_eq!(
-        token_hash(token),
-        "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
-    );
-    let get = ProofTarget {
-        method: "GET",
-        uri: "https://resource.example.org/protectedresource",
-    };
-    let ok = check_proof(&resource, token, JKT, get, t(1_562_262_618), WINDOW)
-        .expect("RFC 9449 §7.1 proof");
-    assert_eq!(ok.jti, "e1j3V_bKic8-LAEB");
-    let request = format!(
-        "{HEADER}.{}.{}",
-        "eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUuY29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ",
-        "2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FNyJK70nfbV37xRZT3Lg"
-    );
-    let r = check_proof(
-        &request,
-        token,
-        JKT,
-        post("https://server.example.com/token"),
-        t(1_562_262_616),
-        WINDOW,
+fn rfc9449_example_proofs() {
+    let v = rfc9449();
+    let jkt = text(&v, "proof_jwk_thumbprint");
+    let proofs = v["proofs"].as_array().expect("proofs");
+    assert_eq!(proofs.len(), 3);
+    for p in proofs {
+        let target = ProofTarget {
+            method: text(p, "method"),
+            uri: text(p, "uri"),
+        };
+        let iat = p["iat"].as_i64().expect("iat");
+        let proof = text(p, "proof");
+        match p["access_token"].as_str() {
+            Some(token) => {
+                let ok = check_proof(proof, token, jkt, target, t(iat), WINDOW)
+                    .unwrap_or_else(|r| panic!("{}: {r}", text(p, "where")));
+                assert_eq!(ok.jkt, jkt);
+                assert_eq!(ok.nonce, None);
+                let seen = SeenProofs::default();
+                seen.claim(&ok, false, t(iat)).expect("first use");
+                assert_bad(
+                    seen.claim(&ok, false, t(iat)).expect_err("replay"),
+                    "already used",
+                );
+                let late = check_proof(proof, token, jkt, target, t(iat + 31), WINDOW);
+                assert_bad(late.expect_err("too old"), "older than");
+                let other = check_proof(proof, "another token", jkt, target, t(iat), WINDOW);
+                assert_bad(other.expect_err("another token"), "ath");
+            }
+            None => {
+                // Every check before `ath` holds (signature, key, htm, htu,
+                // iat): the refusal is for the missing `ath` alone.
+                let r = check_proof(proof, "any token", jkt, target, t(iat), WINDOW)
+                    .expect_err("no ath");
+                assert_bad(r, "claim ath is missing");
+                let mut broken = proof.to_owned().into_bytes();
+                let at = broken.len() - 10;
+                broken[at] = if broken[at] == b'A' { b'B' } else { b'A' };
+                let broken = String::from_utf8(broken).expect("ascii");
+                let r = check_proof(&broken, "any token", jkt, target, t(iat), WINDOW)
+                    .expect_err("bad signature");
+                assert_bad(r, "signature does not verify");
+            }
+        }
+    }
+}
+
+/// RFC 9449 §7.1's `ath` example; §6.1's `jkt` of the example proof key
+/// (RFC 7638 thumbprint), which the §6.1 example token (Figure 8, signed by
+/// an authorization server key the RFC does not give: illustrative) binds
+/// to; RFC 7638 §3.1's RSA example thumbprint (also RFC 9449 Figure 25's
+/// `dpop_jkt`); and the nonces of §8 and §8.2 are valid nonce syntax.
+#[test]
+fn rfc9449_example_values() {
+    let v = rfc9449();
+    let ath = &v["ath"];
+    assert_eq!(token_hash(text(ath, "access_token")), text(ath, "ath"));
+    let jwk = v["proof_jwk"].as_object().expect("jwk");
+    let key = crate::jose::EcPublicKey::from_jwk(jwk).expect("public P-256 key");
+    assert_eq!(key.thumbprint(), text(&v, "proof_jwk_thumbprint"));
+    let bound = text(&v["bound_access_token"], "token");
+    let claims: Value = serde_json::from_slice(
+        &B64.decode(bound.split('.').nth(1).expect("payload"))
+            .expect("b64"),
     )
-    .expect_err("no ath");
-    assert_bad(r, "claim ath is missing");
+    .expect("json");
+    assert_eq!(
+        bound_key(claims.as_object().expect("claims")).expect("cnf"),
+        Some(text(&v, "proof_jwk_thumbprint"))
+    );
+    let rsa = &v["rfc7638"]["jwk"];
+    let n = B64.decode(text(rsa, "n")).expect("n");
+    let e = B64.decode(text(rsa, "e")).expect("e");
+    let rsa = crate::jose::PublicKey::from_components(&n, &e, None).expect("RSA key");
+    assert_eq!(rsa.kid(), text(&v["rfc7638"], "thumbprint"));
+    for n in v["nonces"]["values"].as_array().expect("nonces") {
+        let n = n.as_str().expect("nonce");
+        assert!(is_nonce_syntax(n), "{n}");
+    }
 }
 
 /// `cnf` is read strictly: absent is a bearer token, a `jkt` binds, any

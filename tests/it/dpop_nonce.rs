@@ -369,3 +369,45 @@ async fn ext_authz_answers_use_dpop_nonce() {
         "a bad_proof denial carries a nonce too"
     );
 }
+
+/// The CLI (a real process): `tokend verify` of a proof without a nonce
+/// prints `rejected: use_dpop_nonce: …` and `dpop-nonce: N` on stderr and
+/// exits 1; `tokend prove --nonce N` makes a proof that verifies (exit 0);
+/// a nonce that is not RFC 9449 syntax is refused by `prove`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_prove_with_the_nonce_a_refusal_printed() {
+    let root = crate::support::tmp();
+    let s = crate::support::Sidecar::start(root.path(), "ledger", REQUIRED);
+    let token = mint_bound(s.tokens().await, "ledger", "").await.token;
+    let run = |args: &[&str]| {
+        let out = s.cli(args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, proof, err) = run(&["prove", "--method", "POST", "--uri", PAY, &token]);
+    assert_eq!(code, Some(0), "{err}");
+    let verify = ["verify", "--method", "POST", "--uri", PAY, "--proof"];
+    let (code, _, err) = run(&[&verify[..], &[proof.as_str(), token.as_str()]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.starts_with("rejected: use_dpop_nonce: "), "{err}");
+    let nonce = err
+        .lines()
+        .find_map(|l| l.strip_prefix("dpop-nonce: "))
+        .expect("the refusal prints the nonce")
+        .to_owned();
+    let (code, proof, err) = run(&[
+        "prove", "--method", "POST", "--uri", PAY, "--nonce", &nonce, &token,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, claims, err) = run(&[&verify[..], &[proof.as_str(), token.as_str()]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(claims.contains("\"cnf\""), "{claims}");
+    let (code, _, err) = run(&[
+        "prove", "--method", "POST", "--uri", PAY, "--nonce", "a b", &token,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("malformed") && err.contains("nonce"), "{err}");
+}

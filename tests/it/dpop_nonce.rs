@@ -290,6 +290,8 @@ async fn without_nonces_each_replica_sees_a_proof_once() {
 /// with that nonce passes once; its replay is `bad_proof`, with a nonce.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext_authz_answers_use_dpop_nonce() {
+    use envoy_types::ext_authz::v3::pb::HttpResponse;
+
     use crate::ext_authz::{allowed, check, denied};
     const LEDGER: &str = "https://ledger.bank.internal";
     let bank = Bank::new();
@@ -352,7 +354,19 @@ async fn ext_authz_answers_use_dpop_nonce() {
         ("authorization", authorization.as_str()),
         ("dpop", proof.as_str()),
     ];
-    allowed(&check(&ledger, &sent, &inbound).await);
+    let ok = check(&ledger, &sent, &inbound).await;
+    allowed(&ok);
+    // The next nonce goes to the client on the success (RFC 9449 §8.2).
+    let next = match &ok.http_response {
+        Some(HttpResponse::OkResponse(r)) => r
+            .response_headers_to_add
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .find(|h| h.key == "dpop-nonce")
+            .map(|h| h.value.clone()),
+        _ => None,
+    };
+    let next = next.expect("a DPoP-Nonce on the allowed response");
     let (code, h) = denied(&check(&ledger, &sent, &inbound).await);
     assert_eq!(code, 401);
     assert_eq!(
@@ -368,6 +382,13 @@ async fn ext_authz_answers_use_dpop_nonce() {
         h.contains_key("dpop-nonce"),
         "a bad_proof denial carries a nonce too"
     );
+    // The nonce of the success makes the next proof pass at once.
+    let proof = proof_for(Some(next)).await;
+    let sent = [
+        ("authorization", authorization.as_str()),
+        ("dpop", proof.as_str()),
+    ];
+    allowed(&check(&ledger, &sent, &inbound).await);
 }
 
 /// The CLI (a real process): `tokend verify` of a proof without a nonce

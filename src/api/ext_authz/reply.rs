@@ -21,12 +21,15 @@ use crate::reason::{Reason, Refusal};
 #[derive(Debug)]
 pub(super) enum Decision {
     /// Let it through with these header changes: `set` overwrites (a
-    /// client's value never survives), `remove` strips.
+    /// client's value never survives), `remove` strips; `respond` goes on
+    /// the response to the client (the next `dpop-nonce`).
     Allow {
         /// Headers set on the upstream request.
         set: Vec<(String, String)>,
         /// Headers removed from it.
         remove: Vec<String>,
+        /// Headers set on the response to the client.
+        respond: Vec<(String, String)>,
     },
     /// No bearer token: 401, `WWW-Authenticate: Bearer`.
     NoToken,
@@ -82,7 +85,11 @@ impl Decision {
     /// The response Envoy acts on.
     pub(super) fn into_response(self) -> CheckResponse {
         let (http, bearer_error, reason, code) = match self {
-            Decision::Allow { set, remove } => return allow(set, remove),
+            Decision::Allow {
+                set,
+                remove,
+                respond,
+            } => return allow(set, remove, respond),
             Decision::ProofRefused { refusal, nonce } => return nonce_denial(&refusal, &nonce),
             Decision::NoToken => (
                 HttpStatusCode::Unauthorized,
@@ -183,8 +190,20 @@ fn nonce_denial(r: &Refusal, nonce: &str) -> CheckResponse {
     response
 }
 
-fn allow(set: Vec<(String, String)>, remove: Vec<String>) -> CheckResponse {
+fn allow(
+    set: Vec<(String, String)>,
+    remove: Vec<String>,
+    respond: Vec<(String, String)>,
+) -> CheckResponse {
     let mut ok = OkHttpResponseBuilder::new();
+    for (name, value) in respond {
+        ok.add_response_header(
+            name,
+            value,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            false,
+        );
+    }
     for (name, value) in set {
         ok.add_header(
             name,

@@ -232,6 +232,7 @@ impl TokenApi {
             return Err(bad_request("token is empty"));
         }
         let proof = presented(&r.proof, &r.method, &r.uri)?;
+        let proven = proof.is_some();
         let m = self
             .engine
             .exchange_proven(&r.token, &aud, ttl(r.ttl_seconds), wait, proof, r.bind)
@@ -247,6 +248,11 @@ impl TokenApi {
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
             jkt: m.jkt.unwrap_or_default(),
+            dpop_nonce: if proven {
+                self.engine.fresh_nonce().unwrap_or_default()
+            } else {
+                String::new()
+            },
         }))
     }
 

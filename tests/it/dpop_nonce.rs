@@ -183,7 +183,26 @@ async fn proof_is_usable_once_across_replicas(bank: &Bank, payments: &Node, ledg
         .await
         .expect_err("exchange without a nonce");
     let n = Refused::of(&exchanged).expect("use_dpop_nonce", "requires a server nonce");
-    assert!(n.is_some(), "an Exchange refusal carries the next nonce");
+    let n = n.expect("an Exchange refusal carries the next nonce");
+    let delegated = l0
+        .tokens()
+        .await
+        .exchange(pb::ExchangeRequest {
+            token: token.clone(),
+            audience: "archive".into(),
+            proof: prove(payments, &token, Some(&n)).await,
+            method: "POST".into(),
+            uri: PAY.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("exchange with the nonce")
+        .into_inner();
+    assert!(!delegated.jkt.is_empty(), "the delegated token is bound");
+    assert!(
+        !delegated.dpop_nonce.is_empty(),
+        "and the next nonce comes back"
+    );
 }
 
 /// Two ledger replicas with `[[peers]]` (payments at its peer address).

@@ -136,6 +136,24 @@ async fn proof_is_usable_once_across_replicas(bank: &Bank, payments: &Node, ledg
         .await
         .expect("with the next nonce");
 
+    // The SPIFFE Workload API has no field for a proof: a bound token is
+    // missing_proof there, and the refusal carries a nonce all the same.
+    let mut spiffe = tokend::pb::spiffe::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(
+        tokend::connect(&l0.socket()).await.expect("connect"),
+    );
+    let mut req = tonic::Request::new(tokend::pb::spiffe::ValidateJwtsvidRequest {
+        audience: crate::support::id("ledger"),
+        svid: token.clone(),
+    });
+    req.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().expect("value"));
+    let e = spiffe.validate_jwtsvid(req).await.expect_err("bound");
+    let n = Refused::of(&e).expect("missing_proof", "bound to proof key");
+    assert!(
+        n.is_some(),
+        "a ValidateJWTSVID proof refusal carries a nonce"
+    );
+
     // Forged: garbage, and a well-formed nonce no replica issued.
     let garbage = prove(payments, &token, Some("not-a-nonce")).await;
     verify(l0, &token, &garbage)

@@ -758,6 +758,7 @@ fn bench() {
                     token,
                     method: "POST".into(),
                     uri: URI.into(),
+                    ..Default::default()
                 })
                 .await
                 .is_ok()
@@ -774,6 +775,7 @@ fn bench() {
                         token: token.clone(),
                         method: "POST".into(),
                         uri: URI.into(),
+                        ..Default::default()
                     })
                     .await
                 else {

@@ -129,6 +129,7 @@ struct TokensFile {
     clock_skew: Option<HumanDuration>,
     verify_cache: Option<usize>,
     proof_window: Option<HumanDuration>,
+    proof_nonce: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -193,6 +194,10 @@ pub struct TokensConfig {
     /// How far a DPoP proof's `iat` may lie from now, either way; its `jti`
     /// is remembered that long.
     pub proof_window: Duration,
+    /// `proof_nonce = "required"`: every DPoP proof must carry a nonce this
+    /// replica issued within `proof_window` (RFC 9449 §9), so a proof is
+    /// usable once across all replicas of the service. Default `"off"`.
+    pub proof_nonce_required: bool,
 }
 
 /// Key rotation.
@@ -580,6 +585,16 @@ fn tokens(f: TokensFile) -> Result<TokensConfig, ConfigError> {
         proof_window: f
             .proof_window
             .map_or(crate::engine::DEFAULT_PROOF_WINDOW, |d| d.0),
+        proof_nonce_required: match f.proof_nonce.as_deref() {
+            None | Some("off") => false,
+            Some("required") => true,
+            Some(other) => {
+                return Err(invalid(
+                    "tokens.proof_nonce",
+                    format!("{other:?} must be \"off\" or \"required\""),
+                ));
+            }
+        },
     };
     if tokens.proof_window.as_secs() == 0 || tokens.proof_window > Duration::from_secs(600) {
         return Err(invalid("tokens.proof_window", "must be 1s to 10m"));
@@ -1324,6 +1339,27 @@ mod tests {
             .expect_err("too large")
             .to_string();
         assert!(e.contains("tokens.verify_cache"), "{e}");
+    }
+
+    /// `[tokens] proof_nonce` is off by default, `"required"` turns server
+    /// nonces on, and any other value is refused, naming the key and both
+    /// accepted values.
+    #[test]
+    fn proof_nonce_values() {
+        assert!(!parse("").expect("default").tokens.proof_nonce_required);
+        let off = parse("[tokens]\nproof_nonce = \"off\"").expect("off");
+        assert!(!off.tokens.proof_nonce_required);
+        let on = parse("[tokens]\nproof_nonce = \"required\"").expect("required");
+        assert!(on.tokens.proof_nonce_required);
+        let e = parse("[tokens]\nproof_nonce = \"yes\"")
+            .expect_err("bad")
+            .to_string();
+        assert_eq!(
+            e,
+            "invalid config value tokens.proof_nonce: \"yes\" must be \"off\" or \"required\""
+        );
+        let e = parse("[tokens]\nproof_nonce = true").expect_err("not a string");
+        assert!(e.to_string().contains("proof_nonce"), "{e}");
     }
 
     /// An unknown key is refused and named.

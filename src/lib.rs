@@ -52,7 +52,9 @@ mod shutdown;
 mod telemetry;
 mod time;
 
-pub use crate::api::{ERROR_DOMAIN, REASON_KEY, ServeError, connect, detail_of, reason_of};
+pub use crate::api::{
+    DPOP_NONCE_KEY, ERROR_DOMAIN, REASON_KEY, ServeError, connect, detail_of, reason_of,
+};
 pub use crate::audit::AuditError;
 pub use crate::ca::{IssueSpec, init as ca_init, issue as ca_issue, issue_with as ca_issue_with};
 pub use crate::cli::{Cli, EXIT_USAGE, run as run_cli};

@@ -43,11 +43,16 @@ pub enum Reason {
     /// structure or `typ`, not ES256, a private or other key, a signature,
     /// method, URI, token hash or time that does not match, or a replay.
     BadProof,
+    /// The verifier requires a server nonce (RFC 9449 §9, `[tokens]
+    /// proof_nonce = "required"`) and the proof carries none, or one this
+    /// verifier replica did not issue or that has expired. The refusal
+    /// carries a fresh nonce (`dpop-nonce`) to prove again with.
+    UseDpopNonce,
 }
 
 impl Reason {
     /// Every reason, in the order of DESIGN.md.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 17] = [
         Reason::Malformed,
         Reason::UnsupportedAlg,
         Reason::UnknownIssuer,
@@ -64,6 +69,7 @@ impl Reason {
         Reason::Unavailable,
         Reason::MissingProof,
         Reason::BadProof,
+        Reason::UseDpopNonce,
     ];
 
     /// The stable wire string.
@@ -85,6 +91,7 @@ impl Reason {
             Reason::Unavailable => "unavailable",
             Reason::MissingProof => "missing_proof",
             Reason::BadProof => "bad_proof",
+            Reason::UseDpopNonce => "use_dpop_nonce",
         }
     }
 }

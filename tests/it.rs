@@ -35,6 +35,10 @@ mod directory_auth;
 mod directory_tls;
 #[path = "it/dpop.rs"]
 mod dpop;
+#[path = "it/dpop_node.rs"]
+mod dpop_node;
+#[path = "it/dpop_nonce.rs"]
+mod dpop_nonce;
 #[path = "it/ecosystem.rs"]
 mod ecosystem;
 #[path = "it/envoy.rs"]

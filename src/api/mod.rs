@@ -25,7 +25,7 @@ pub(crate) use self::admin::AdminApi;
 pub(crate) use self::ext_authz::ExtAuthzApi;
 pub(crate) use self::health::LocalHealth;
 pub(crate) use self::spiffe::SpiffeApi;
-pub use self::status::{ERROR_DOMAIN, REASON_KEY, detail_of, reason_of};
+pub use self::status::{DPOP_NONCE_KEY, ERROR_DOMAIN, REASON_KEY, detail_of, reason_of};
 pub(crate) use self::token::TokenApi;
 pub(crate) use self::uds::Callers;
 pub use self::uds::connect;

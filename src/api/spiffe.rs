@@ -18,7 +18,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::status::{audited, spiffe_status, status};
+use super::status::{audited, spiffe_status, status, with_nonce};
 use super::uds::Callers;
 use super::uds::caller_of;
 use crate::audit::{Audit, Event};
@@ -283,7 +283,7 @@ impl SpiffeApi {
             .engine
             .verify(&r.svid, &r.audience)
             .await
-            .map_err(spiffe_status)?;
+            .map_err(|r| with_nonce(spiffe_status(r), || self.engine.fresh_nonce()))?;
         // SPIFFE clients know nothing of `act` and would take the original
         // subject for the presenter: delegated tokens are refused here.
         if v.claims.contains_key("act") {

@@ -19,6 +19,10 @@ use crate::reason::{Reason, Refusal};
 /// Metadata key carrying the reason code.
 pub const REASON_KEY: &str = "tokend-reason";
 
+/// Metadata key carrying a fresh server nonce (RFC 9449 §9's `DPoP-Nonce`)
+/// on a proof refusal, where the verifier requires nonces.
+pub const DPOP_NONCE_KEY: &str = "dpop-nonce";
+
 /// The `google.rpc.ErrorInfo` domain of every tokend refusal: stable, so
 /// clients can match `(domain, reason)` across versions.
 pub const ERROR_DOMAIN: &str = "tokend.dev";
@@ -31,9 +35,10 @@ fn code_for(reason: Reason) -> Code {
         }
         Reason::PermissionDenied => Code::PermissionDenied,
         Reason::Unavailable => Code::Unavailable,
-        // A bound token without a (good) proof: not authenticated, as any
-        // token that does not verify (RFC 9449 §7.1 answers 401).
-        Reason::MissingProof | Reason::BadProof => Code::Unauthenticated,
+        // A bound token without a (good) proof, or without this replica's
+        // nonce: not authenticated, as any token that does not verify
+        // (RFC 9449 §7.1 and §9 answer 401).
+        Reason::MissingProof | Reason::BadProof | Reason::UseDpopNonce => Code::Unauthenticated,
         _ => Code::Unauthenticated,
     }
 }
@@ -59,6 +64,27 @@ fn with_code(code: Code, r: &Refusal) -> Status {
 /// The status for a refusal on tokend's own services.
 pub(crate) fn status(r: Refusal) -> Status {
     with_code(code_for(r.reason), &r)
+}
+
+/// Whether a refusal is about the proof, so the client needs a (fresh)
+/// nonce to prove again: `missing_proof`, `bad_proof`, `use_dpop_nonce`.
+pub(crate) fn is_proof_refusal(reason: Reason) -> bool {
+    matches!(
+        reason,
+        Reason::MissingProof | Reason::BadProof | Reason::UseDpopNonce
+    )
+}
+
+/// `st` with `nonce` in its `dpop-nonce` metadata (RFC 9449 §9), when the
+/// status is a proof refusal and the verifier issued a nonce.
+pub(crate) fn with_nonce(mut st: Status, nonce: impl FnOnce() -> Option<String>) -> Status {
+    if !reason_of(&st).is_some_and(is_proof_refusal) {
+        return st;
+    }
+    if let Some(v) = nonce().and_then(|n| n.parse().ok()) {
+        st.metadata_mut().insert(DPOP_NONCE_KEY, v);
+    }
+    st
 }
 
 /// A malformed request field (not a token): `malformed`, InvalidArgument.
@@ -169,6 +195,30 @@ mod tests {
             (Code::NotFound, Some(Reason::Malformed))
         );
         assert_eq!(reason_of(&Status::internal("x")), None);
+    }
+
+    /// A fresh nonce goes into `dpop-nonce` on proof refusals only, and only
+    /// when the verifier issued one.
+    #[test]
+    fn nonce_only_on_proof_refusals() {
+        let nonce_of = |st: &Status| {
+            st.metadata()
+                .get(DPOP_NONCE_KEY)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        for reason in Reason::ALL {
+            let st = with_nonce(status(Refusal::new(reason, "why")), || Some("n-1".into()));
+            let want = is_proof_refusal(reason).then(|| "n-1".to_owned());
+            assert_eq!(nonce_of(&st), want, "{reason}");
+            assert_eq!(reason_of(&st), Some(reason));
+        }
+        let off = with_nonce(status(Refusal::new(Reason::UseDpopNonce, "x")), || None);
+        assert_eq!(nonce_of(&off), None);
+        assert_eq!(
+            status(Refusal::new(Reason::UseDpopNonce, "x")).code(),
+            Code::Unauthenticated
+        );
     }
 
     /// Every refusal carries an ErrorInfo: the code upper-cased (as

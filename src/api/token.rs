@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::status::{audited, bad_request, status};
+use super::status::{audited, bad_request, status, with_nonce};
 use super::uds::{Callers, caller_of};
 use crate::audit::{Audit, Event};
 use crate::engine::{Engine, MintRequest, Presented, ProofTarget, parse_claims};
@@ -199,13 +199,20 @@ impl TokenApi {
             .engine
             .verify_proven(&r.token, aud, wait, proof.as_ref())
             .await
-            .map_err(status)?;
+            .map_err(|r| with_nonce(status(r), || self.engine.fresh_nonce()))?;
+        // The next nonce rides on a proven success (RFC 9449 §8.2), so the
+        // client's next proof needs no refusal first.
+        let dpop_nonce = match proof {
+            Some(_) => self.engine.fresh_nonce().unwrap_or_default(),
+            None => String::new(),
+        };
         Ok(Response::new(pb::VerifyResponse {
             issuer: v.issuer.clone(),
             subject: v.subject.clone(),
             claims_json: v.claims_json().to_owned(),
             kid: v.kid.clone(),
             expires_at: v.expires_at.as_secs(),
+            dpop_nonce,
         }))
     }
 
@@ -225,11 +232,12 @@ impl TokenApi {
             return Err(bad_request("token is empty"));
         }
         let proof = presented(&r.proof, &r.method, &r.uri)?;
+        let proven = proof.is_some();
         let m = self
             .engine
             .exchange_proven(&r.token, &aud, ttl(r.ttl_seconds), wait, proof, r.bind)
             .await
-            .map_err(status)?;
+            .map_err(|r| with_nonce(status(r), || self.engine.fresh_nonce()))?;
         // The new token's issuer and ids; sub stays the inbound token's.
         event.iss = Some(self.engine.own().to_string());
         event.jti = Some(m.jti.clone());
@@ -240,6 +248,11 @@ impl TokenApi {
             expires_at: m.expires_at.as_secs(),
             jti: m.jti,
             jkt: m.jkt.unwrap_or_default(),
+            dpop_nonce: if proven {
+                self.engine.fresh_nonce().unwrap_or_default()
+            } else {
+                String::new()
+            },
         }))
     }
 
@@ -254,9 +267,10 @@ impl TokenApi {
         if r.token.is_empty() || r.method.is_empty() || r.uri.is_empty() {
             return Err(bad_request("token, method and uri are all required"));
         }
+        let nonce = (!r.nonce.is_empty()).then_some(r.nonce.as_str());
         let proof = self
             .engine
-            .prove(&r.token, &r.method, &r.uri)
+            .prove_with_nonce(&r.token, &r.method, &r.uri, nonce)
             .map_err(status)?;
         Ok(Response::new(pb::ProveResponse { proof }))
     }

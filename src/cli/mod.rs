@@ -116,6 +116,10 @@ pub enum Command {
         /// The request's target URI, e.g. https://ledger.bank.internal/pkg.Service/Method.
         #[arg(long)]
         uri: String,
+        /// The verifier's nonce (RFC 9449 §9: the `dpop-nonce` its refusal
+        /// or last answer carried), put in the proof's `nonce` claim.
+        #[arg(long)]
+        nonce: Option<String>,
         /// The bound token, or `-`.
         token: String,
     },
@@ -415,9 +419,10 @@ pub async fn run(cli: Cli) -> u8 {
             socket,
             method,
             uri,
+            nonce,
             token,
         } => match (socket.path(), token_arg(&token)) {
-            (Ok(s), Ok(t)) => remote::prove(&s, t, method, uri).await,
+            (Ok(s), Ok(t)) => remote::prove(&s, t, method, uri, nonce).await,
             (Err(e), _) | (_, Err(e)) => fail_usage(&e),
         },
         Command::Keys(KeysCommand::List { socket }) => match socket.path() {

@@ -4,13 +4,22 @@
 use std::path::Path;
 
 use super::{EXIT_USAGE, ProofArgs, ServeArgs};
-use crate::api::{connect, detail_of, reason_of};
+use crate::api::{DPOP_NONCE_KEY, connect, detail_of, reason_of};
 use crate::proto::tokend::v1 as pb;
 
 fn print_status(status: &tonic::Status, prefix: &str) -> u8 {
     match reason_of(status) {
         Some(r) => eprintln!("{prefix}: {r}: {}", detail_of(status)),
         None => eprintln!("tokend: {}: {}", code_name(status.code()), status.message()),
+    }
+    // A verifier that requires DPoP nonces answers the next one: shown so
+    // `tokend prove --nonce` can use it.
+    if let Some(nonce) = status
+        .metadata()
+        .get(DPOP_NONCE_KEY)
+        .and_then(|v| v.to_str().ok())
+    {
+        eprintln!("dpop-nonce: {nonce}");
     }
     1
 }
@@ -172,9 +181,21 @@ pub(super) async fn exchange(
 }
 
 /// `tokend prove`.
-pub(super) async fn prove(socket: &Path, token: String, method: String, uri: String) -> u8 {
+pub(super) async fn prove(
+    socket: &Path,
+    token: String,
+    method: String,
+    uri: String,
+    nonce: Option<String>,
+) -> u8 {
     let mut client = pb::token_service_client::TokenServiceClient::new(channel_or_exit!(socket));
-    match client.prove(pb::ProveRequest { token, method, uri }).await {
+    let req = pb::ProveRequest {
+        token,
+        method,
+        uri,
+        nonce: nonce.unwrap_or_default(),
+    };
+    match client.prove(req).await {
         Ok(r) => {
             println!("{}", r.into_inner().proof);
             0

@@ -87,6 +87,9 @@ pub enum DaemonError {
     /// The gRPC server failed.
     #[error("local API server failed: {0}")]
     Serve(#[from] crate::api::ServeError),
+    /// The system's random source failed (for the DPoP nonce secret).
+    #[error("cannot make the DPoP nonce secret: {0}")]
+    Randomness(String),
 }
 
 impl DaemonError {
@@ -217,7 +220,8 @@ impl Daemon {
         let origins = KeyOrigins::default();
         let containment = (bans.clone(), origins.clone());
         let sources = trust_sources(&config, peer_tls.as_ref(), &clock, &containment)?;
-        let engine = Arc::new(
+        let engine = Arc::new(with_nonces(
+            &config,
             Engine::new(
                 config.id.clone(),
                 config.tokens.mint_policy(),
@@ -235,7 +239,7 @@ impl Daemon {
             .with_verify_cache(config.tokens.verify_cache)
             .with_proof_keys(open_proof_keys(&config)?)
             .with_proof_window(config.tokens.proof_window),
-        );
+        )?);
         let shutdown = CancellationToken::new();
         let peer_server = match (&config.peer_api, &peer_tls) {
             (Some(p), Some(tls)) => {
@@ -688,6 +692,16 @@ async fn open_keys(config: &Config, clock: &SharedClock) -> Result<(KeyStore, Ke
 
 /// Opens this instance's proof keys (`keys_dir/proof`), rotated with the
 /// signing keys and kept as long as a token bound to them may live.
+/// Requires server nonces in DPoP proofs when `[tokens] proof_nonce =
+/// "required"`, under a secret of this process alone.
+fn with_nonces(config: &Config, engine: Engine) -> Result<Engine, DaemonError> {
+    if !config.tokens.proof_nonce_required {
+        return Ok(engine);
+    }
+    let nonces = crate::engine::Nonces::random().map_err(|r| DaemonError::Randomness(r.detail))?;
+    Ok(engine.with_proof_nonces(nonces))
+}
+
 fn open_proof_keys(config: &Config) -> Result<Arc<ProofKeyStore>, KeyError> {
     let lc = config.lifecycle();
     let store = ProofKeyStore::open(&config.keys_dir, lc.interval, lc.grace)?;

@@ -2,7 +2,8 @@
 //! token minted now is bound to, proofs for the application (`prove`), and
 //! the binding rule after a token verified (`check_binding`): a bound token
 //! needs a good proof, a proof needs a bound token. The proof format and
-//! its checks are `dpop`; the keys are `keys::ProofKeyStore`.
+//! its checks are `dpop`; the keys are `keys::ProofKeyStore`. Server
+//! nonces (RFC 9449 §9), when required, are this replica's `dpop::Nonces`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +30,20 @@ impl Engine {
         self
     }
 
+    /// Requires every proof to carry a nonce this replica issued within the
+    /// proof window (RFC 9449 §9); refusals then come with a fresh one.
+    pub(crate) fn with_proof_nonces(mut self, nonces: dpop::Nonces) -> Self {
+        self.nonces = Some(nonces);
+        self
+    }
+
+    /// A fresh nonce for the next proof, when this verifier requires them
+    /// (`None` otherwise): for a refusal's `dpop-nonce`, or a success's
+    /// next nonce. Stateless: an HMAC, nothing stored.
+    pub fn fresh_nonce(&self) -> Option<String> {
+        self.nonces.as_ref().map(|n| n.issue(self.clock.now()))
+    }
+
     /// The thumbprint of the proof key a token minted now is bound to.
     pub(super) fn bind_key(&self, bind: bool, now: UnixTime) -> Result<Option<String>, Refusal> {
         if !bind {
@@ -43,6 +58,17 @@ impl Engine {
     /// A DPoP proof for one request with `token`, which must be bound to a
     /// proof key this sidecar holds. The key never leaves the sidecar.
     pub fn prove(&self, token: &str, method: &str, uri: &str) -> Result<String, Refusal> {
+        self.prove_with_nonce(token, method, uri, None)
+    }
+
+    /// `prove`, carrying the verifier's `nonce` (RFC 9449 §8–9) when given.
+    pub fn prove_with_nonce(
+        &self,
+        token: &str,
+        method: &str,
+        uri: &str,
+        nonce: Option<&str>,
+    ) -> Result<String, Refusal> {
         let parts = crate::jose::parse(token)?;
         let Ok(claims) = parts.claims else {
             return Err(Refusal::new(
@@ -63,7 +89,8 @@ impl Engine {
             ));
         };
         let started = std::time::Instant::now();
-        let proof = dpop::make_proof(&key, ProofTarget { method, uri }, token, self.clock.now())?;
+        let target = ProofTarget { method, uri };
+        let proof = dpop::make_proof(&key, target, token, nonce, self.clock.now())?;
         metrics::counter!("tokend_prove_total").increment(1);
         metrics::histogram!("tokend_prove_seconds").record(started.elapsed().as_secs_f64());
         Ok(proof)
@@ -93,6 +120,11 @@ impl Engine {
             (Some(jkt), Some(p)) => {
                 let checked =
                     dpop::check_proof(p.proof, token, jkt, p.target, now, self.proof_window)?;
+                // The nonce before the jti: a proof replayed to another
+                // replica is refused there without being remembered.
+                if let Some(nonces) = &self.nonces {
+                    nonces.check(checked.nonce.as_deref(), now, self.proof_window)?;
+                }
                 self.seen_proofs.claim(&checked, p.exchange, now)
             }
         }

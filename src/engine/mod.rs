@@ -43,7 +43,9 @@ pub use self::document::{
     DocumentKey, DocumentKeyError, DocumentLimits, MAX_DOCUMENT_BYTES, MAX_DOCUMENT_LIFETIME,
     SignedDocument, VerifiedDocument, sign_document, verify_document,
 };
-pub(crate) use self::dpop::{DEFAULT_PROOF_WINDOW, Presented, ProofTarget, check_authority};
+pub(crate) use self::dpop::{
+    DEFAULT_PROOF_WINDOW, Nonces, Presented, ProofTarget, check_authority,
+};
 pub(crate) use self::mint::{Delegation, MintError, Minter, parse_claims};
 pub use self::mint::{MintPolicy, MintRequest, Minted};
 pub(crate) use self::replay::{
@@ -92,6 +94,8 @@ pub struct Engine {
     proof_window: Duration,
     /// Proof ids this verifier has seen within the window.
     seen_proofs: dpop::SeenProofs,
+    /// Server nonces this replica issues and requires (RFC 9449 §9), if on.
+    nonces: Option<dpop::Nonces>,
     bans: BanView,
     origins: KeyOrigins,
     /// Signatures running on the blocking pool at once: one per core.
@@ -129,6 +133,7 @@ impl Engine {
             )),
             proof_window: DEFAULT_PROOF_WINDOW,
             seen_proofs: dpop::SeenProofs::default(),
+            nonces: None,
             own,
             policy,
             keys,

@@ -46,6 +46,7 @@ pub async fn prove(
             token: token.into(),
             method: method.into(),
             uri: uri.into(),
+            ..Default::default()
         })
         .await
         .map(|r| r.into_inner().proof)

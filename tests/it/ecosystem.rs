@@ -284,6 +284,7 @@ async fn every_refusal_carries_error_info() {
             token: bound,
             method: "POST".into(),
             uri: "https://payments.bank.internal/tokend.v1.TokenService/Verify".into(),
+            ..Default::default()
         })
         .await
         .expect("prove")
@@ -300,6 +301,47 @@ async fn every_refusal_carries_error_info() {
         .await
         .expect_err("a bearer token with a proof");
     cases.push(("bad_proof", with_proof));
+    // A verifier requiring server nonces (RFC 9449 §9) and a proof without one.
+    let strict = bank
+        .start(
+            bank.lean("fx")
+                .config("[tokens]\nproof_nonce = \"required\""),
+        )
+        .await;
+    let mut st = strict.tokens().await;
+    let fx_uri = "https://fx.bank.internal/tokend.v1.TokenService/Verify";
+    let bound = st
+        .mint(pb::MintRequest {
+            audience: "fx".into(),
+            bind: true,
+            ..Default::default()
+        })
+        .await
+        .expect("mint bound")
+        .into_inner()
+        .token;
+    let proof = st
+        .prove(pb::ProveRequest {
+            token: bound.clone(),
+            method: "POST".into(),
+            uri: fx_uri.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("prove")
+        .into_inner()
+        .proof;
+    let no_nonce = st
+        .verify(pb::VerifyRequest {
+            token: bound,
+            proof,
+            method: "POST".into(),
+            uri: fx_uri.into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no nonce");
+    cases.push(("use_dpop_nonce", no_nonce));
     a.revoke(&m.kid).await;
     cases.push(("revoked_key", refused(&a, &m.token, "").await));
     let closed = bank

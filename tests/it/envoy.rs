@@ -280,11 +280,17 @@ const LEDGER_AUTHORITY: &str = "https://ledger.bank.internal";
 /// upstream, and Envoy with ledger's inbound and payments' outbound
 /// listeners: (bank, payments, ledger, envoy, inbound port, outbound port).
 async fn mesh() -> (Bank, Node, Node, Envoy, u16, u16) {
+    mesh_with("").await
+}
+
+/// `mesh`, with `ledger_config` (TOML) added to ledger's config.
+async fn mesh_with(ledger_config: &str) -> (Bank, Node, Node, Envoy, u16, u16) {
     let bank = Bank::new();
     let payments = bank.start(bank.lean_peer("payments")).await;
     let ledger = bank
         .start(
             bank.lean_peer("ledger")
+                .config(ledger_config)
                 .peer("payments", payments.peer_addr()),
         )
         .await;
@@ -544,4 +550,59 @@ async fn envoy_dpop_bound_tokens_both_ways() {
     let r = get(inbound, "/bound/pay", &[("authorization", bearer.as_str())]).await;
     assert_eq!(r.status, 401, "{r:?}");
     assert_eq!(r.header("tokend-reason"), "missing_proof");
+}
+
+/// Through a real Envoy, with ledger requiring DPoP nonces (RFC 9449 §9):
+/// the outbound route's proof (made before the request left, with no nonce)
+/// is refused 401 with `WWW-Authenticate: DPoP error="use_dpop_nonce"` and
+/// a `DPoP-Nonce` header that reach the client through both listeners: the
+/// documented limit of outbound routes. The application's retry, proving
+/// through `Prove` with that nonce, passes, and the 200 carries the next
+/// nonce as `DPoP-Nonce`, which the next proof uses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_dpop_nonce_round_trip() {
+    let (_bank, payments, _ledger, envoy, inbound, outbound) =
+        mesh_with("[tokens]\nproof_nonce = \"required\"").await;
+    let r = get(outbound, "/bound/pay", &[]).await;
+    assert_eq!(r.status, 401, "{r:?}\n{}", envoy.log());
+    assert_eq!(r.header("tokend-reason"), "use_dpop_nonce");
+    assert!(
+        r.header("www-authenticate").starts_with("DPoP ")
+            && r.header("www-authenticate")
+                .contains("error=\"use_dpop_nonce\""),
+        "{r:?}"
+    );
+    let mut nonce = r.header("dpop-nonce").to_owned();
+    assert!(!nonce.is_empty(), "DPoP-Nonce reaches the client: {r:?}");
+
+    let token = crate::dpop::mint_bound(payments.tokens().await, "ledger", "")
+        .await
+        .token;
+    let auth = format!("DPoP {token}");
+    for call in 0..2 {
+        let proof = payments
+            .tokens()
+            .await
+            .prove(tokend::pb::tokend::ProveRequest {
+                token: token.clone(),
+                method: "GET".into(),
+                uri: format!("{LEDGER_AUTHORITY}/bound/pay"),
+                nonce: nonce.clone(),
+            })
+            .await
+            .expect("prove")
+            .into_inner()
+            .proof;
+        let r = get(
+            inbound,
+            "/bound/pay",
+            &[("authorization", auth.as_str()), ("dpop", proof.as_str())],
+        )
+        .await;
+        assert_eq!(r.status, 200, "call {call}: {r:?}\n{}", envoy.log());
+        assert_eq!(r.upstream_saw("x-tokend-iss"), vec![id("payments")]);
+        let next = r.header("dpop-nonce");
+        assert!(!next.is_empty(), "the 200 carries the next nonce: {r:?}");
+        nonce = next.to_owned();
+    }
 }

@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status};
 
 use self::reply::Decision;
 use self::route::{Credentials, Route, credentials, route};
-use super::status::status;
+use super::status::{DPOP_NONCE_KEY, is_proof_refusal, status};
 use super::token::refresh_budget;
 use super::uds::Callers;
 use crate::config::ExtAuthzConfig;
@@ -152,6 +152,12 @@ impl ExtAuthzApi {
             .await
         {
             Ok(v) => v,
+            // A proof refusal where nonces are required carries the next
+            // nonce (RFC 9449 §9: 401 with a `DPoP-Nonce` header).
+            Err(r) if is_proof_refusal(r.reason) => match self.engine.fresh_nonce() {
+                Some(nonce) => return Decision::ProofRefused { refusal: r, nonce },
+                None => return Decision::refused(r),
+            },
             Err(r) => return Decision::refused(r),
         };
         if let Err(r) = rules.check(&verified) {
@@ -167,7 +173,22 @@ impl ExtAuthzApi {
                 None => remove.push(h.header.clone()),
             }
         }
-        Decision::Allow { set, remove }
+        // RFC 9449 §8.2: the next nonce rides on the success, so the
+        // client's next proof needs no refusal first.
+        let respond = match presented {
+            Some(_) => self
+                .engine
+                .fresh_nonce()
+                .map(|n| (DPOP_NONCE_KEY.to_owned(), n))
+                .into_iter()
+                .collect(),
+            None => Vec::new(),
+        };
+        Decision::Allow {
+            set,
+            remove,
+            respond,
+        }
     }
 
     async fn outbound(
@@ -191,6 +212,7 @@ impl ExtAuthzApi {
             return Decision::Allow {
                 set: vec![("authorization".into(), format!("Bearer {}", m.token))],
                 remove: Vec::new(),
+                respond: Vec::new(),
             };
         };
         let at = Addressed {
@@ -208,6 +230,7 @@ impl ExtAuthzApi {
                     ("dpop".into(), proof),
                 ],
                 remove: Vec::new(),
+                respond: Vec::new(),
             },
             Err(r) => Decision::Unavailable(r),
         }
@@ -282,6 +305,7 @@ fn record(mode: &'static str, decision: &Decision, http: &HttpRequest) {
         }
         Decision::InvalidRequest(r)
         | Decision::InvalidToken(r)
+        | Decision::ProofRefused { refusal: r, .. }
         | Decision::Forbidden(r)
         | Decision::Unavailable(r) => tracing::info!(
             mode,

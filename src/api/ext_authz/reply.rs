@@ -1,8 +1,10 @@
 //! A Check decision and the `CheckResponse` Envoy acts on: OK with header
 //! changes for the upstream request, or a denial with the HTTP status and
 //! headers the client gets (RFC 6750 §3: `WWW-Authenticate: Bearer` with
-//! `error` and the reason code as `error_description`, and `tokend-reason`).
-//! A denial never says more than the reason code; the detail goes to the log.
+//! `error` and the reason code as `error_description`, and `tokend-reason`;
+//! RFC 9449 §7.1 and §9: `WWW-Authenticate: DPoP` for a proof refusal, with
+//! a `DPoP-Nonce` where nonces are required). A denial never says more than
+//! the reason code; the detail goes to the log.
 
 use envoy_types::ext_authz::v3::pb::{
     CheckResponse, HeaderAppendAction, HttpStatusCode, OkHttpResponse,
@@ -12,19 +14,22 @@ use envoy_types::ext_authz::v3::{
 };
 use tonic::{Code, Status};
 
-use super::super::status::REASON_KEY;
+use super::super::status::{DPOP_NONCE_KEY, REASON_KEY};
 use crate::reason::{Reason, Refusal};
 
 /// What tokend decided for one request.
 #[derive(Debug)]
 pub(super) enum Decision {
     /// Let it through with these header changes: `set` overwrites (a
-    /// client's value never survives), `remove` strips.
+    /// client's value never survives), `remove` strips; `respond` goes on
+    /// the response to the client (the next `dpop-nonce`).
     Allow {
         /// Headers set on the upstream request.
         set: Vec<(String, String)>,
         /// Headers removed from it.
         remove: Vec<String>,
+        /// Headers set on the response to the client.
+        respond: Vec<(String, String)>,
     },
     /// No bearer token: 401, `WWW-Authenticate: Bearer`.
     NoToken,
@@ -32,6 +37,16 @@ pub(super) enum Decision {
     InvalidRequest(Refusal),
     /// A token that does not verify: 401 `invalid_token`.
     InvalidToken(Refusal),
+    /// A proof refused where the verifier requires server nonces: 401 with
+    /// `WWW-Authenticate: DPoP error="use_dpop_nonce"` (for a missing or
+    /// stale nonce) or `error="invalid_token"`, and the next nonce in
+    /// `DPoP-Nonce` (RFC 9449 §9).
+    ProofRefused {
+        /// Why.
+        refusal: Refusal,
+        /// The nonce for the client's next proof.
+        nonce: String,
+    },
     /// A valid token an authorization rule refuses: 403.
     Forbidden(Refusal),
     /// tokend cannot decide now (a store, a key): 503.
@@ -48,6 +63,10 @@ impl Decision {
             Decision::NoToken => "no_token",
             Decision::InvalidRequest(_) => "invalid_request",
             Decision::InvalidToken(_) => "invalid_token",
+            Decision::ProofRefused { refusal, .. } if refusal.reason == Reason::UseDpopNonce => {
+                "use_dpop_nonce"
+            }
+            Decision::ProofRefused { .. } => "invalid_token",
             Decision::Forbidden(_) => "forbidden",
             Decision::Unavailable(_) => "unavailable",
             Decision::Misconfigured(_) => "misconfigured",
@@ -66,7 +85,12 @@ impl Decision {
     /// The response Envoy acts on.
     pub(super) fn into_response(self) -> CheckResponse {
         let (http, bearer_error, reason, code) = match self {
-            Decision::Allow { set, remove } => return allow(set, remove),
+            Decision::Allow {
+                set,
+                remove,
+                respond,
+            } => return allow(set, remove, respond),
+            Decision::ProofRefused { refusal, nonce } => return nonce_denial(&refusal, &nonce),
             Decision::NoToken => (
                 HttpStatusCode::Unauthorized,
                 None,
@@ -140,8 +164,46 @@ impl Decision {
     }
 }
 
-fn allow(set: Vec<(String, String)>, remove: Vec<String>) -> CheckResponse {
+/// A proof refusal with the next nonce (RFC 9449 §9, Figure 24): 401,
+/// `WWW-Authenticate: DPoP` with `error="use_dpop_nonce"` when the nonce is
+/// what failed (else `invalid_token` and the reason code), `DPoP-Nonce`,
+/// and `tokend-reason`.
+fn nonce_denial(r: &Refusal, nonce: &str) -> CheckResponse {
+    let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+    let challenge = match r.reason {
+        Reason::UseDpopNonce => "DPoP algs=\"ES256\", error=\"use_dpop_nonce\", \
+             error_description=\"the proof needs the nonce of the DPoP-Nonce header\""
+            .to_owned(),
+        other => {
+            format!("DPoP algs=\"ES256\", error=\"invalid_token\", error_description=\"{other}\"")
+        }
+    };
+    let mut denied = DeniedHttpResponseBuilder::new();
+    denied.set_http_status(HttpStatusCode::Unauthorized);
+    denied.add_header("www-authenticate", challenge, overwrite, false);
+    denied.add_header(DPOP_NONCE_KEY, nonce, overwrite, false);
+    denied.add_header(REASON_KEY, r.reason.as_str(), overwrite, false);
+    denied.set_body(format!("{}\n", r.reason));
+    let mut response =
+        CheckResponse::with_status(Status::new(Code::Unauthenticated, r.reason.as_str()));
+    response.set_http_response(denied);
+    response
+}
+
+fn allow(
+    set: Vec<(String, String)>,
+    remove: Vec<String>,
+    respond: Vec<(String, String)>,
+) -> CheckResponse {
     let mut ok = OkHttpResponseBuilder::new();
+    for (name, value) in respond {
+        ok.add_response_header(
+            name,
+            value,
+            Some(HeaderAppendAction::OverwriteIfExistsOrAdd),
+            false,
+        );
+    }
     for (name, value) in set {
         ok.add_header(
             name,
@@ -207,7 +269,42 @@ mod tests {
         assert_eq!(code, 500);
         let (code, _) = denied(Decision::InvalidRequest(r(Reason::Malformed)));
         assert_eq!(code, 400);
+        // RFC 9449 §9: a missing or stale nonce is `use_dpop_nonce` with the
+        // next one in DPoP-Nonce; another proof refusal keeps invalid_token
+        // and carries the nonce too.
+        let nonce = |h: &[(String, String)]| {
+            h.iter()
+                .find(|(k, _)| k == "dpop-nonce")
+                .map(|(_, v)| v.clone())
+        };
+        let (code, h) = denied(Decision::ProofRefused {
+            refusal: r(Reason::UseDpopNonce),
+            nonce: "n-1".into(),
+        });
+        assert_eq!(code, 401);
+        assert!(
+            www(&h).is_some_and(|w| w.starts_with("DPoP ")
+                && w.contains("error=\"use_dpop_nonce\"")
+                && w.contains("error_description=")),
+            "{h:?}"
+        );
+        assert_eq!(nonce(&h).as_deref(), Some("n-1"));
+        assert!(h.contains(&(REASON_KEY.into(), "use_dpop_nonce".into())));
+        let (code, h) = denied(Decision::ProofRefused {
+            refusal: r(Reason::BadProof),
+            nonce: "n-2".into(),
+        });
+        assert_eq!(code, 401);
+        assert_eq!(
+            www(&h).as_deref(),
+            Some("DPoP algs=\"ES256\", error=\"invalid_token\", error_description=\"bad_proof\"")
+        );
+        assert_eq!(nonce(&h).as_deref(), Some("n-2"));
         for d in [
+            Decision::ProofRefused {
+                refusal: r(Reason::UseDpopNonce),
+                nonce: "n".into(),
+            },
             Decision::refused(r(Reason::BadSignature)),
             Decision::Forbidden(r(Reason::PermissionDenied)),
         ] {

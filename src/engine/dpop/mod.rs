@@ -8,9 +8,12 @@
 //! `iat` within the window. `SeenProofs` then refuses a `jti` seen before
 //! within that window: a bounded cache local to this verifier (never a
 //! consensus write per request). Every refusal is `bad_proof`, naming what
-//! is wrong; a bound token with no proof at all is `missing_proof`.
+//! is wrong; a bound token with no proof at all is `missing_proof`. Where
+//! a verifier requires server nonces (`nonce`), a proof without one of
+//! this replica's is `use_dpop_nonce`.
 
 mod htu;
+mod nonce;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +26,7 @@ use serde_json::{Map, Value};
 
 pub(crate) use self::htu::check_authority;
 use self::htu::normalise as normalise_htu;
+pub(crate) use self::nonce::{Nonces, is_nonce_syntax};
 use super::replay::{MemoryReplay, OneTimeId};
 use crate::jose::{self, EcPublicKey, MAX_JTI_LEN, ProofKey, int_claim};
 use crate::reason::{Reason, Refusal};
@@ -67,6 +71,8 @@ pub(crate) struct CheckedProof {
     pub(crate) jti: String,
     /// Until when the proof could be accepted, so its `jti` must be remembered.
     pub(crate) forget_at: UnixTime,
+    /// The proof's `nonce` claim (RFC 9449 §8), if it has one.
+    pub(crate) nonce: Option<String>,
 }
 
 /// `ath`: base64url of the SHA-256 of the token's ASCII bytes.
@@ -80,13 +86,23 @@ fn refuse<T>(detail: impl Into<String>) -> Result<T, Refusal> {
 
 /// A DPoP proof for one request with `token`, signed by `key` at `now`:
 /// header `typ`, `alg: ES256`, the public `jwk`; claims `jti` (128 random
-/// bits), `htm`, `htu` (without query and fragment), `iat`, `ath`.
+/// bits), `htm`, `htu` (without query and fragment), `iat`, `ath`, and the
+/// verifier's `nonce` when one is given (RFC 9449 §8–9).
 pub(crate) fn make_proof(
     key: &ProofKey,
     target: ProofTarget<'_>,
     token: &str,
+    nonce: Option<&str>,
     now: UnixTime,
 ) -> Result<String, Refusal> {
+    if let Some(n) = nonce
+        && !is_nonce_syntax(n)
+    {
+        return Err(Refusal::new(
+            Reason::Malformed,
+            "nonce is not an RFC 9449 nonce (1 to 512 printable ASCII characters, no space, \" or \\)",
+        ));
+    }
     if target.method.is_empty() || !target.method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(Refusal::new(
             Reason::Malformed,
@@ -108,6 +124,9 @@ pub(crate) fn make_proof(
     claims.insert("htu".into(), htu.into());
     claims.insert("iat".into(), now.as_secs().into());
     claims.insert("ath".into(), token_hash(token).into());
+    if let Some(n) = nonce {
+        claims.insert("nonce".into(), n.into());
+    }
     let input = format!(
         "{}.{}",
         B64.encode(Value::Object(header).to_string()),
@@ -209,10 +228,18 @@ pub(crate) fn check_proof(
     if string("ath")? != token_hash(token) {
         return refuse("claim ath is the hash of another token");
     }
+    // Whether a nonce is required, and whose, is the verifier's to say
+    // (`Nonces::check`); here only its type.
+    let nonce = match claims.get("nonce") {
+        None => None,
+        Some(Value::String(n)) => Some(n.clone()),
+        Some(_) => return refuse("claim nonce is not a string"),
+    };
     Ok(CheckedProof {
         jkt: thumbprint,
         jti: jti.to_owned(),
         forget_at: iat + window + Duration::from_secs(1),
+        nonce,
     })
 }
 

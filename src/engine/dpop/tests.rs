@@ -63,7 +63,7 @@ fn assert_bad(r: Refusal, says: &str) {
 #[test]
 fn made_proof_checks_once() {
     let k = key();
-    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
     let ok = check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
     assert_eq!(ok.jkt, k.jkt());
     assert!(ok.jti.len() >= 16, "jti carries at least 96 bits");
@@ -93,7 +93,7 @@ fn made_proof_checks_once() {
 #[test]
 fn made_proof_shape() {
     let k = key();
-    let proof = make_proof(&k, post(&format!("{URI}?q=1#f")), TOKEN, t(5)).expect("proof");
+    let proof = make_proof(&k, post(&format!("{URI}?q=1#f")), TOKEN, None, t(5)).expect("proof");
     let mut it = proof.split('.');
     let header: Value =
         serde_json::from_slice(&B64.decode(it.next().expect("h")).expect("b64")).expect("json");
@@ -110,7 +110,7 @@ fn made_proof_shape() {
 #[test]
 fn another_key_refused() {
     let (k, other) = (key(), key());
-    let proof = make_proof(&other, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&other, post(URI), TOKEN, None, t(1_000)).expect("proof");
     assert_bad(refused(&proof, k.jkt(), post(URI), 1_000), "is not the key");
 }
 
@@ -118,7 +118,7 @@ fn another_key_refused() {
 #[test]
 fn another_request_refused() {
     let k = key();
-    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
     let get = ProofTarget {
         method: "GET",
         uri: URI,
@@ -144,7 +144,7 @@ fn another_request_refused() {
 #[test]
 fn expired_and_future_proofs_refused() {
     let k = key();
-    let proof = make_proof(&k, post(URI), TOKEN, t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
     check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_030), WINDOW).expect("edge of window");
     assert_bad(refused(&proof, k.jkt(), post(URI), 1_031), "older than");
     assert_bad(refused(&proof, k.jkt(), post(URI), 969), "ahead");
@@ -154,7 +154,7 @@ fn expired_and_future_proofs_refused() {
 #[test]
 fn ath_for_another_token_refused() {
     let k = key();
-    let proof = make_proof(&k, post(URI), "another.token.here", t(1_000)).expect("proof");
+    let proof = make_proof(&k, post(URI), "another.token.here", None, t(1_000)).expect("proof");
     assert_bad(
         refused(&proof, k.jkt(), post(URI), 1_000),
         "hash of another token",
@@ -269,45 +269,106 @@ fn structure_refused() {
     );
 }
 
-/// RFC 9449's own examples: the §7.1 resource request proof verifies for
-/// its token, method, URI and time; its token request proof (§4.1, no
-/// `ath`) has a good signature but is not a proof for a token.
+/// RFC 9449's examples, as published (`tests/vectors/rfc9449_dpop.json`).
+fn rfc9449() -> Value {
+    serde_json::from_str(include_str!("../../../tests/vectors/rfc9449_dpop.json"))
+        .expect("the RFC 9449 vector file is JSON")
+}
+
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("vector field {key} is a string"))
+}
+
+/// RFC 9449's example proofs through the engine's own checks, each at a
+/// clock set to its `iat`: the §7.1 resource request proof (Figure 13)
+/// verifies for its token, method, URI and time, and its replay is refused;
+/// one second past the window it is too old. The token request proofs of
+/// §4.1 (Figure 2) and §5 (Figure 7) carry no `ath` (they go to a token
+/// endpoint, with no access token yet): their signatures verify under the
+/// embedded key (the checks pass up to `ath`), and they are refused as
+/// proofs for an access token, which is what tokend verifies them for.
 #[test]
-fn rfc9449_examples() {
-    const JKT: &str = "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I";
-    const HEADER: &str = "eyJ0eXAiOiJkcG9wK2p3dCIsImFsZyI6IkVTMjU2IiwiandrIjp7Imt0eSI6IkVDIiwieCI6Imw4dEZyaHgtMzR0VjNoUklDUkRZOXpDa0RscEJoRjQyVVFVZldWQVdCRnMiLCJ5IjoiOVZFNGpmX09rX282NHpiVFRsY3VOSmFqSG10NnY5VERWclUwQ2R2R1JEQSIsImNydiI6IlAtMjU2In19";
-    let resource = format!(
-        "{HEADER}.{}.{}",
-        "eyJqdGkiOiJlMWozVl9iS2ljOC1MQUVCIiwiaHRtIjoiR0VUIiwiaHR1IjoiaHR0cHM6Ly9yZXNvdXJjZS5leGFtcGxlLm9yZy9wcm90ZWN0ZWRyZXNvdXJjZSIsImlhdCI6MTU2MjI2MjYxOCwiYXRoIjoiZlVIeU8ycjJaM0RaNTNFc05yV0JiMHhXWG9hTnk1OUlpS0NBcWtzbVFFbyJ9",
-        "2oW9RP35yRqzhrtNP86L-Ey71EOptxRimPPToA1plemAgR6pxHF8y6-yqyVnmcw6Fy1dqd-jfxSYoMxhAJpLjA"
-    );
-    let token = "Kz~8mXK1EalYznwH-LC-1fBAo.4Ljp~zsPE_NeO.gxU";
-    assert_eq!(
-        token_hash(token),
-        "fUHyO2r2Z3DZ53EsNrWBb0xWXoaNy59IiKCAqksmQEo"
-    );
-    let get = ProofTarget {
-        method: "GET",
-        uri: "https://resource.example.org/protectedresource",
-    };
-    let ok = check_proof(&resource, token, JKT, get, t(1_562_262_618), WINDOW)
-        .expect("RFC 9449 §7.1 proof");
-    assert_eq!(ok.jti, "e1j3V_bKic8-LAEB");
-    let request = format!(
-        "{HEADER}.{}.{}",
-        "eyJqdGkiOiItQndDM0VTYzZhY2MybFRjIiwiaHRtIjoiUE9TVCIsImh0dSI6Imh0dHBzOi8vc2VydmVyLmV4YW1wbGUuY29tL3Rva2VuIiwiaWF0IjoxNTYyMjYyNjE2fQ",
-        "2-GxA6T8lP4vfrg8v-FdWP0A0zdrj8igiMLvqRMUvwnQg4PtFLbdLXiOSsX0x7NVY-FNyJK70nfbV37xRZT3Lg"
-    );
-    let r = check_proof(
-        &request,
-        token,
-        JKT,
-        post("https://server.example.com/token"),
-        t(1_562_262_616),
-        WINDOW,
+fn rfc9449_example_proofs() {
+    let v = rfc9449();
+    let jkt = text(&v, "proof_jwk_thumbprint");
+    let proofs = v["proofs"].as_array().expect("proofs");
+    assert_eq!(proofs.len(), 3);
+    for p in proofs {
+        let target = ProofTarget {
+            method: text(p, "method"),
+            uri: text(p, "uri"),
+        };
+        let iat = p["iat"].as_i64().expect("iat");
+        let proof = text(p, "proof");
+        match p["access_token"].as_str() {
+            Some(token) => {
+                let ok = check_proof(proof, token, jkt, target, t(iat), WINDOW)
+                    .unwrap_or_else(|r| panic!("{}: {r}", text(p, "where")));
+                assert_eq!(ok.jkt, jkt);
+                assert_eq!(ok.nonce, None);
+                let seen = SeenProofs::default();
+                seen.claim(&ok, false, t(iat)).expect("first use");
+                assert_bad(
+                    seen.claim(&ok, false, t(iat)).expect_err("replay"),
+                    "already used",
+                );
+                let late = check_proof(proof, token, jkt, target, t(iat + 31), WINDOW);
+                assert_bad(late.expect_err("too old"), "older than");
+                let other = check_proof(proof, "another token", jkt, target, t(iat), WINDOW);
+                assert_bad(other.expect_err("another token"), "ath");
+            }
+            None => {
+                // Every check before `ath` holds (signature, key, htm, htu,
+                // iat): the refusal is for the missing `ath` alone.
+                let r = check_proof(proof, "any token", jkt, target, t(iat), WINDOW)
+                    .expect_err("no ath");
+                assert_bad(r, "claim ath is missing");
+                let mut broken = proof.to_owned().into_bytes();
+                let at = broken.len() - 10;
+                broken[at] = if broken[at] == b'A' { b'B' } else { b'A' };
+                let broken = String::from_utf8(broken).expect("ascii");
+                let r = check_proof(&broken, "any token", jkt, target, t(iat), WINDOW)
+                    .expect_err("bad signature");
+                assert_bad(r, "signature does not verify");
+            }
+        }
+    }
+}
+
+/// RFC 9449 §7.1's `ath` example; §6.1's `jkt` of the example proof key
+/// (RFC 7638 thumbprint), which the §6.1 example token (Figure 8, signed by
+/// an authorization server key the RFC does not give: illustrative) binds
+/// to; RFC 7638 §3.1's RSA example thumbprint (also RFC 9449 Figure 25's
+/// `dpop_jkt`); and the nonces of §8 and §8.2 are valid nonce syntax.
+#[test]
+fn rfc9449_example_values() {
+    let v = rfc9449();
+    let ath = &v["ath"];
+    assert_eq!(token_hash(text(ath, "access_token")), text(ath, "ath"));
+    let jwk = v["proof_jwk"].as_object().expect("jwk");
+    let key = crate::jose::EcPublicKey::from_jwk(jwk).expect("public P-256 key");
+    assert_eq!(key.thumbprint(), text(&v, "proof_jwk_thumbprint"));
+    let bound = text(&v["bound_access_token"], "token");
+    let claims: Value = serde_json::from_slice(
+        &B64.decode(bound.split('.').nth(1).expect("payload"))
+            .expect("b64"),
     )
-    .expect_err("no ath");
-    assert_bad(r, "claim ath is missing");
+    .expect("json");
+    assert_eq!(
+        bound_key(claims.as_object().expect("claims")).expect("cnf"),
+        Some(text(&v, "proof_jwk_thumbprint"))
+    );
+    let rsa = &v["rfc7638"]["jwk"];
+    let n = B64.decode(text(rsa, "n")).expect("n");
+    let e = B64.decode(text(rsa, "e")).expect("e");
+    let rsa = crate::jose::PublicKey::from_components(&n, &e, None).expect("RSA key");
+    assert_eq!(rsa.kid(), text(&v["rfc7638"], "thumbprint"));
+    for n in v["nonces"]["values"].as_array().expect("nonces") {
+        let n = n.as_str().expect("nonce");
+        assert!(is_nonce_syntax(n), "{n}");
+    }
 }
 
 /// `cnf` is read strictly: absent is a bearer token, a `jkt` binds, any
@@ -326,4 +387,94 @@ fn bound_key_reads_cnf() {
             Reason::Malformed
         );
     }
+}
+
+/// Server nonces (RFC 9449 §9): a nonce is accepted by the issuer that made
+/// it (or one holding the same secret: nothing is stored per nonce) for
+/// the window; another replica's, a forged, a tampered, an expired, a
+/// future or a missing nonce is `use_dpop_nonce`, naming which.
+#[test]
+fn nonces_are_pinned_to_their_replica_and_window() {
+    let a = Nonces::with_secret(b"replica a secret");
+    let b = Nonces::with_secret(b"replica b secret");
+    let nonce = a.issue(t(1_000));
+    assert!(is_nonce_syntax(&nonce), "{nonce}");
+    assert!(
+        nonce.len() >= 32,
+        "at least 128 bits of tag besides the time"
+    );
+    assert_eq!(a.check(Some(&nonce), t(1_000), WINDOW), Ok(()));
+    assert_eq!(a.check(Some(&nonce), t(1_030), WINDOW), Ok(()));
+    let same = Nonces::with_secret(b"replica a secret");
+    assert_eq!(same.check(Some(&nonce), t(1_010), WINDOW), Ok(()));
+    let use_nonce = |r: Result<(), Refusal>, says: &str| {
+        let r = r.expect_err("refused");
+        assert_eq!(r.reason, Reason::UseDpopNonce, "{r}");
+        assert!(r.detail.contains(says), "{r} should say {says:?}");
+    };
+    use_nonce(
+        b.check(Some(&nonce), t(1_000), WINDOW),
+        "not issued by this verifier",
+    );
+    use_nonce(a.check(None, t(1_000), WINDOW), "requires a server nonce");
+    use_nonce(
+        a.check(Some(&nonce), t(1_031), WINDOW),
+        "older than the 30s window",
+    );
+    use_nonce(a.check(Some(&nonce), t(999), WINDOW), "lies ahead");
+    for garbage in ["", "abc", "!!!!", "eyJ7S_zG.eyJH0-Z.HX4w-7v"] {
+        use_nonce(
+            a.check(Some(garbage), t(1_000), WINDOW),
+            "not a nonce of this verifier",
+        );
+    }
+    // The issue time is under the MAC: moving it refuses the nonce.
+    let mut raw = B64.decode(&nonce).expect("b64");
+    raw[7] ^= 1;
+    use_nonce(
+        a.check(Some(&B64.encode(&raw)), t(1_000), WINDOW),
+        "not issued by this verifier",
+    );
+    let mut raw = B64.decode(&nonce).expect("b64");
+    raw[20] ^= 1;
+    use_nonce(
+        a.check(Some(&B64.encode(&raw)), t(1_000), WINDOW),
+        "not issued by this verifier",
+    );
+}
+
+/// A proof made with a nonce carries it in its `nonce` claim and
+/// `check_proof` hands it on; a nonce that is not RFC 9449 syntax is not
+/// put in a proof; a `nonce` claim that is not a string is `bad_proof`.
+#[test]
+fn proof_nonce_claim() {
+    let k = key();
+    let n = Nonces::with_secret(b"s").issue(t(1_000));
+    let proof = make_proof(&k, post(URI), TOKEN, Some(&n), t(1_000)).expect("proof");
+    let claims: Value = serde_json::from_slice(
+        &B64.decode(proof.split('.').nth(1).expect("payload"))
+            .expect("b64"),
+    )
+    .expect("json");
+    assert_eq!(claims["nonce"], json!(n));
+    let ok = check_proof(&proof, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
+    assert_eq!(ok.nonce.as_deref(), Some(n.as_str()));
+    let plain = make_proof(&k, post(URI), TOKEN, None, t(1_000)).expect("proof");
+    let ok = check_proof(&plain, TOKEN, k.jkt(), post(URI), t(1_000), WINDOW).expect("ok");
+    assert_eq!(ok.nonce, None);
+    for bad in ["", "a b", "a\"b", "a\\b", "é"] {
+        let r = make_proof(&k, post(URI), TOKEN, Some(bad), t(1_000)).expect_err("bad nonce");
+        assert_eq!(r.reason, Reason::Malformed, "{bad:?}: {r}");
+    }
+    assert!(
+        is_nonce_syntax("eyJ7S_zG.eyJH0-Z.HX4w-7v"),
+        "RFC 9449 Figure 20's nonce"
+    );
+    let mut claims = good_claims(1_000);
+    claims["nonce"] = json!(42);
+    let forged = forge(&k, &good_header(&k), &claims);
+    assert_bad(
+        refused(&forged, k.jkt(), post(URI), 1_000),
+        "claim nonce is not a string",
+    );
 }

@@ -522,9 +522,9 @@ async fn sigterm_turns_the_peer_service_not_serving_too() {
     let mut first = watch.message().await.expect("status").expect("first");
     if first.status == ServingStatus::ServiceUnknown as i32 {
         // The watch loop reports the peer API's status on its first poll.
-        first = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        first = tokio::time::timeout(Duration::from_secs(15), watch.message())
             .await
-            .expect("no status within 5s")
+            .expect("no status within 15s")
             .expect("status")
             .expect("a status");
     }
@@ -534,22 +534,22 @@ async fn sigterm_turns_the_peer_service_not_serving_too() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
-    let next = tokio::time::timeout(Duration::from_secs(5), watch.message())
+    let next = tokio::time::timeout(Duration::from_secs(15), watch.message())
         .await
-        .expect("the watch saw nothing within 5s")
+        .expect("the watch saw nothing within 15s")
         .expect("a status")
         .expect("a status, not the end");
     assert_eq!(next.status, ServingStatus::NotServing as i32);
-    let end = tokio::time::timeout(Duration::from_secs(5), watch.message())
+    let end = tokio::time::timeout(Duration::from_secs(15), watch.message())
         .await
-        .expect("the watch did not end within 5s");
+        .expect("the watch did not end within 15s");
     assert!(
         !matches!(end, Ok(Some(_))),
         "more after NOT_SERVING: {end:?}"
     );
     let status = a
-        .wait_exit(Duration::from_secs(5))
-        .expect("still running 5s after SIGTERM (the drain bound is 10s)");
+        .wait_exit(Duration::from_secs(12))
+        .expect("still running 12s after SIGTERM (the drain bound is 10s)");
     assert!(status.success(), "exit status {status:?}");
 }
 

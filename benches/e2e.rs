@@ -55,6 +55,9 @@ fn main() {
         let cache = arg("--verify-cache");
         return sidecar_child(Path::new(&dir), cache.as_deref());
     }
+    if let Some(secs) = arg("--profile-verify") {
+        return profile_verify(secs.parse().unwrap_or(20));
+    }
     if !args.iter().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench targets without `--bench`:
         // a benchmark is not a test, so do nothing there.
@@ -482,6 +485,67 @@ fn background(
 }
 
 // === the run ===
+
+/// A load to profile the uncached verify under: a sidecar with the verify
+/// cache off, 2,000 distinct tokens, 64 in flight for `secs` seconds. It
+/// prints the sidecar's pid first, so `perf record -p PID` (or any
+/// profiler) can attach: `cargo bench --bench e2e -- --profile-verify 20`.
+fn profile_verify(secs: u64) {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("nocache");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = dir.display().to_string();
+    let server = Server::spawn(&["--sidecar", &dir, "--verify-cache", "0"]);
+    let conns = rt.block_on(channels(&server.socket, HIGH.div_ceil(STREAMS_PER_CONN)));
+    let tokens: Arc<Vec<String>> = Arc::new(rt.block_on(async {
+        let mut c = pb::token_service_client::TokenServiceClient::new(conns[0].clone());
+        let mut out = Vec::with_capacity(DISTINCT);
+        for i in 0..DISTINCT {
+            let m = c
+                .mint(pb::MintRequest {
+                    audience: "payments".into(),
+                    claims_json: format!("{{\"n\":{i}}}"),
+                    ..Default::default()
+                })
+                .await
+                .expect("pre-mint");
+            out.push(m.into_inner().token);
+        }
+        out
+    }));
+    let verify = op(move |mut c, i| {
+        let token = tokens[i % tokens.len()].clone();
+        async move {
+            c.verify(pb::VerifyRequest {
+                token,
+                audience: String::new(),
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        }
+    });
+    println!("sidecar pid {}", server.pid());
+    let pid = server.pid().to_string();
+    let s0 = cpu_us(&pid);
+    let (lats, errors, took) = rt.block_on(closed_loop(
+        &conns,
+        HIGH,
+        Duration::from_secs(secs),
+        &verify,
+    ));
+    let s1 = cpu_us(&pid);
+    let n = lats.len().max(1) as f64;
+    println!(
+        "verify distinct @{HIGH}: {:.0}/s, server {:.1} µs CPU/call, {errors} errors",
+        lats.len() as f64 / took,
+        (s1 - s0) / n
+    );
+    println!("sidecar peak RSS {:.1} MiB", peak_rss_mib(server.pid()));
+    drop(conns);
+    server.stop();
+}
 
 fn bench() {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);

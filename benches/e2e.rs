@@ -56,7 +56,10 @@ fn main() {
         return sidecar_child(Path::new(&dir), cache.as_deref());
     }
     if let Some(secs) = arg("--profile-verify") {
-        return profile_verify(secs.parse().unwrap_or(20));
+        return profile(secs.parse().unwrap_or(20), false);
+    }
+    if let Some(secs) = arg("--profile-mint") {
+        return profile(secs.parse().unwrap_or(20), true);
     }
     if !args.iter().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench targets without `--bench`:
@@ -486,11 +489,12 @@ fn background(
 
 // === the run ===
 
-/// A load to profile the uncached verify under: a sidecar with the verify
-/// cache off, 2,000 distinct tokens, 64 in flight for `secs` seconds. It
-/// prints the sidecar's pid first, so `perf record -p PID` (or any
-/// profiler) can attach: `cargo bench --bench e2e -- --profile-verify 20`.
-fn profile_verify(secs: u64) {
+/// A load to profile under, 64 in flight for `secs` seconds: the uncached
+/// verify (a sidecar with the verify cache off, 2,000 distinct tokens), or
+/// with `mint` the uncached (one-time) mint. It prints the sidecar's pid
+/// first, so `perf record -p PID` (or any profiler) can attach:
+/// `cargo bench --bench e2e -- --profile-verify 20` (or `--profile-mint`).
+fn profile(secs: u64, mint: bool) {
     let rt = runtime();
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().join("nocache");
@@ -514,31 +518,44 @@ fn profile_verify(secs: u64) {
         }
         out
     }));
-    let verify = op(move |mut c, i| {
-        let token = tokens[i % tokens.len()].clone();
-        async move {
-            c.verify(pb::VerifyRequest {
-                token,
-                audience: String::new(),
+    let load = if mint {
+        op(move |mut c, _| async move {
+            c.mint(pb::MintRequest {
+                audience: "ledger".into(),
+                one_time: true,
                 ..Default::default()
             })
             .await
             .is_ok()
-        }
-    });
+        })
+    } else {
+        op(move |mut c, i| {
+            let token = tokens[i % tokens.len()].clone();
+            async move {
+                c.verify(pb::VerifyRequest {
+                    token,
+                    audience: String::new(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        })
+    };
+    let what = if mint {
+        "mint uncached"
+    } else {
+        "verify distinct"
+    };
     println!("sidecar pid {}", server.pid());
     let pid = server.pid().to_string();
     let s0 = cpu_us(&pid);
-    let (lats, errors, took) = rt.block_on(closed_loop(
-        &conns,
-        HIGH,
-        Duration::from_secs(secs),
-        &verify,
-    ));
+    let (lats, errors, took) =
+        rt.block_on(closed_loop(&conns, HIGH, Duration::from_secs(secs), &load));
     let s1 = cpu_us(&pid);
     let n = lats.len().max(1) as f64;
     println!(
-        "verify distinct @{HIGH}: {:.0}/s, server {:.1} µs CPU/call, {errors} errors",
+        "{what} @{HIGH}: {:.0}/s, server {:.1} µs CPU/call, {errors} errors",
         lats.len() as f64 / took,
         (s1 - s0) / n
     );

@@ -7,11 +7,12 @@
 //! with a verify to answer) becomes runnable, and which gets every cycle
 //! the workers leave idle, so mint throughput alone is unchanged.
 //!
-//! An idle-policy thread gets almost no CPU while the normal threads keep
-//! every core busy, and an unprivileged thread cannot leave that policy
-//! again. So one more thread stays at normal priority and signs only jobs
-//! that have waited `STARVED` or longer: under a verify overload, mints
-//! still progress at a fair share instead of stalling.
+//! An idle-policy thread gets almost no CPU while normal threads keep every
+//! core busy (a verify overload, or other programs on the host), and an
+//! unprivileged thread cannot leave that policy again. So as many threads
+//! again stay at normal priority and sign only jobs that have waited
+//! `STARVED` or longer: when the CPU is saturated, mints get their fair
+//! share, as they would without the pool, after at most `STARVED` more.
 //!
 //! Threads start on the first job and end when the pool is dropped.
 
@@ -33,7 +34,7 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 /// Runs signatures off the async workers, at a priority that never delays
 /// them (see the module doc).
 pub(crate) struct SignPool {
-    /// Idle-priority threads (one per core).
+    /// Idle-priority threads (one per core), and as many rescuers.
     threads: usize,
     /// The queue and the threads, started on first use.
     shared: OnceLock<Arc<Shared>>,
@@ -70,12 +71,13 @@ impl std::fmt::Debug for SignPool {
 }
 
 impl SignPool {
-    /// A pool with one idle-priority thread per core (and one rescuer).
+    /// A pool with one idle-priority thread per core (and as many rescuers).
     pub(crate) fn per_core() -> Self {
         Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
     }
 
-    /// A pool with `threads` idle-priority threads (at least one).
+    /// A pool with `threads` idle-priority threads and `threads` rescuers
+    /// (at least one of each).
     pub(crate) fn new(threads: usize) -> Self {
         Self {
             threads: threads.max(1),
@@ -120,7 +122,8 @@ impl SignPool {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
         });
-        let roles = std::iter::repeat_n(Role::Idle, self.threads).chain([Role::Rescue]);
+        let roles = std::iter::repeat_n(Role::Idle, self.threads)
+            .chain(std::iter::repeat_n(Role::Rescue, self.threads));
         for (i, role) in roles.enumerate() {
             let s = Arc::clone(&shared);
             let spawned = std::thread::Builder::new()

@@ -55,6 +55,12 @@ fn main() {
         let cache = arg("--verify-cache");
         return sidecar_child(Path::new(&dir), cache.as_deref());
     }
+    if let Some(secs) = arg("--profile-verify") {
+        return profile(secs.parse().unwrap_or(20), false);
+    }
+    if let Some(secs) = arg("--profile-mint") {
+        return profile(secs.parse().unwrap_or(20), true);
+    }
     if !args.iter().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench targets without `--bench`:
         // a benchmark is not a test, so do nothing there.
@@ -482,6 +488,81 @@ fn background(
 }
 
 // === the run ===
+
+/// A load to profile under, 64 in flight for `secs` seconds: the uncached
+/// verify (a sidecar with the verify cache off, 2,000 distinct tokens), or
+/// with `mint` the uncached (one-time) mint. It prints the sidecar's pid
+/// first, so `perf record -p PID` (or any profiler) can attach:
+/// `cargo bench --bench e2e -- --profile-verify 20` (or `--profile-mint`).
+fn profile(secs: u64, mint: bool) {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("nocache");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = dir.display().to_string();
+    let server = Server::spawn(&["--sidecar", &dir, "--verify-cache", "0"]);
+    let conns = rt.block_on(channels(&server.socket, HIGH.div_ceil(STREAMS_PER_CONN)));
+    let tokens: Arc<Vec<String>> = Arc::new(rt.block_on(async {
+        let mut c = pb::token_service_client::TokenServiceClient::new(conns[0].clone());
+        let mut out = Vec::with_capacity(DISTINCT);
+        for i in 0..DISTINCT {
+            let m = c
+                .mint(pb::MintRequest {
+                    audience: "payments".into(),
+                    claims_json: format!("{{\"n\":{i}}}"),
+                    ..Default::default()
+                })
+                .await
+                .expect("pre-mint");
+            out.push(m.into_inner().token);
+        }
+        out
+    }));
+    let load = if mint {
+        op(move |mut c, _| async move {
+            c.mint(pb::MintRequest {
+                audience: "ledger".into(),
+                one_time: true,
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        })
+    } else {
+        op(move |mut c, i| {
+            let token = tokens[i % tokens.len()].clone();
+            async move {
+                c.verify(pb::VerifyRequest {
+                    token,
+                    audience: String::new(),
+                    ..Default::default()
+                })
+                .await
+                .is_ok()
+            }
+        })
+    };
+    let what = if mint {
+        "mint uncached"
+    } else {
+        "verify distinct"
+    };
+    println!("sidecar pid {}", server.pid());
+    let pid = server.pid().to_string();
+    let s0 = cpu_us(&pid);
+    let (lats, errors, took) =
+        rt.block_on(closed_loop(&conns, HIGH, Duration::from_secs(secs), &load));
+    let s1 = cpu_us(&pid);
+    let n = lats.len().max(1) as f64;
+    println!(
+        "{what} @{HIGH}: {:.0}/s, server {:.1} µs CPU/call, {errors} errors",
+        lats.len() as f64 / took,
+        (s1 - s0) / n
+    );
+    println!("sidecar peak RSS {:.1} MiB", peak_rss_mib(server.pid()));
+    drop(conns);
+    server.stop();
+}
 
 fn bench() {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);

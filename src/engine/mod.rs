@@ -22,6 +22,7 @@ mod document;
 mod dpop;
 mod mint;
 mod replay;
+mod signer;
 mod trust;
 mod verify;
 
@@ -98,8 +99,8 @@ pub struct Engine {
     nonces: Option<dpop::Nonces>,
     bans: BanView,
     origins: KeyOrigins,
-    /// Signatures running on the blocking pool at once: one per core.
-    signers: tokio::sync::Semaphore,
+    /// Where new signatures run: off the async workers, preemptible.
+    signers: Arc<signer::SignPool>,
     clock: SharedClock,
 }
 
@@ -144,9 +145,7 @@ impl Engine {
             cache: cache::VerifyCache::new(cache::DEFAULT_CAPACITY),
             bans: BanView::none(),
             origins: KeyOrigins::default(),
-            signers: tokio::sync::Semaphore::new(
-                std::thread::available_parallelism().map_or(2, |n| n.get()),
-            ),
+            signers: Arc::new(signer::SignPool::per_core()),
             clock,
         }
     }
@@ -207,9 +206,9 @@ impl Engine {
     }
 
     /// Mints (or reuses) a token now; a new signature (an RSA operation of
-    /// ~0.5 ms at 2048 bits, several at 4096) runs on the blocking pool,
-    /// at most one per core at a time, so it never stalls the async
-    /// workers that answer verifications.
+    /// ~0.5 ms at 2048 bits, several at 4096) runs on the signing pool
+    /// (`signer`), at a priority the async workers that answer
+    /// verifications always preempt.
     pub async fn mint_off_thread(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
         let started = std::time::Instant::now();
         let result = self.mint_queued(req).await;
@@ -234,15 +233,8 @@ impl Engine {
         {
             return Ok(m);
         }
-        let _permit = self
-            .signers
-            .acquire()
-            .await
-            .map_err(|_| Refusal::new(Reason::Unavailable, "the signing pool is closed"))?;
-        let engine = self.clone();
-        tokio::task::spawn_blocking(move || engine.mint(&req))
-            .await
-            .map_err(|e| Refusal::new(Reason::Unavailable, format!("signing task failed: {e}")))?
+        let engine = Arc::clone(self);
+        self.signers.run(move || engine.mint(&req)).await?
     }
 
     /// Runs `f` over the current snapshots: the own keys and the peers' sets.
@@ -371,7 +363,7 @@ impl Engine {
     /// exchanged at most once); the delegated token is bound to this
     /// sidecar's own proof key when the received one was bound or `bind`.
     pub async fn exchange(
-        &self,
+        self: &Arc<Self>,
         token: &str,
         audience: &SpiffeId,
         ttl: Option<Duration>,
@@ -383,7 +375,7 @@ impl Engine {
 
     /// `exchange` with the received token's proof, and binding on request.
     pub(crate) async fn exchange_proven(
-        &self,
+        self: &Arc<Self>,
         token: &str,
         audience: &SpiffeId,
         ttl: Option<Duration>,
@@ -416,15 +408,26 @@ impl Engine {
             carried: inbound.claims.clone(),
             not_after: inbound.expires_at,
         };
-        let now = self.clock.now();
-        let cnf = self.bind_key(bind, now)?;
+        // The new signature (and a proof-key rotation, which writes a
+        // file) runs on the signing pool, as a mint's does.
+        let engine = Arc::clone(self);
+        let audience = audience.clone();
         let minted = self
-            .minter
-            .mint_delegated(audience, delegation, ttl, now, cnf.as_deref())
-            .map_err(|e| match e {
-                MintError::TooLarge(_) => Refusal::new(Reason::PermissionDenied, e.to_string()),
-                other => other.into(),
-            })?;
+            .signers
+            .run(move || {
+                let now = engine.clock.now();
+                let cnf = engine.bind_key(bind, now)?;
+                engine
+                    .minter
+                    .mint_delegated(&audience, delegation, ttl, now, cnf.as_deref())
+                    .map_err(|e| match e {
+                        MintError::TooLarge(_) => {
+                            Refusal::new(Reason::PermissionDenied, e.to_string())
+                        }
+                        other => other.into(),
+                    })
+            })
+            .await??;
         metrics::counter!("tokend_exchange_total").increment(1);
         Ok(minted)
     }

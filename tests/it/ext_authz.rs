@@ -508,3 +508,72 @@ async fn decisions_are_counted_and_refusals_logged() {
         assert!(!log.contains(part), "the log shows part of a token:\n{log}");
     }
 }
+
+/// A flood of bad requests through Envoy is counted, not logged line by
+/// line: a real sidecar refuses 300 garbage tokens, all counted
+/// (`tokend_ext_authz_total` is not asserted here: see observability), and
+/// its log holds at most one burst of refusal lines per second plus a line
+/// that says how many were left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_flood_is_rate_limited_in_the_log() {
+    let root = crate::support::tmp();
+    let s = crate::support::Sidecar::start(root.path(), "ledger", "");
+    let channel = tokend::connect(&s.socket).await.expect("connect");
+    let request = |n: usize| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: format!("/accounts/{n}?secret=1"),
+                    host: "ledger.bank.internal".into(),
+                    headers: HashMap::from([(
+                        "authorization".to_owned(),
+                        format!("Bearer garbage-{n}"),
+                    )]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let mut client = AuthorizationClient::new(channel);
+    let started = std::time::Instant::now();
+    for n in 0..300 {
+        let r = client
+            .check(request(n))
+            .await
+            .expect("answered")
+            .into_inner();
+        assert_eq!(
+            r.status.map(|s| s.code),
+            Some(tonic::Code::Unauthenticated as i32),
+            "garbage token {n} is refused"
+        );
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    // One more refusal after a full window, which reports the left-out lines.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    client.check(request(300)).await.expect("answered");
+    let log = s.stderr();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("ext_authz refused"))
+        .count() as u64;
+    assert!(
+        lines <= 20 * (seconds + 1) + 1 && lines < 300,
+        "{lines} refusal lines in {seconds}s:\n{log}"
+    );
+    let left_out: u64 = log
+        .lines()
+        .filter(|l| l.contains("ext_authz refused"))
+        .filter_map(|l| l.split("suppressed=").nth(1))
+        .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        lines + left_out,
+        301,
+        "every refusal is logged or counted as left out:\n{log}"
+    );
+    assert!(!log.contains("secret=1"), "the query never reaches the log");
+}

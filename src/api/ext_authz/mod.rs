@@ -13,6 +13,7 @@
 //! Every decision is a `CheckResponse`; only a caller refused by the uid
 //! allow-list gets a gRPC error (which Envoy turns into a denial too).
 
+mod log_limit;
 mod reply;
 mod route;
 
@@ -23,6 +24,7 @@ use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse}
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use tonic::{Request, Response, Status};
 
+use self::log_limit::{LogLimit, logged_path};
 use self::reply::Decision;
 use self::route::{Credentials, Route, credentials, route};
 use super::status::{DPOP_NONCE_KEY, is_proof_refusal, status};
@@ -44,6 +46,8 @@ pub(crate) struct ExtAuthzApi {
     /// every allowed request all the same, so an application that trusted
     /// them before they were turned off is not fed a client's value.
     strip: Arc<[String]>,
+    /// Caps the refusal log lines a flood of bad requests can write.
+    log_limit: Arc<LogLimit>,
 }
 
 impl ExtAuthzApi {
@@ -66,6 +70,7 @@ impl ExtAuthzApi {
             callers,
             config: Arc::new(config),
             strip,
+            log_limit: Arc::new(LogLimit::default()),
         }
     }
 
@@ -290,18 +295,25 @@ fn header_values<'a>(http: &'a HttpRequest, name: &str) -> Result<Vec<&'a str>, 
         .collect())
 }
 
-/// Counts the decision and logs a refusal (never the token).
-fn record(mode: &'static str, decision: &Decision, http: &HttpRequest) {
+/// Counts the decision and logs a refusal (never the token; the path
+/// without its query and at most 256 characters of it), at most
+/// `log_limit::BURST` refusal lines a second (see `log_limit`).
+fn record(limit: &LogLimit, mode: &'static str, decision: &Decision, http: &HttpRequest) {
     let outcome = decision.outcome();
     metrics::counter!("tokend_ext_authz_total", "mode" => mode, "outcome" => outcome).increment(1);
-    let path = http.path.split('?').next().unwrap_or_default();
+    let path = logged_path(&http.path);
     let method = http.method.as_str();
+    if let Decision::Allow { .. } = decision {
+        tracing::debug!(mode, outcome, method = ?method, path = ?path, "ext_authz allowed");
+        return;
+    }
+    let Some(suppressed) = limit.admit(std::time::Instant::now()) else {
+        return;
+    };
     match decision {
-        Decision::Allow { .. } => {
-            tracing::debug!(mode, outcome, method = ?method, path = ?path, "ext_authz allowed");
-        }
+        Decision::Allow { .. } => {}
         Decision::NoToken => {
-            tracing::info!(mode, outcome, method = ?method, path = ?path, "ext_authz refused: no bearer token");
+            tracing::info!(mode, outcome, method = ?method, path = ?path, suppressed, "ext_authz refused: no bearer token");
         }
         Decision::InvalidRequest(r)
         | Decision::InvalidToken(r)
@@ -314,6 +326,7 @@ fn record(mode: &'static str, decision: &Decision, http: &HttpRequest) {
             detail = ?r.detail,
             method = ?method,
             path = ?path,
+            suppressed,
             "ext_authz refused"
         ),
         Decision::Misconfigured(why) => tracing::error!(
@@ -321,6 +334,7 @@ fn record(mode: &'static str, decision: &Decision, http: &HttpRequest) {
             error = %why,
             method = ?method,
             path = ?path,
+            suppressed,
             "ext_authz route misconfigured in Envoy's context_extensions; request denied"
         ),
     }
@@ -337,7 +351,7 @@ impl Authorization for ExtAuthzApi {
             Err(why) => ("invalid", Decision::Misconfigured(why)),
             Ok(route) => (route.mode(), self.decide(route, &http, wait).await),
         };
-        record(mode, &decision, &http);
+        record(&self.log_limit, mode, &decision, &http);
         Ok(Response::new(decision.into_response()))
     }
 }

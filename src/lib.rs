@@ -69,7 +69,7 @@ pub use crate::engine::{
 pub use crate::identity::{SpiffeId, TrustDomain};
 pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};
 pub use crate::keys::{
-    InstanceState, KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8,
+    InstanceState, KeyClass, KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8,
     parse_pkcs8_pem,
 };
 pub use crate::peers::{

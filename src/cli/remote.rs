@@ -192,9 +192,9 @@ fn time(t: i64) -> String {
 }
 
 /// `tokend keys list`.
-pub(super) async fn keys_list(socket: &Path) -> u8 {
+pub(super) async fn keys_list(socket: &Path, bound: bool) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
-    match client.list_keys(pb::ListKeysRequest {}).await {
+    match client.list_keys(pb::ListKeysRequest { bound }).await {
         Ok(r) => {
             println!(
                 "{:<44} {:<8} {:<21} {:<21} {:<21} {:<21}",
@@ -218,9 +218,9 @@ pub(super) async fn keys_list(socket: &Path) -> u8 {
 }
 
 /// `tokend keys rotate`.
-pub(super) async fn keys_rotate(socket: &Path) -> u8 {
+pub(super) async fn keys_rotate(socket: &Path, bound: bool) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
-    match client.rotate_key(pb::RotateKeyRequest {}).await {
+    match client.rotate_key(pb::RotateKeyRequest { bound }).await {
         Ok(r) => {
             let k = r.into_inner().key.unwrap_or_default();
             println!(
@@ -241,8 +241,13 @@ pub(super) async fn keys_revoke(socket: &Path, kid: String) -> u8 {
         Ok(r) => {
             let r = r.into_inner();
             println!(
-                "revoked {}; signing key is now {}",
+                "revoked {}; {} is now {}",
                 r.revoked.unwrap_or_default().kid,
+                if r.bound {
+                    "bound-token signing key"
+                } else {
+                    "signing key"
+                },
                 r.active_kid
             );
             0

@@ -91,6 +91,7 @@ fn claims(who: &str) -> DocumentClaims {
         revoked: vec!["old-kid".into()],
         key_expires: BTreeMap::from([(k.kid().to_owned(), t(NOW + 3600))]),
         keys: vec![k],
+        bound_keys: Vec::new(),
     }
 }
 

@@ -533,4 +533,53 @@ mod tests {
             }
         }
     }
+
+    /// The bound class opens `keys_dir/bound/` (created 0700 next to a
+    /// keys directory that has none, as an earlier release left it),
+    /// generates its first key there under the same rules, and leaves the
+    /// signing keys' manifest and files alone.
+    #[tokio::test]
+    async fn bound_class_lives_in_its_own_directory() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use super::super::KeyClass;
+
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("keys");
+        std::fs::create_dir(&dir).expect("mkdir");
+        for entry in std::fs::read_dir(FIXTURE_V0_1_0).expect("fixture dir") {
+            let entry = entry.expect("fixture entry");
+            let to = dir.join(entry.file_name());
+            std::fs::copy(entry.path(), &to).expect("copy fixture file");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let before = manifest_records(&dir);
+        let lc = Lifecycle {
+            interval: Duration::from_secs(20),
+            publish_ahead: Duration::from_secs(8),
+            grace: Duration::from_secs(150),
+        };
+        let now = t(FIXTURE_V0_1_0_T);
+        let clock = Arc::new(ManualClock::at(now));
+        let (mut bound, view) = KeyStore::open_class(&dir, KeyClass::Bound, lc, 2048, clock)
+            .await
+            .expect("open the bound class");
+        assert!(view.current().records().is_empty(), "none yet");
+        bound.apply_plan(now).await.expect("first bound key");
+        let key = view.current().signing_key(now).expect("signs").clone();
+        let sub = dir.join("bound");
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&sub.join(format!("{}.pk8.pem", key.kid()))), 0o600);
+        assert_eq!(manifest_records(&sub)[0].kid, key.kid());
+        assert_eq!(manifest_records(&dir), before, "signing keys untouched");
+        assert!(before.iter().all(|r| r.kid != key.kid()));
+        // The signing keys still load, with the subdirectory beside them.
+        let (_, signing) = KeyStore::open(&dir, lc, 2048, Arc::new(ManualClock::at(now)))
+            .await
+            .expect("the signing keys load");
+        assert_eq!(signing.current().records(), before);
+    }
 }

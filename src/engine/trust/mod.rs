@@ -13,6 +13,8 @@
 //! (`Document`, rollback-checked here), an instance that left
 //! (`InstanceGone`), contact lost or regained (`Stale`, `InstanceStale`).
 
+#[cfg(test)]
+mod class_tests;
 mod issuer;
 #[cfg(test)]
 mod tests;

@@ -1,6 +1,7 @@
 //! Verification as a pure decision: `verify_at(token, audience, now, policy,
 //! anchors)` checks, in this order, structure → algorithm → issuer known →
-//! kid in THAT issuer's set → signature → exp/nbf/iat with clock skew →
+//! kid in THAT issuer's set, in the key class the token's `cnf` demands
+//! (`find_key`) → signature → exp/nbf/iat with clock skew →
 //! audience → lifetime ≤ max_ttl → required claims and the subject rule →
 //! delegation links. It returns the verified claims (with the one-time ids
 //! the caller must still claim), a refusal, or "needs keys": an unknown kid

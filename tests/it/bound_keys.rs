@@ -217,6 +217,9 @@ async fn bound_keys_over_the_peer_exchange() {
     assert!(failures.is_empty(), "failed bound calls: {failures:?}");
     let after = mint_bound(payments.tokens().await, "ledger", "").await;
     assert_eq!(after.kid, next, "the new bound key signs");
+    verify_with_proof(&payments, &ledger, &after.token)
+        .await
+        .expect("verifies before the revocation");
     let signing_keys = payments.keys().await;
     assert!(
         signing_keys.iter().all(|k| k.kid != next),
@@ -224,7 +227,8 @@ async fn bound_keys_over_the_peer_exchange() {
     );
 
     // Revoking the bound key that signs: its successor signs at once, and
-    // ledger refuses the revoked key's tokens.
+    // ledger refuses the revoked key's tokens (remembered by its verify
+    // cache a moment before).
     let revoked = payments
         .admin()
         .await

@@ -59,7 +59,16 @@ fn trusting(updates: Vec<TrustUpdate>) -> TrustSet {
 }
 
 fn token(key: &SigningKey, kid: &str, cnf: bool) -> String {
-    let mut claims = json!({"iss": PAYMENTS, "sub": PAYMENTS, "aud": LEDGER,
+    signed(key, kid, PAYMENTS, cnf)
+}
+
+/// A bound token of issuer `iss`, signed by `key` under `kid`.
+fn token_as(key: &SigningKey, kid: &str, iss: &str) -> String {
+    signed(key, kid, iss, true)
+}
+
+fn signed(key: &SigningKey, kid: &str, iss: &str, cnf: bool) -> String {
+    let mut claims = json!({"iss": iss, "sub": iss, "aud": LEDGER,
         "iat": NOW, "nbf": NOW, "exp": NOW + 60, "jti": format!("j-{kid}-{cnf}")});
     if cnf {
         claims["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"});
@@ -103,7 +112,8 @@ fn refused(r: Result<crate::engine::Verified, Unverified>, reason: Reason, says:
 /// Each class is found only as itself; every mix of key and `cnf` gets its
 /// reason; the legacy form verifies; an unknown bound kid asks for a
 /// refresh; a revoked bound kid is `revoked_key`; a bound key another
-/// instance lists as a signing key still vouches for no bearer token.
+/// instance lists as a signing key still vouches for no bearer token, and
+/// one issuer's bound key for no other issuer's token.
 #[test]
 fn each_key_verifies_only_its_class() {
     let (signing, bound) = (rsa(), rsa());
@@ -182,6 +192,19 @@ fn each_key_verifies_only_its_class() {
         "signs bound tokens only",
     );
     check(&mixed, &token(&bound, &dpop(&bound), true)).expect("still a bound key");
+
+    // Per issuer: payments' bound key vouches for no token of another issuer.
+    let (with_cards, r) = peers.apply(TrustUpdate::Register {
+        issuer: "spiffe://td/cards".into(),
+        source: "test".into(),
+    });
+    r.expect("register cards");
+    let forged = token_as(&bound, &dpop(&bound), "spiffe://td/cards");
+    let other = check(&with_cards, &forged);
+    assert!(
+        matches!(&other, Err(Unverified::NeedKeys { issuer, refusal }) if issuer == "spiffe://td/cards" && refusal.reason == Reason::UnknownKid),
+        "{other:?}"
+    );
 
     // Revoked by its instance: refused for the whole identity.
     let revoked = trusting(vec![instance("a", &[&signing], &[&bound], &[bound.kid()])]);

@@ -179,7 +179,14 @@ impl KeyStore {
             self.discard_file(&file);
             return Err(e);
         }
-        tracing::info!(kid = %record.kid, activates_at = %activates_at, class = self.class.as_str(), "generated key");
+        match self.class {
+            KeyClass::Signing => {
+                tracing::info!(kid = %record.kid, activates_at = %activates_at, "generated signing key")
+            }
+            KeyClass::Bound => {
+                tracing::info!(kid = %record.kid, activates_at = %activates_at, "generated bound-token signing key")
+            }
+        }
         metrics::counter!(self.class.metric("keys_generated_total")).increment(1);
         self.keys.insert(record.kid.clone(), Arc::new(key));
         self.publish();
@@ -283,7 +290,12 @@ impl KeyStore {
             .signing_key(now)
             .map(|k| k.kid().to_owned())
             .unwrap_or_default();
-        tracing::warn!(kid, active = %active, class = self.class.as_str(), "revoked key");
+        match self.class {
+            KeyClass::Signing => tracing::warn!(kid, active = %active, "revoked signing key"),
+            KeyClass::Bound => {
+                tracing::warn!(kid, active = %active, "revoked bound-token signing key")
+            }
+        }
         metrics::counter!(self.class.metric("keys_revoked_total")).increment(1);
         Ok((self.records[idx].clone(), active))
     }

@@ -343,10 +343,12 @@ pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
                             "revoked_kids": i.revoked_kids,
                             "last_error": if i.last_error.is_empty() { serde_json::Value::Null } else { i.last_error.clone().into() },
                             "jwks": doc(&i.jwks_json),
+                            "bound_kids": i.bound_kids,
                             "instances": i.instances.iter().map(|n| serde_json::json!({
                                 "instance": n.instance,
                                 "source": n.source,
                                 "kids": n.kids,
+                                "bound_kids": n.bound_kids,
                                 "revoked_kids": n.revoked_kids,
                                 "updated_at": n.updated_at,
                                 "seq": n.seq,

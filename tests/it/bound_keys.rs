@@ -348,7 +348,8 @@ async fn keys_dir_of_0_1_0_gains_bound_keys() {
 }
 
 /// On disk (real processes): `keys_dir/bound/` is 0700 with a 0600 key and
-/// its manifest; `keys list --bound` shows it; a restart loads it (the same
+/// its manifest; `keys list --bound` shows it, `jwks --all` names it as a
+/// bound kid outside the JWKS; a restart loads it (the same
 /// bound key signs, a token minted before verifies with a new proof); a
 /// corrupt bound key file stops the start with exit 64 and the same
 /// error, naming the file, as a corrupt signing key file, and is left as it
@@ -378,6 +379,10 @@ fn bound_keys_on_disk() {
         !String::from_utf8_lossy(&out.stdout).contains(key.kid()),
         "the signing keys' list does not show it"
     );
+    let all: serde_json::Value =
+        serde_json::from_slice(&s.cli(&["jwks", "--all"]).stdout).expect("jwks --all");
+    assert_eq!(all[0]["bound_kids"][0], key.kid(), "{all}");
+    assert!(!all[0]["jwks"].to_string().contains(key.kid()), "{all}");
 
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let minted = rt.block_on(async { mint_bound(s.tokens().await, "ledger", "").await });

@@ -118,7 +118,8 @@ async fn forgeries_are_judged(bank: &Bank, holder: &Node, iss: &str, verifier: &
 }
 
 /// Between two sidecars over the peer key exchange: payments' bound key
-/// reaches ledger as a bound key (in `bound_kids`, never in the JWKS),
+/// reaches ledger as a bound key (in `bound_kids`, never in a JWKS nor in
+/// ledger's SPIFFE bundle of payments' trust domain),
 /// its bound tokens verify there with their proof, the forgeries are
 /// refused, a ban of the bound kid refuses its tokens, the bound keys
 /// rotate with no failed bound call, and a revoked bound key's tokens are
@@ -146,6 +147,11 @@ async fn bound_keys_over_the_peer_exchange() {
     assert!(
         !ledger.jwks().await.contains(bound.kid()),
         "nor in ledger's own JWKS"
+    );
+    let bundles = spiffe_bundles(&ledger.socket()).await;
+    assert!(
+        bundles.contains(payments.signing_key().kid()) && !bundles.contains(bound.kid()),
+        "ledger's SPIFFE bundle holds payments' signing key, not its bound key: {bundles}"
     );
 
     let minted = mint_bound(payments.tokens().await, "ledger", "").await;

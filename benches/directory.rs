@@ -139,6 +139,7 @@ impl Instance {
                 .iter()
                 .map(|&k| pool[k].public().clone())
                 .collect(),
+            bound_keys: Vec::new(),
             revoked: Vec::new(),
             key_expires: self
                 .keys

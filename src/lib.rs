@@ -9,8 +9,9 @@
 //!    (generated), `shutdown` (signals, stream cancellation).
 //! 1. `jose`: the token format (claim names and limits, compact JWS, strict
 //!    JSON, JWK import, the ring provider for jsonwebtoken). Pure.
-//! 2. `keys`: this sidecar's signing keys, their crash-safe directory, the
-//!    rotation planner (pure) and its loop; published as `KeySet` snapshots.
+//! 2. `keys`: this sidecar's signing keys (and, in `bound/`, the keys bound
+//!    tokens are signed with), their crash-safe directory, the rotation
+//!    planner (pure) and its loop; published as `KeySet` snapshots.
 //! 3. `engine`: mint, verify (`verify_at`, pure, at an explicit `now`), the
 //!    verify cache, delegation, one-time claims, immutable `TrustSet`
 //!    snapshots, ext_authz access rules. Opens no socket and no file.
@@ -79,7 +80,7 @@ pub use crate::engine::{
 pub use crate::identity::{SpiffeId, TrustDomain};
 pub use crate::jose::{Jwk, Parts, PublicKey, check_signature};
 pub use crate::keys::{
-    InstanceState, KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8,
+    InstanceState, KeyClass, KeyError, KeyStore, KeyView, Lifecycle, SigningKey, generate_pkcs8,
     parse_pkcs8_pem,
 };
 pub use crate::peers::{

@@ -195,6 +195,23 @@ fn describe_families() {
     describe_counter!("tokend_keys_generated_total", "Own signing keys generated.");
     describe_counter!("tokend_keys_revoked_total", "Own signing keys revoked.");
     describe_gauge!(
+        "tokend_bound_signing_key_age_seconds",
+        Unit::Seconds,
+        "Age of the key that signs bound tokens now."
+    );
+    describe_gauge!(
+        "tokend_bound_keys",
+        "Own bound-token signing keys (keys_dir/bound) by lifecycle state."
+    );
+    describe_counter!(
+        "tokend_bound_keys_generated_total",
+        "Own bound-token signing keys generated."
+    );
+    describe_counter!(
+        "tokend_bound_keys_revoked_total",
+        "Own bound-token signing keys revoked."
+    );
+    describe_gauge!(
         "tokend_peer_connected",
         "1 while the peer's key watch is connected, else 0."
     );

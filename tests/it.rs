@@ -19,6 +19,8 @@ mod pki;
 
 #[path = "it/bans.rs"]
 mod bans;
+#[path = "it/bound_keys.rs"]
+mod bound_keys;
 #[path = "it/certs.rs"]
 mod certs;
 #[path = "it/cli.rs"]

@@ -13,7 +13,7 @@ use crate::audit::{Audit, Event};
 use crate::engine::{InstanceKeys, TrustView};
 use crate::identity::SpiffeId;
 use crate::keys::{
-    Command, KeyError, KeyRecord, KeySet, KeyView, delete_after, retires_at, state_at,
+    Command, KeyError, KeyRecord, KeySet, OwnKeys, delete_after, retires_at, state_at,
 };
 use crate::proto::tokend::v1 as pb;
 use crate::reason::{Reason, Refusal};
@@ -23,9 +23,12 @@ use crate::time::SharedClock;
 #[derive(Clone, Debug)]
 pub(crate) struct AdminApi {
     own: SpiffeId,
-    keys: KeyView,
+    keys: OwnKeys,
     trust: TrustView,
+    /// The signing keys' rotation task.
     commands: mpsc::Sender<Command>,
+    /// The bound-token keys' rotation task.
+    bound_commands: mpsc::Sender<Command>,
     clock: SharedClock,
     callers: Callers,
     admins: Callers,
@@ -53,6 +56,11 @@ fn instance_info((id, inst): (&str, &InstanceKeys)) -> pb::InstanceKeys {
         instance: id.to_owned(),
         source: inst.source.clone(),
         kids: inst.keys().iter().map(|k| k.kid().to_owned()).collect(),
+        bound_kids: inst
+            .bound_keys()
+            .iter()
+            .map(|k| k.kid().to_owned())
+            .collect(),
         revoked_kids: inst.revoked().to_vec(),
         updated_at: inst.updated_at.as_secs(),
         seq: doc.map_or(0, |d| d.seq),
@@ -69,9 +77,9 @@ impl AdminApi {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         own: SpiffeId,
-        keys: KeyView,
+        keys: OwnKeys,
         trust: TrustView,
-        commands: mpsc::Sender<Command>,
+        (commands, bound_commands): (mpsc::Sender<Command>, mpsc::Sender<Command>),
         clock: SharedClock,
         callers: Callers,
         admins: Option<Vec<u32>>,
@@ -83,6 +91,7 @@ impl AdminApi {
             keys,
             trust,
             commands,
+            bound_commands,
             clock,
             callers,
             admins: Callers::new(Some(admins)),
@@ -102,14 +111,21 @@ impl AdminApi {
         self.admins.check(req).map_err(status)
     }
 
+    /// Asks the rotation task of the signing keys (or, `bound`, of the
+    /// bound-token keys).
     async fn ask<T>(
         &self,
+        bound: bool,
         command: impl FnOnce(oneshot::Sender<Result<T, KeyError>>) -> Command,
     ) -> Result<T, Status> {
         let unavailable = |d: &str| status(Refusal::new(Reason::Unavailable, d));
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(command(tx))
+        let task = if bound {
+            &self.bound_commands
+        } else {
+            &self.commands
+        };
+        task.send(command(tx))
             .await
             .map_err(|_| unavailable("rotation task is not running"))?;
         rx.await
@@ -197,7 +213,11 @@ impl AdminApi {
         req: Request<pb::ListKeysRequest>,
     ) -> Result<Response<pb::ListKeysResponse>, Status> {
         self.allowed(&req)?;
-        let set = self.keys.current();
+        let set = if req.get_ref().bound {
+            self.keys.bound.current()
+        } else {
+            self.keys.signing.current()
+        };
         let now = self.clock.now();
         let keys = set
             .records()
@@ -212,9 +232,15 @@ impl AdminApi {
         req: Request<pb::RotateKeyRequest>,
     ) -> Result<Response<pb::RotateKeyResponse>, Status> {
         self.allowed(&req)?;
-        let rec = self.ask(Command::Rotate).await?;
+        let bound = req.get_ref().bound;
+        let rec = self.ask(bound, Command::Rotate).await?;
+        let set = if bound {
+            self.keys.bound.current()
+        } else {
+            self.keys.signing.current()
+        };
         Ok(Response::new(pb::RotateKeyResponse {
-            key: Some(key_info(&rec, &self.keys.current(), self.clock.now())),
+            key: Some(key_info(&rec, &set, self.clock.now())),
         }))
     }
 
@@ -227,10 +253,24 @@ impl AdminApi {
         if kid.is_empty() {
             return Err(bad_request("kid is required"));
         }
-        let (rec, active) = self.ask(|tx| Command::Revoke(kid, tx)).await?;
+        // A kid is a thumbprint: it names a key of one class only.
+        let bound = self
+            .keys
+            .bound
+            .current()
+            .records()
+            .iter()
+            .any(|r| r.kid == kid);
+        let (rec, active) = self.ask(bound, |tx| Command::Revoke(kid, tx)).await?;
+        let set = if bound {
+            self.keys.bound.current()
+        } else {
+            self.keys.signing.current()
+        };
         Ok(Response::new(pb::RevokeKeyResponse {
-            revoked: Some(key_info(&rec, &self.keys.current(), self.clock.now())),
+            revoked: Some(key_info(&rec, &set, self.clock.now())),
             active_kid: active,
+            bound,
         }))
     }
 
@@ -239,10 +279,15 @@ impl AdminApi {
         req: Request<pb::GetJwksRequest>,
     ) -> Result<Response<pb::GetJwksResponse>, Status> {
         self.callers.check(&req).map_err(status)?;
-        let own = self.keys.current();
+        // The JWKS documents list signing keys only: a bound-token key is
+        // never exported where a third-party verifier could pick it up.
+        let own = self.keys.signing.current();
         let mut issuers = vec![pb::IssuerKeys {
             issuer: self.own.to_string(),
             source: "self".into(),
+            bound_kids: (self.keys.bound.current().published())
+                .map(|k| k.kid().to_owned())
+                .collect(),
             jwks_json: own.jwks_json(),
             updated_at: self.clock.now().as_secs(),
             revoked_kids: own.revoked_kids().map(str::to_owned).collect(),
@@ -262,6 +307,9 @@ impl AdminApi {
                     revoked_kids: keys.revoked(),
                     last_error: keys.last_error.clone().unwrap_or_default(),
                     instances: keys.instances().into_iter().map(instance_info).collect(),
+                    bound_kids: (keys.usable_bound_keys(now).iter())
+                        .map(|k| k.kid().to_owned())
+                        .collect(),
                 });
             }
         }

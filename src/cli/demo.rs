@@ -116,7 +116,7 @@ async fn script(root: &Path) -> Result<(), String> {
             .map_err(|e| e.to_string())?,
     );
     let next = admin
-        .rotate_key(pb::RotateKeyRequest {})
+        .rotate_key(pb::RotateKeyRequest::default())
         .await
         .map_err(|s| s.to_string())?
         .into_inner()

@@ -300,12 +300,18 @@ pub enum KeysCommand {
         /// The sidecar's socket.
         #[command(flatten)]
         socket: SocketArg,
+        /// The keys bound tokens are signed with (keys_dir/bound/) instead.
+        #[arg(long)]
+        bound: bool,
     },
     /// Start a rotation now.
     Rotate {
         /// The sidecar's socket.
         #[command(flatten)]
         socket: SocketArg,
+        /// Rotate the keys bound tokens are signed with instead.
+        #[arg(long)]
+        bound: bool,
     },
     /// Revoke KID at once.
     Revoke {
@@ -425,12 +431,12 @@ pub async fn run(cli: Cli) -> u8 {
             (Ok(s), Ok(t)) => remote::prove(&s, t, method, uri, nonce).await,
             (Err(e), _) | (_, Err(e)) => fail_usage(&e),
         },
-        Command::Keys(KeysCommand::List { socket }) => match socket.path() {
-            Ok(s) => remote::keys_list(&s).await,
+        Command::Keys(KeysCommand::List { socket, bound }) => match socket.path() {
+            Ok(s) => remote::keys_list(&s, bound).await,
             Err(e) => fail_usage(&e),
         },
-        Command::Keys(KeysCommand::Rotate { socket }) => match socket.path() {
-            Ok(s) => remote::keys_rotate(&s).await,
+        Command::Keys(KeysCommand::Rotate { socket, bound }) => match socket.path() {
+            Ok(s) => remote::keys_rotate(&s, bound).await,
             Err(e) => fail_usage(&e),
         },
         Command::Keys(KeysCommand::Revoke { socket, kid }) => match socket.path() {

@@ -213,9 +213,9 @@ fn time(t: i64) -> String {
 }
 
 /// `tokend keys list`.
-pub(super) async fn keys_list(socket: &Path) -> u8 {
+pub(super) async fn keys_list(socket: &Path, bound: bool) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
-    match client.list_keys(pb::ListKeysRequest {}).await {
+    match client.list_keys(pb::ListKeysRequest { bound }).await {
         Ok(r) => {
             println!(
                 "{:<44} {:<8} {:<21} {:<21} {:<21} {:<21}",
@@ -239,9 +239,9 @@ pub(super) async fn keys_list(socket: &Path) -> u8 {
 }
 
 /// `tokend keys rotate`.
-pub(super) async fn keys_rotate(socket: &Path) -> u8 {
+pub(super) async fn keys_rotate(socket: &Path, bound: bool) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
-    match client.rotate_key(pb::RotateKeyRequest {}).await {
+    match client.rotate_key(pb::RotateKeyRequest { bound }).await {
         Ok(r) => {
             let k = r.into_inner().key.unwrap_or_default();
             println!(
@@ -262,8 +262,13 @@ pub(super) async fn keys_revoke(socket: &Path, kid: String) -> u8 {
         Ok(r) => {
             let r = r.into_inner();
             println!(
-                "revoked {}; signing key is now {}",
+                "revoked {}; {} is now {}",
                 r.revoked.unwrap_or_default().kid,
+                if r.bound {
+                    "bound-token signing key"
+                } else {
+                    "signing key"
+                },
                 r.active_kid
             );
             0
@@ -359,10 +364,12 @@ pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
                             "revoked_kids": i.revoked_kids,
                             "last_error": if i.last_error.is_empty() { serde_json::Value::Null } else { i.last_error.clone().into() },
                             "jwks": doc(&i.jwks_json),
+                            "bound_kids": i.bound_kids,
                             "instances": i.instances.iter().map(|n| serde_json::json!({
                                 "instance": n.instance,
                                 "source": n.source,
                                 "kids": n.kids,
+                                "bound_kids": n.bound_kids,
                                 "revoked_kids": n.revoked_kids,
                                 "updated_at": n.updated_at,
                                 "seq": n.seq,

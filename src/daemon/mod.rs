@@ -27,7 +27,7 @@ use crate::engine::{
 };
 use crate::engine::{DocumentLimits, SignedDocument};
 use crate::keys::InstanceState;
-use crate::keys::{Command, KeyError, KeyStore, KeyView, ProofKeyStore};
+use crate::keys::{Command, KeyClass, KeyError, KeyStore, KeyView, OwnKeys, ProofKeyStore};
 use crate::listen::{FdCaps, ListenLimits};
 use crate::peers::{
     DirectFetcher, DocumentPublisher, DocumentSink, ExpiryPolicy, JwksFileSource, PeerContext,
@@ -140,6 +140,9 @@ pub struct Daemon {
     store: KeyStore,
     keys: KeyView,
     commands: mpsc::Receiver<Command>,
+    /// The bound-token signing keys' store (`keys_dir/bound/`).
+    bound_store: KeyStore,
+    bound_commands: mpsc::Receiver<Command>,
     writer: TrustWriter,
     groups: Vec<Arc<PeerGroup>>,
     files: Vec<Arc<JwksFileSource>>,
@@ -187,7 +190,11 @@ impl Daemon {
         }
         let caps = fd_caps(&config);
         let (audit, audit_writer) = crate::audit::start(&config.audit, clock.clone())?;
-        let (store, keys) = open_keys(&config, &clock).await?;
+        let ((store, keys), (bound_store, bound_keys)) = open_keys(&config, &clock).await?;
+        let own_keys = OwnKeys {
+            signing: keys.clone(),
+            bound: bound_keys.clone(),
+        };
         let (etcd, etcd_login) = match &config.directory {
             Some(d) => {
                 let (client, login) = crate::directory::connect(d).await?;
@@ -238,12 +245,13 @@ impl Daemon {
             .with_bans(bans, origins)
             .with_verify_cache(config.tokens.verify_cache)
             .with_proof_keys(open_proof_keys(&config)?)
-            .with_proof_window(config.tokens.proof_window),
+            .with_proof_window(config.tokens.proof_window)
+            .with_bound_keys(bound_keys),
         )?);
         let shutdown = CancellationToken::new();
         let peer_server = match (&config.peer_api, &peer_tls) {
             (Some(p), Some(tls)) => {
-                Some(bind_peer_api(&config, p, tls, &keys, &clock, &shutdown).await?)
+                Some(bind_peer_api(&config, p, tls, &own_keys, &clock, &shutdown).await?)
             }
             _ => None,
         };
@@ -254,12 +262,13 @@ impl Daemon {
         });
         let listener = crate::api::bind(&config.socket, config.socket_mode)?;
         let (commands_tx, commands) = mpsc::channel(16);
+        let (bound_tx, bound_commands) = mpsc::channel(16);
         let mut api = local_api(
             &config,
             engine,
-            &keys,
+            &own_keys,
             &sources.view,
-            commands_tx,
+            (commands_tx, bound_tx),
             &clock,
             &shutdown,
             audit,
@@ -288,6 +297,8 @@ impl Daemon {
             store,
             keys,
             commands,
+            bound_store,
+            bound_commands,
             writer: sources.writer,
             groups: sources.groups,
             files: sources.files,
@@ -383,6 +394,15 @@ impl Daemon {
                 cancel.clone(),
             )
             .instrument(tracing::info_span!("rotation", id = %self.id)),
+        );
+        tracker.spawn(
+            crate::keys::run_rotation(
+                self.bound_store,
+                self.bound_commands,
+                self.clock.clone(),
+                cancel.clone(),
+            )
+            .instrument(tracing::info_span!("bound_rotation", id = %self.id)),
         );
         tracker.spawn(self.writer.run(cancel.clone()));
         if let Some(direct) = self.direct {
@@ -570,7 +590,7 @@ async fn bind_peer_api(
     config: &Config,
     p: &crate::config::PeerApiConfig,
     tls: &PeerTls,
-    keys: &KeyView,
+    keys: &OwnKeys,
     clock: &SharedClock,
     shutdown: &CancellationToken,
 ) -> Result<PeerServer, DaemonError> {
@@ -639,9 +659,9 @@ async fn bind_peer_api(
 fn local_api(
     config: &Config,
     engine: Arc<Engine>,
-    keys: &KeyView,
+    keys: &OwnKeys,
     trust: &TrustView,
-    commands: mpsc::Sender<Command>,
+    commands: (mpsc::Sender<Command>, mpsc::Sender<Command>),
     clock: &SharedClock,
     shutdown: &CancellationToken,
     audit: Audit,
@@ -676,18 +696,34 @@ fn local_api(
     }
 }
 
-/// Opens the keys directory and applies the first rotation plan, so a
-/// signing key exists before anything is served.
-async fn open_keys(config: &Config, clock: &SharedClock) -> Result<(KeyStore, KeyView), KeyError> {
-    let (mut store, keys) = KeyStore::open(
-        &config.keys_dir,
-        config.lifecycle(),
-        config.rotation.key_bits,
-        clock.clone(),
-    )
-    .await?;
-    store.apply_plan(clock.now()).await?;
-    Ok((store, keys))
+/// Opens the keys directory (the signing keys) and its `bound/`
+/// subdirectory (the bound-token signing keys), and applies the first
+/// rotation plan of each, so both classes have a key before anything is
+/// served. On a fresh directory (or the first start over a directory of an
+/// earlier release, for `bound/`) the two RSA keys are generated at once,
+/// each on the blocking pool: on two cores the start takes about as long
+/// as with one key. Generating the bound key here rather than at the first
+/// bound mint keeps the RSA keygen out of every request's path and lets
+/// peers learn the key (with the first key set and document) before any
+/// token it signs reaches them.
+async fn open_keys(
+    config: &Config,
+    clock: &SharedClock,
+) -> Result<((KeyStore, KeyView), (KeyStore, KeyView)), KeyError> {
+    let open = |class| {
+        KeyStore::open_class(
+            &config.keys_dir,
+            class,
+            config.lifecycle(),
+            config.rotation.key_bits,
+            clock.clone(),
+        )
+    };
+    let (mut store, keys) = open(KeyClass::Signing).await?;
+    let (mut bound, bound_keys) = open(KeyClass::Bound).await?;
+    let now = clock.now();
+    tokio::try_join!(store.apply_plan(now), bound.apply_plan(now))?;
+    Ok(((store, keys), (bound, bound_keys)))
 }
 
 /// Opens this instance's proof keys (`keys_dir/proof`), rotated with the

@@ -311,6 +311,7 @@ mod tests {
             issuer: issuer.into(),
             kid: kid.into(),
             fingerprint: [0; 32],
+            class: crate::keys::KeyClass::Signing,
         }
     }
 

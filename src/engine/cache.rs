@@ -45,7 +45,7 @@ fn still_holds(
         && now + policy.clock_skew >= v.not_before
         && names_audience(&v.claims, audience) == Ok(true)
         && v.keys.iter().all(|k| {
-            matches!(anchors.lookup(&k.issuer, &k.kid, now), Lookup::Found(p) if p.fingerprint() == k.fingerprint)
+            matches!(anchors.lookup(&k.issuer, &k.kid, now, k.class), Lookup::Found(p) if p.fingerprint() == k.fingerprint)
         })
 }
 
@@ -87,7 +87,7 @@ impl VerifyCache {
         // can never hold again (the audience may differ per caller).
         if now > hit.expires_at + policy.clock_skew
             || !hit.keys.iter().all(|k| {
-                matches!(anchors.lookup(&k.issuer, &k.kid, now), Lookup::Found(p) if p.fingerprint() == k.fingerprint)
+                matches!(anchors.lookup(&k.issuer, &k.kid, now, k.class), Lookup::Found(p) if p.fingerprint() == k.fingerprint)
             })
         {
             self.entries

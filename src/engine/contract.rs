@@ -94,6 +94,7 @@ fn non_canonical(token: &str, i: usize) -> String {
 struct World {
     _dir: tempfile::TempDir,
     own: Arc<KeySet>,
+    own_bound: KeySet,
     peers: TrustSet,
     own_key: Arc<SigningKey>,
     own_revoked: String,
@@ -159,6 +160,7 @@ impl World {
         }
         World {
             _dir: dir,
+            own_bound: KeySet::empty(own.lifecycle),
             own,
             peers,
             own_key,
@@ -174,6 +176,7 @@ impl World {
         let anchors = Anchors {
             own_id: OWN,
             own: &self.own,
+            own_bound: &self.own_bound,
             peers: &self.peers,
         };
         verify_at(token, aud, UnixTime::from_secs(NOW), &POLICY, &anchors).map(|_| ())
@@ -662,6 +665,7 @@ async fn one_time_ids_and_replay() {
     let anchors = Anchors {
         own_id: OWN,
         own: &w.own,
+        own_bound: &w.own_bound,
         peers: &w.peers,
     };
     let now = UnixTime::from_secs(NOW);
@@ -704,6 +708,7 @@ async fn verify_cache_rules() {
         Anchors {
             own_id: OWN,
             own: &w.own,
+            own_bound: &w.own_bound,
             peers,
         }
     }

@@ -4,7 +4,7 @@
 //! request while it is still well inside its life. No network, no disk.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 
 use crate::identity::SpiffeId;
 use crate::jose::{BOUND_KID_SUFFIX, MAX_CLAIMS_LEN, MAX_TOKEN_LEN, REGISTERED_CLAIMS};
-use crate::keys::{KeyView, SigningKey};
+use crate::keys::{KeySet, KeyView, SigningKey};
 use crate::reason::{Reason, Refusal};
 use crate::time::UnixTime;
 
@@ -44,6 +44,9 @@ pub enum MintError {
     /// No active signing key.
     #[error("no active signing key")]
     NoKey,
+    /// No active bound-token signing key (`keys_dir/bound/`).
+    #[error("no active signing key for bound tokens")]
+    NoBoundKey,
     /// Signing failed.
     #[error("signing failed: {0}")]
     Sign(String),
@@ -57,7 +60,7 @@ impl MintError {
                 Reason::Malformed
             }
             MintError::TtlTooLong { .. } => Reason::LifetimeTooLong,
-            MintError::NoKey | MintError::Sign(_) => Reason::Unavailable,
+            MintError::NoKey | MintError::NoBoundKey | MintError::Sign(_) => Reason::Unavailable,
         }
     }
 }
@@ -156,10 +159,12 @@ fn confirmation(jkt: &str) -> Value {
     Value::Object(cnf)
 }
 
-/// Mints tokens for this sidecar's identity.
+/// Mints tokens for this sidecar's identity: bearer tokens with the
+/// signing keys, bound tokens (`cnf`) with the bound keys only.
 pub(crate) struct Minter {
     issuer: SpiffeId,
     keys: KeyView,
+    bound: KeyView,
     policy: MintPolicy,
     cache: Mutex<HashMap<CacheKey, Minted>>,
 }
@@ -203,14 +208,30 @@ fn new_jti() -> Result<String, MintError> {
 // === impl Minter ===
 
 impl Minter {
-    /// A minter signing as `issuer` with keys from `keys`.
-    pub(crate) fn new(issuer: SpiffeId, keys: KeyView, policy: MintPolicy) -> Self {
+    /// A minter signing as `issuer` with keys from `keys`, and bound tokens
+    /// with keys from `bound`.
+    pub(crate) fn new(issuer: SpiffeId, keys: KeyView, bound: KeyView, policy: MintPolicy) -> Self {
         Self {
             issuer,
             keys,
+            bound,
             policy,
             cache: Mutex::default(),
         }
+    }
+
+    /// The snapshot of the class a token bound to `cnf` (or a bearer
+    /// token) is signed with, and why there may be no key in it.
+    fn class_for(&self, cnf: Option<&str>) -> (Arc<KeySet>, MintError) {
+        match cnf {
+            None => (self.keys.current(), MintError::NoKey),
+            Some(_) => (self.bound.current(), MintError::NoBoundKey),
+        }
+    }
+
+    /// The lifetime limits.
+    pub(crate) fn policy(&self) -> MintPolicy {
+        self.policy
     }
 
     fn check_ttl(&self, ttl: Option<Duration>) -> Result<Duration, MintError> {
@@ -241,8 +262,8 @@ impl Minter {
             return Ok(None);
         }
         let ttl = self.check_ttl(req.ttl)?;
-        let set = self.keys.current();
-        let key = set.signing_key(now).ok_or(MintError::NoKey)?;
+        let (set, none) = self.class_for(cnf);
+        let key = set.signing_key(now).ok_or(none)?;
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         Ok(cache
             .get(&CacheKey::of(req, ttl, cnf))
@@ -271,8 +292,8 @@ impl Minter {
             return Ok(m);
         }
         let ttl = self.check_ttl(req.ttl)?;
-        let set = self.keys.current();
-        let key = set.signing_key(now).ok_or(MintError::NoKey)?;
+        let (set, none) = self.class_for(cnf);
+        let key = set.signing_key(now).ok_or(none)?;
         let mut claims = req.claims.clone();
         if req.one_time {
             claims.insert("one_time".into(), true.into());
@@ -320,8 +341,8 @@ impl Minter {
                 "the exchanged token expires now".into(),
             ));
         }
-        let set = self.keys.current();
-        let key = set.signing_key(now).ok_or(MintError::NoKey)?;
+        let (set, none) = self.class_for(cnf);
+        let key = set.signing_key(now).ok_or(none)?;
         let mut claims: Map<String, Value> = carried
             .into_iter()
             .filter(|(k, _)| !REGISTERED_CLAIMS.contains(&k.as_str()))
@@ -365,8 +386,9 @@ impl Minter {
         claims.insert("nbf".into(), now.as_secs().into());
         claims.insert("exp".into(), exp.as_secs().into());
         claims.insert("jti".into(), jti.clone().into());
-        // A bound token names its key by a kid no published JWKS lists, so
-        // a bearer verifier that selects keys by kid finds none for it.
+        // A bound token is signed by a bound key (published to tokend
+        // verifiers only), and its kid carries the suffix too, so a bearer
+        // verifier that selects keys by kid refuses it without a lookup.
         let header_kid = if claims.contains_key("cnf") {
             format!("{}{BOUND_KID_SUFFIX}", key.kid())
         } else {
@@ -410,7 +432,6 @@ mod tests {
     use super::*;
     use crate::keys::{KeyStore, Lifecycle};
     use crate::time::ManualClock;
-    use std::sync::Arc;
 
     /// Caller claims are read strictly: a repeated name (at any depth) and
     /// nesting past 32 are refused, naming the problem.
@@ -460,6 +481,7 @@ mod tests {
         let minter = Minter::new(
             issuer,
             view,
+            KeyView::empty(lc),
             MintPolicy {
                 default_ttl: Duration::from_secs(300),
                 max_ttl: Duration::from_secs(3_600),

@@ -84,6 +84,8 @@ pub struct Engine {
     minter: Minter,
     policy: VerifyPolicy,
     keys: KeyView,
+    /// The keys bound tokens are signed with (`keys_dir/bound/`).
+    bound_keys: KeyView,
     trust: TrustView,
     refresher: Option<Arc<dyn Refresh>>,
     refresh_wait: Duration,
@@ -126,8 +128,10 @@ impl Engine {
         clock: SharedClock,
     ) -> Self {
         let lifecycle = keys.current().lifecycle;
+        let bound_keys = KeyView::empty(lifecycle);
         Self {
-            minter: Minter::new(own.clone(), keys.clone(), mint),
+            minter: Minter::new(own.clone(), keys.clone(), bound_keys.clone(), mint),
+            bound_keys,
             proof_keys: Arc::new(ProofKeyStore::in_memory(
                 lifecycle.interval,
                 lifecycle.grace,
@@ -148,6 +152,19 @@ impl Engine {
             signers: Arc::new(signer::SignPool::per_core()),
             clock,
         }
+    }
+
+    /// Signs bound tokens with the keys of `bound` (a `KeyStore` of class
+    /// `Bound`). Without it a bound mint is refused as `unavailable`.
+    pub fn with_bound_keys(mut self, bound: KeyView) -> Self {
+        self.minter = Minter::new(
+            self.own.clone(),
+            self.keys.clone(),
+            bound.clone(),
+            self.minter.policy(),
+        );
+        self.bound_keys = bound;
+        self
     }
 
     /// Remembers at most `entries` verified tokens (0: no verify cache).
@@ -190,6 +207,11 @@ impl Engine {
     /// The own keys.
     pub fn keys(&self) -> &KeyView {
         &self.keys
+    }
+
+    /// The own bound-token signing keys (never exported to third parties).
+    pub fn bound_keys(&self) -> &KeyView {
+        &self.bound_keys
     }
 
     /// The peers' keys.
@@ -240,10 +262,12 @@ impl Engine {
     /// Runs `f` over the current snapshots: the own keys and the peers' sets.
     fn with_anchors<R>(&self, f: impl FnOnce(&Anchors<'_>) -> R) -> R {
         let own = self.keys.current();
+        let own_bound = self.bound_keys.current();
         let peers = self.trust.current();
         f(&Anchors {
             own_id: self.own.as_str(),
             own: &own,
+            own_bound: &own_bound,
             peers: &peers,
         })
     }

@@ -1,6 +1,7 @@
 //! Verification as a pure decision: `verify_at(token, audience, now, policy,
 //! anchors)` checks, in this order, structure → algorithm → issuer known →
-//! kid in THAT issuer's set → signature → exp/nbf/iat with clock skew →
+//! kid in THAT issuer's set, in the key class the token's `cnf` demands
+//! (`find_key`) → signature → exp/nbf/iat with clock skew →
 //! audience → lifetime ≤ max_ttl → required claims and the subject rule →
 //! delegation links. It returns the verified claims (with the one-time ids
 //! the caller must still claim), a refusal, or "needs keys": an unknown kid
@@ -15,6 +16,7 @@ use super::delegation;
 use super::replay::OneTimeId;
 use super::trust::{Anchors, Lookup};
 use crate::jose::{self, BOUND_KID_SUFFIX, MAX_JTI_LEN, int_claim, names_audience, str_claim};
+use crate::keys::KeyClass;
 use crate::reason::{Reason, Refusal, refuse};
 use crate::time::UnixTime;
 
@@ -62,15 +64,19 @@ impl Verified {
     }
 }
 
-/// One key a verification used: whose, which kid, and which material.
+/// One key a verification used: whose, which kid, which material, and
+/// which class of the issuer's keys held it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyUse {
     /// The issuer whose set held it.
     pub issuer: String,
-    /// Its kid.
+    /// Its kid (the key's thumbprint, without a bound token's suffix: what
+    /// a ban by kid and the key origins name).
     pub kid: String,
     /// Its `PublicKey::fingerprint`.
     pub fingerprint: [u8; 32],
+    /// The class it was found in (a legacy bound token: `Signing`).
+    pub class: KeyClass,
 }
 
 /// Why `verify_at` did not verify.
@@ -120,14 +126,18 @@ pub(super) struct Signed {
     pub(super) claims: Map<String, Value>,
     /// The fingerprint of the key that verified it.
     pub(super) key: [u8; 32],
+    /// The class the key was found in.
+    pub(super) class: KeyClass,
 }
 
 impl Signed {
     pub(super) fn key_use(&self) -> KeyUse {
+        let kid = self.kid.strip_suffix(BOUND_KID_SUFFIX).unwrap_or(&self.kid);
         KeyUse {
             issuer: self.issuer.clone(),
-            kid: self.kid.clone(),
+            kid: kid.to_owned(),
             fingerprint: self.key,
+            class: self.class,
         }
     }
 }
@@ -261,7 +271,8 @@ pub(super) fn check_signed(
             Unverified::Refused(refusal)
         }
     };
-    let key = match anchors.lookup(&issuer, &kid, now) {
+    let (found, class) = find_key(anchors, &issuer, &kid, &claims, now)?;
+    let key = match found {
         Lookup::Found(k) => k,
         Lookup::Revoked => {
             return Err(Refusal::new(
@@ -292,21 +303,68 @@ pub(super) fn check_signed(
             format!("signature does not verify under {issuer} key {kid}"),
         )));
     }
-    // A bound token's kid on a token bound to nothing: not one tokend made.
-    if kid.ends_with(BOUND_KID_SUFFIX) && super::dpop::bound_key(&claims)?.is_none() {
-        return Err(Refusal::new(
-            Reason::Malformed,
-            format!("kid {kid} is a bound token's, but the token has no cnf.jkt"),
-        )
-        .into());
-    }
-    let key = key.fingerprint();
     Ok(Signed {
         issuer,
         kid,
         claims,
-        key,
+        key: key.fingerprint(),
+        class,
     })
+}
+
+/// The key a token names, in the class its claims demand, with the class
+/// it was found in. Bearer tokens (no `cnf`) are checked against the
+/// issuer's signing keys only: a token a bound key signed without `cnf`
+/// is refused (`malformed`), so a bound key never vouches for a bearer
+/// token. Bound tokens (`cnf.jkt`) are checked against the bound keys;
+/// the one exception is the form an earlier release minted — kid
+/// `<kid>.dpop` over a signing key — accepted (with its proof, as every
+/// bound token) so a rolling upgrade fails no call. A `cnf` token naming a
+/// signing key by its plain kid is refused (`malformed`).
+fn find_key<'a>(
+    anchors: &Anchors<'a>,
+    issuer: &str,
+    kid: &str,
+    claims: &Map<String, Value>,
+    now: UnixTime,
+) -> Result<(Lookup<'a>, KeyClass), Refusal> {
+    let bound_to = super::dpop::bound_key(claims)?;
+    let suffixed = kid.ends_with(BOUND_KID_SUFFIX);
+    let found = |class| (anchors.lookup(issuer, kid, now, class), class);
+    if bound_to.is_none() {
+        // A bound token's kid on a token bound to nothing: not one tokend made.
+        if suffixed {
+            return refuse(
+                Reason::Malformed,
+                format!("kid {kid} is a bound token's, but the token has no cnf.jkt"),
+            );
+        }
+        return match found(KeyClass::Signing) {
+            (Lookup::UnknownKid, _) if matches!(found(KeyClass::Bound).0, Lookup::Found(_)) => {
+                refuse(
+                    Reason::Malformed,
+                    format!(
+                        "key {kid} of {issuer} signs bound tokens only, but the token has no cnf.jkt"
+                    ),
+                )
+            }
+            other => Ok(other),
+        };
+    }
+    match found(KeyClass::Bound) {
+        (Lookup::UnknownKid, _) => match found(KeyClass::Signing) {
+            // The legacy form: `<kid>.dpop` over a signing key.
+            legacy @ (Lookup::Found(_), _) if suffixed => Ok(legacy),
+            (Lookup::Found(_), _) => refuse(
+                Reason::Malformed,
+                format!(
+                    "the token is bound (cnf.jkt) but key {kid} of {issuer} is a bearer signing key: bound tokens are signed by bound keys"
+                ),
+            ),
+            other => Ok(other),
+        },
+        other => Ok(other),
+    }
 }
 
 /// Step 6 at instant `at`: exp, nbf and iat, each with the skew.

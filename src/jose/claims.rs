@@ -18,11 +18,13 @@ pub(crate) const MAX_TOKEN_LEN: usize = 8192;
 /// The longest `jti` accepted, in bytes.
 pub(crate) const MAX_JTI_LEN: usize = 256;
 /// What a bound token's header `kid` adds to its signing key's thumbprint.
-/// No published JWKS (`tokend jwks`, JWKS files, SPIFFE bundles) lists a kid
-/// with it, so a bearer verifier that selects its key by `kid` (PyJWT's
-/// `PyJWKClient`, Envoy `jwt_authn`, the SPIFFE libraries) finds no key for
-/// a bound token; the header is signed, so it cannot be edited away. tokend
-/// verifiers resolve it to the key and require `cnf`.
+/// Bound tokens are signed by bound keys, which no published JWKS (`tokend
+/// jwks`, JWKS files, SPIFFE bundles) lists at all; the suffix also makes a
+/// bearer verifier that selects its key by `kid` (PyJWT's `PyJWKClient`,
+/// Envoy `jwt_authn`, the SPIFFE libraries) refuse without a lookup, and
+/// marks the legacy form an earlier release minted over a signing key. The
+/// header is signed, so it cannot be edited away. tokend verifiers resolve
+/// it to the key and require `cnf`.
 pub(crate) const BOUND_KID_SUFFIX: &str = ".dpop";
 
 /// The member of `act` holding the token the actor exchanged (RFC 8693 link).

@@ -3,6 +3,9 @@
 //! `watch` channel that any number of `KeyView` readers borrow from: the
 //! minter, the verifier's own-issuer entry, the peer server, the admin API.
 //! `ProofKeyStore` keeps the instance's ES256 proof keys for bound tokens.
+//! A second `KeyStore` of class `Bound` keeps the RSA keys bound tokens are
+//! signed with in `keys_dir/bound/`, under the same disk rules and rotation;
+//! `OwnKeys` pairs the two views for whoever publishes the own keys.
 
 mod disk;
 mod generate;
@@ -52,6 +55,49 @@ pub enum KeyError {
     #[error("key {0:?} is already revoked")]
     AlreadyRevoked(String),
 }
+
+/// Which of this sidecar's two RSA key classes a store holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyClass {
+    /// The signing keys of bearer tokens: published everywhere (JWKS,
+    /// SPIFFE bundles, peers, documents).
+    Signing,
+    /// The keys bound tokens (`cnf.jkt`) are signed with: published only
+    /// to tokend verifiers (peer key exchange, signed documents), never in
+    /// a JWKS or SPIFFE bundle, so a stolen bound token verifies at no
+    /// bearer verifier.
+    Bound,
+}
+
+impl KeyClass {
+    /// The subdirectory of `keys_dir` the class is kept in (none: the root).
+    pub(crate) fn subdir(self) -> Option<&'static str> {
+        match self {
+            KeyClass::Signing => None,
+            KeyClass::Bound => Some(BOUND_DIR),
+        }
+    }
+
+    /// A name for logs and errors.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            KeyClass::Signing => "signing",
+            KeyClass::Bound => "bound",
+        }
+    }
+
+    /// The metric `tokend_<name>` of this class (`tokend_bound_<name>` for
+    /// bound keys, so the signing keys' series keep their names).
+    pub(crate) fn metric(self, name: &str) -> String {
+        match self {
+            KeyClass::Signing => format!("tokend_{name}"),
+            KeyClass::Bound => format!("tokend_bound_{name}"),
+        }
+    }
+}
+
+/// The subdirectory of `keys_dir` the bound-token signing keys live in.
+pub(crate) const BOUND_DIR: &str = "bound";
 
 /// One key of a snapshot: its record and, unless revoked, its material.
 #[derive(Debug, Clone)]
@@ -144,6 +190,11 @@ impl KeySet {
     pub fn jwks_json(&self) -> String {
         crate::jose::to_jwks_json(self.published())
     }
+
+    /// A set with no key (an engine built without bound keys).
+    pub(crate) fn empty(lifecycle: Lifecycle) -> Self {
+        Self::new(0, lifecycle, Vec::new())
+    }
 }
 
 /// A reader of the key store's snapshots. Cheap to clone.
@@ -161,5 +212,63 @@ impl KeyView {
     /// A receiver that wakes on every change (for streams to peers).
     pub fn subscribe(&self) -> watch::Receiver<Arc<KeySet>> {
         self.0.clone()
+    }
+
+    /// A view that always shows a set with no key.
+    pub(crate) fn empty(lifecycle: Lifecycle) -> Self {
+        Self(watch::channel(Arc::new(KeySet::empty(lifecycle))).1)
+    }
+}
+
+/// This sidecar's own keys of both classes, as peers are told of them: the
+/// peer key exchange and the signed documents publish both, each class
+/// apart; every export to third-party verifiers reads `signing` only.
+#[derive(Clone, Debug)]
+pub(crate) struct OwnKeys {
+    /// Bearer tokens' signing keys.
+    pub(crate) signing: KeyView,
+    /// Bound tokens' signing keys.
+    pub(crate) bound: KeyView,
+}
+
+/// A snapshot of both classes.
+#[derive(Clone, Debug)]
+pub(crate) struct OwnSet {
+    /// Bearer tokens' signing keys.
+    pub(crate) signing: Arc<KeySet>,
+    /// Bound tokens' signing keys.
+    pub(crate) bound: Arc<KeySet>,
+}
+
+impl OwnKeys {
+    /// Both current snapshots.
+    pub(crate) fn current(&self) -> OwnSet {
+        OwnSet {
+            signing: self.signing.current(),
+            bound: self.bound.current(),
+        }
+    }
+}
+
+impl OwnSet {
+    /// Grows with every change of either class (each version only grows).
+    pub(crate) fn version(&self) -> u64 {
+        self.signing.version + self.bound.version
+    }
+
+    /// Kids of both classes revoked and still remembered.
+    pub(crate) fn revoked_kids(&self) -> Vec<String> {
+        self.signing
+            .revoked_kids()
+            .chain(self.bound.revoked_kids())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Both classes' expiry hints (kids are thumbprints: they never collide).
+    pub(crate) fn expiry_hints(&self) -> std::collections::BTreeMap<String, UnixTime> {
+        let mut hints = self.signing.expiry_hints();
+        hints.extend(self.bound.expiry_hints());
+        hints
     }
 }

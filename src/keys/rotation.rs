@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::key::{KeyRecord, KeyState, Lifecycle, delete_after, state_at};
-use super::{KeyError, KeyStore};
+use super::{KeyClass, KeyError, KeyStore};
 use crate::time::{SharedClock, UnixTime};
 
 /// One change the planner asks for.
@@ -106,10 +106,11 @@ pub(crate) async fn apply(store: &mut KeyStore, now: UnixTime) -> Result<(), Key
     Ok(())
 }
 
-/// Key gauges: the signing key's age and the number of keys in each state.
-fn record_metrics(now: UnixTime, records: &[KeyRecord]) {
+/// Key gauges: the signing key's age and the number of keys in each state
+/// (`tokend_bound_…` for the bound class).
+fn record_metrics(class: KeyClass, now: UnixTime, records: &[KeyRecord]) {
     if let Some(a) = newest_active(now, records) {
-        metrics::gauge!("tokend_signing_key_age_seconds")
+        metrics::gauge!(class.metric("signing_key_age_seconds"))
             .set(now.since(a.activates_at).as_secs_f64());
     }
     for state in [
@@ -122,7 +123,7 @@ fn record_metrics(now: UnixTime, records: &[KeyRecord]) {
             .iter()
             .filter(|r| state_at(r, records, now) == state)
             .count();
-        metrics::gauge!("tokend_keys", "state" => state.as_str()).set(n as f64);
+        metrics::gauge!(class.metric("keys"), "state" => state.as_str()).set(n as f64);
     }
 }
 
@@ -154,13 +155,13 @@ pub(crate) async fn run(
         let now = clock.now();
         let wake = match apply(&mut store, now).await {
             Ok(()) => {
-                record_metrics(now, store.records());
+                record_metrics(store.class(), now, store.records());
                 next_event(now, store.records(), &store.lifecycle())
                     .unwrap_or(now + MAX_SLEEP)
                     .clamp(now + Duration::from_secs(1), now + MAX_SLEEP)
             }
             Err(e) => {
-                tracing::error!(error = %e, "rotation step failed; retrying");
+                tracing::error!(error = %e, class = store.class().as_str(), "rotation step failed; retrying");
                 now + RETRY
             }
         };

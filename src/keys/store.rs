@@ -11,11 +11,12 @@ use tokio::sync::watch;
 use super::disk::{DiskError, KeyDir};
 use super::generate;
 use super::key::{KeyRecord, Lifecycle, SigningKey};
-use super::{KeyEntry, KeyError, KeySet, KeyView};
+use super::{KeyClass, KeyEntry, KeyError, KeySet, KeyView};
 use crate::time::{SharedClock, UnixTime};
 
 /// The single writer of the keys directory and of the published snapshots.
 pub struct KeyStore {
+    class: KeyClass,
     dir: KeyDir,
     lifecycle: Lifecycle,
     bits: u32,
@@ -33,6 +34,7 @@ pub struct KeyStore {
 impl std::fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KeyStore")
+            .field("class", &self.class)
             .field("dir", &self.dir)
             .field("keys", &self.records.len())
             .finish()
@@ -51,6 +53,27 @@ impl KeyStore {
         bits: u32,
         clock: SharedClock,
     ) -> Result<(Self, KeyView), KeyError> {
+        Self::open_class(dir, KeyClass::Signing, lifecycle, bits, clock).await
+    }
+
+    /// Opens the store of `class` in `keys_dir` (for `Bound`, the
+    /// subdirectory `bound/`, created 0700 when absent: a keys directory of
+    /// an earlier release has none and loads as before). Same checks, same
+    /// writes, same rotation as the signing keys. A bound store keeps no
+    /// standby key (one RSA keygen less at every start): revoking its
+    /// signing key generates the successor then, while the old one signs.
+    pub async fn open_class(
+        keys_dir: &std::path::Path,
+        class: KeyClass,
+        lifecycle: Lifecycle,
+        bits: u32,
+        clock: SharedClock,
+    ) -> Result<(Self, KeyView), KeyError> {
+        let dir = match class.subdir() {
+            Some(sub) => keys_dir.join(sub),
+            None => keys_dir.to_owned(),
+        };
+        let dir = dir.as_path();
         let path = dir.to_owned();
         let dir = KeyDir::open(dir)?;
         let loaded = {
@@ -73,6 +96,7 @@ impl KeyStore {
         }
         let (tx, rx) = watch::channel(Arc::new(KeySet::new(0, lifecycle, Vec::new())));
         let mut store = Self {
+            class,
             dir,
             lifecycle,
             bits,
@@ -82,7 +106,7 @@ impl KeyStore {
             tx,
             clock,
             spare: None,
-            standby: true,
+            standby: class == KeyClass::Signing,
         };
         store.publish();
         Ok((store, KeyView(rx)))
@@ -102,6 +126,11 @@ impl KeyStore {
     /// The lifecycle timings.
     pub fn lifecycle(&self) -> Lifecycle {
         self.lifecycle
+    }
+
+    /// Which class of keys it holds.
+    pub fn class(&self) -> KeyClass {
+        self.class
     }
 
     fn publish(&mut self) {
@@ -150,8 +179,15 @@ impl KeyStore {
             self.discard_file(&file);
             return Err(e);
         }
-        tracing::info!(kid = %record.kid, activates_at = %activates_at, "generated signing key");
-        metrics::counter!("tokend_keys_generated_total").increment(1);
+        match self.class {
+            KeyClass::Signing => {
+                tracing::info!(kid = %record.kid, activates_at = %activates_at, "generated signing key")
+            }
+            KeyClass::Bound => {
+                tracing::info!(kid = %record.kid, activates_at = %activates_at, "generated bound-token signing key")
+            }
+        }
+        metrics::counter!(self.class.metric("keys_generated_total")).increment(1);
         self.keys.insert(record.kid.clone(), Arc::new(key));
         self.publish();
         Ok(record)
@@ -254,8 +290,13 @@ impl KeyStore {
             .signing_key(now)
             .map(|k| k.kid().to_owned())
             .unwrap_or_default();
-        tracing::warn!(kid, active = %active, "revoked signing key");
-        metrics::counter!("tokend_keys_revoked_total").increment(1);
+        match self.class {
+            KeyClass::Signing => tracing::warn!(kid, active = %active, "revoked signing key"),
+            KeyClass::Bound => {
+                tracing::warn!(kid, active = %active, "revoked bound-token signing key")
+            }
+        }
+        metrics::counter!(self.class.metric("keys_revoked_total")).increment(1);
         Ok((self.records[idx].clone(), active))
     }
 
@@ -273,7 +314,7 @@ impl KeyStore {
         if !rec.file.is_empty() {
             self.discard_file(&rec.file);
         }
-        tracing::info!(kid, "deleted expired key");
+        tracing::info!(kid, class = self.class.as_str(), "deleted expired key");
         Ok(())
     }
 
@@ -503,5 +544,54 @@ mod tests {
                 assert!(dir.join(&rec.file).is_file(), "{} removed", rec.file);
             }
         }
+    }
+
+    /// The bound class opens `keys_dir/bound/` (created 0700 next to a
+    /// keys directory that has none, as an earlier release left it),
+    /// generates its first key there under the same rules, and leaves the
+    /// signing keys' manifest and files alone.
+    #[tokio::test]
+    async fn bound_class_lives_in_its_own_directory() {
+        use std::os::unix::fs::PermissionsExt;
+
+        use super::super::KeyClass;
+
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("keys");
+        std::fs::create_dir(&dir).expect("mkdir");
+        for entry in std::fs::read_dir(FIXTURE_V0_1_0).expect("fixture dir") {
+            let entry = entry.expect("fixture entry");
+            let to = dir.join(entry.file_name());
+            std::fs::copy(entry.path(), &to).expect("copy fixture file");
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let before = manifest_records(&dir);
+        let lc = Lifecycle {
+            interval: Duration::from_secs(20),
+            publish_ahead: Duration::from_secs(8),
+            grace: Duration::from_secs(150),
+        };
+        let now = t(FIXTURE_V0_1_0_T);
+        let clock = Arc::new(ManualClock::at(now));
+        let (mut bound, view) = KeyStore::open_class(&dir, KeyClass::Bound, lc, 2048, clock)
+            .await
+            .expect("open the bound class");
+        assert!(view.current().records().is_empty(), "none yet");
+        bound.apply_plan(now).await.expect("first bound key");
+        let key = view.current().signing_key(now).expect("signs").clone();
+        let sub = dir.join("bound");
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&sub), 0o700);
+        assert_eq!(mode(&sub.join(format!("{}.pk8.pem", key.kid()))), 0o600);
+        assert_eq!(manifest_records(&sub)[0].kid, key.kid());
+        assert_eq!(manifest_records(&dir), before, "signing keys untouched");
+        assert!(before.iter().all(|r| r.kid != key.kid()));
+        // The signing keys still load, with the subdirectory beside them.
+        let (_, signing) = KeyStore::open(&dir, lc, 2048, Arc::new(ManualClock::at(now)))
+            .await
+            .expect("the signing keys load");
+        assert_eq!(signing.current().records(), before);
     }
 }

@@ -221,7 +221,12 @@ impl PeerClient {
             return Err(PeerError::NotConfigured(identity.clone()));
         }
         let version = msg.version;
-        let (keys, revoked, expires) = key_set_parts(msg)?;
+        let super::keyset::SetParts {
+            keys,
+            bound,
+            revoked,
+            expires,
+        } = key_set_parts(msg)?;
         let at = self.clock.now();
         let n = keys.len();
         let instance = self.source();
@@ -230,7 +235,11 @@ impl PeerClient {
             instance: self.authority.clone(),
             address: None,
         };
-        let kids: Vec<String> = keys.iter().map(|k| k.kid().to_owned()).collect();
+        let kids: Vec<String> = keys
+            .iter()
+            .chain(&bound)
+            .map(|k| k.kid().to_owned())
+            .collect();
         // New kids get their origin before they can be found; known ones
         // keep theirs until the writer took the set.
         self.origins
@@ -241,6 +250,7 @@ impl PeerClient {
                 instance: instance.clone(),
                 source: self.source(),
                 keys,
+                bound,
                 revoked,
                 expires,
                 at,

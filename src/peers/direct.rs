@@ -248,6 +248,7 @@ mod tests {
                     expires_at: UnixTime::from_secs(exp),
                     address: address.map(str::to_owned),
                     keys: vec![],
+                    bound_keys: Vec::new(),
                     revoked: vec![],
                     key_expires: Default::default(),
                 },

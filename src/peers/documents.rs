@@ -193,7 +193,11 @@ impl DocumentSink {
                 .await?;
         }
         let origin = origin_of(&doc);
-        let kids = || doc.claims.keys.iter().map(|k| k.kid().to_owned());
+        let kids = || {
+            (doc.claims.keys.iter())
+                .chain(&doc.claims.bound_keys)
+                .map(|k| k.kid().to_owned())
+        };
         // New kids get their origin before they can be found; known ones
         // keep theirs until the writer accepted this document (a replayed
         // older document, refused as a rollback, must not rewrite them).

@@ -15,7 +15,12 @@ pub(crate) fn key_set_update(
     msg: pb::PeerKeySet,
     at: UnixTime,
 ) -> Result<TrustUpdate, PeerError> {
-    let (keys, revoked, expires) = key_set_parts(msg)?;
+    let SetParts {
+        keys,
+        revoked,
+        expires,
+        ..
+    } = key_set_parts(msg)?;
     Ok(TrustUpdate::Replace {
         issuer: issuer.to_owned(),
         keys,
@@ -25,24 +30,45 @@ pub(crate) fn key_set_update(
     })
 }
 
-/// A key-set message's keys, revoked kids and expiry hints, checked.
-type SetParts = (
-    Vec<crate::jose::PublicKey>,
-    Vec<String>,
-    std::collections::HashMap<String, UnixTime>,
-);
+/// A key-set message's keys of both classes, revoked kids and expiry
+/// hints, checked.
+pub(super) struct SetParts {
+    pub(super) keys: Vec<crate::jose::PublicKey>,
+    /// The bound-token keys (`bound_jwks_json`; none from an older release).
+    pub(super) bound: Vec<crate::jose::PublicKey>,
+    pub(super) revoked: Vec<String>,
+    pub(super) expires: std::collections::HashMap<String, UnixTime>,
+}
 
 pub(super) fn key_set_parts(msg: pb::PeerKeySet) -> Result<SetParts, PeerError> {
-    if msg.jwks_json.len() > super::MAX_JWKS_BYTES {
-        return Err(PeerError::TooLarge(msg.jwks_json.len()));
+    for jwks in [&msg.jwks_json, &msg.bound_jwks_json] {
+        if jwks.len() > super::MAX_JWKS_BYTES {
+            return Err(PeerError::TooLarge(jwks.len()));
+        }
     }
     let keys = crate::jose::parse_jwks(msg.jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)?;
+    let bound = if msg.bound_jwks_json.is_empty() {
+        Vec::new()
+    } else {
+        crate::jose::parse_jwks(msg.bound_jwks_json.as_bytes(), MAX_KEYS_PER_ISSUER)?
+    };
+    if let Some(k) = bound
+        .iter()
+        .find(|b| keys.iter().any(|k| k.kid() == b.kid()))
+    {
+        return Err(PeerError::BoundOverlap(k.kid().to_owned()));
+    }
     let expires = msg
         .key_expires_at
         .into_iter()
         .map(|(kid, t)| (kid, UnixTime::from_secs(t)))
         .collect();
-    Ok((keys, msg.revoked_kids, expires))
+    Ok(SetParts {
+        keys,
+        bound,
+        revoked: msg.revoked_kids,
+        expires,
+    })
 }
 
 /// What a peer client makes of a `PeerKeySet` before the trust writer sees

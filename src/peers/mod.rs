@@ -91,6 +91,9 @@ pub enum PeerError {
     /// The set is larger than accepted.
     #[error("key set of {0} bytes exceeds {MAX_JWKS_BYTES} bytes")]
     TooLarge(usize),
+    /// A key listed both as a signing key and as a bound-token key.
+    #[error("key {0:?} is listed both in jwks_json and in bound_jwks_json")]
+    BoundOverlap(String),
     /// A key of the set fails the import policy.
     #[error(transparent)]
     Jwk(#[from] JwkError),

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::{DocumentClaims, DocumentKey, SignedDocument, sign_document};
 use crate::identity::SpiffeId;
-use crate::keys::{InstanceState, KeySet, KeyView};
+use crate::keys::{InstanceState, OwnKeys, OwnSet};
 use crate::time::{SharedClock, UnixTime};
 
 /// How soon a failed signature is retried.
@@ -64,7 +64,7 @@ pub struct DocumentHandle {
 struct Shared {
     identity: SpiffeId,
     key: SignerSource,
-    keys: KeyView,
+    keys: OwnKeys,
     clock: SharedClock,
     lifetime: Duration,
     address: Option<String>,
@@ -99,7 +99,7 @@ fn claims_for(
     identity: &SpiffeId,
     instance: &str,
     seq: u64,
-    set: &KeySet,
+    set: &OwnSet,
     now: UnixTime,
     lifetime: Duration,
     address: Option<&str>,
@@ -111,8 +111,9 @@ fn claims_for(
         issued_at: now,
         expires_at: now + lifetime,
         address: address.map(str::to_owned),
-        keys: set.published().cloned().collect(),
-        revoked: set.revoked_kids().map(str::to_owned).collect(),
+        keys: set.signing.published().cloned().collect(),
+        bound_keys: set.bound.published().cloned().collect(),
+        revoked: set.revoked_kids(),
         key_expires: set.expiry_hints(),
     }
 }
@@ -133,7 +134,7 @@ impl DocumentPublisher {
         identity: SpiffeId,
         key: SignerSource,
         mut instance: InstanceState,
-        keys: KeyView,
+        keys: OwnKeys,
         clock: SharedClock,
         lifetime: Duration,
         address: Option<String>,
@@ -159,7 +160,7 @@ impl DocumentPublisher {
                 address,
                 state: std::sync::Mutex::new(State {
                     instance,
-                    version: set.version,
+                    version: set.version(),
                 }),
                 tx,
             }),
@@ -193,8 +194,10 @@ impl DocumentPublisher {
     pub async fn run(self, cancel: CancellationToken) {
         let shared = self.shared;
         let mut reloads = self.reloads;
-        let mut changes = shared.keys.subscribe();
+        let mut changes = shared.keys.signing.subscribe();
         changes.mark_unchanged();
+        let mut bound_changes = shared.keys.bound.subscribe();
+        bound_changes.mark_unchanged();
         let mut retry_at: Option<UnixTime> = None;
         // A reload seen and not yet signed for (kept until a signature succeeds).
         let mut force = false;
@@ -204,6 +207,11 @@ impl DocumentPublisher {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                changed = bound_changes.changed() => {
                     if changed.is_err() {
                         return;
                     }
@@ -258,7 +266,7 @@ impl Shared {
         let now = self.clock.now();
         let set = self.keys.current();
         let current = self.tx.borrow().clone();
-        if !force && state.version == set.version && now < half_life(&current) {
+        if !force && state.version == set.version() && now < half_life(&current) {
             return Ok(current);
         }
         let doc = Arc::new(sign(
@@ -270,7 +278,7 @@ impl Shared {
             self.lifetime,
             self.address.as_deref(),
         )?);
-        state.version = set.version;
+        state.version = set.version();
         tracing::debug!(seq = doc.seq, exp = %doc.expires_at, "signed key-set document");
         metrics::counter!("tokend_documents_signed_total").increment(1);
         self.tx.send_replace(doc.clone());
@@ -293,7 +301,7 @@ fn sign(
     identity: &SpiffeId,
     key: &SignerSource,
     instance: &mut InstanceState,
-    set: &KeySet,
+    set: &OwnSet,
     now: UnixTime,
     lifetime: Duration,
     address: Option<&str>,

@@ -21,7 +21,7 @@ use super::publisher::DocumentHandle;
 use crate::config::LimitsConfig;
 use crate::engine::SignedDocument;
 use crate::identity::{SpiffeId, TrustDomain};
-use crate::keys::{KeySet, KeyView};
+use crate::keys::{OwnKeys, OwnSet};
 use crate::proto::tokend::v1 as pb;
 
 /// Serves this sidecar's public keys to peers.
@@ -29,7 +29,7 @@ use crate::proto::tokend::v1 as pb;
 pub(crate) struct PeerKeysApi {
     id: SpiffeId,
     td: TrustDomain,
-    keys: KeyView,
+    keys: OwnKeys,
     documents: Option<DocumentHandle>,
     shutdown: tokio_util::sync::CancellationToken,
     watches: Arc<WatchSlots>,
@@ -83,14 +83,20 @@ impl std::fmt::Debug for PeerKeysApi {
     }
 }
 
-/// The wire form of a key set, with each key's expiry hint
-/// (`KeySet::expiry_hints`).
-fn key_set_message(id: &SpiffeId, set: &KeySet) -> pb::PeerKeySet {
+/// The wire form of the own keys, with each key's expiry hint
+/// (`KeySet::expiry_hints`): the bound-token keys in their own field.
+fn key_set_message(id: &SpiffeId, set: &OwnSet) -> pb::PeerKeySet {
+    let bound_jwks_json = if set.bound.published().next().is_some() {
+        set.bound.jwks_json()
+    } else {
+        String::new()
+    };
     pb::PeerKeySet {
         issuer: id.to_string(),
-        jwks_json: set.jwks_json(),
-        revoked_kids: set.revoked_kids().map(str::to_owned).collect(),
-        version: set.version,
+        jwks_json: set.signing.jwks_json(),
+        revoked_kids: set.revoked_kids(),
+        version: set.version(),
+        bound_jwks_json,
         key_expires_at: set
             .expiry_hints()
             .into_iter()
@@ -105,7 +111,7 @@ impl PeerKeysApi {
     pub(crate) fn new(
         id: SpiffeId,
         td: TrustDomain,
-        keys: KeyView,
+        keys: OwnKeys,
         shutdown: tokio_util::sync::CancellationToken,
         watches_per_caller: usize,
     ) -> Self {
@@ -183,9 +189,14 @@ impl pb::peer_service_server::PeerService for PeerKeysApi {
         };
         tracing::info!(peer = %caller, "peer watching keys");
         let id = self.id.clone();
-        let stream = WatchStream::new(self.keys.subscribe()).map(move |set| {
+        let keys = self.keys.clone();
+        // The current set, then one message per change of either class.
+        let changes = WatchStream::new(self.keys.signing.subscribe())
+            .map(|_| ())
+            .merge(WatchStream::from_changes(self.keys.bound.subscribe()).map(|_| ()));
+        let stream = changes.map(move |()| {
             let _held = &slot;
-            Ok(key_set_message(&id, &set))
+            Ok(key_set_message(&id, &keys.current()))
         });
         let stream = crate::shutdown::until_cancelled(Box::pin(stream), self.shutdown.clone());
         Ok(Response::new(Box::pin(stream)))

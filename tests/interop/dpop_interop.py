@@ -13,6 +13,10 @@ bearer JWKS_FILE TOKEN AUDIENCE ISSUER
     Verifies TOKEN as a plain bearer verifier does (the key chosen by the
     header kid from the published JWKS, as PyJWKClient does). Prints
     "accepted" or "refused: <why>".
+every JWKS_FILE TOKEN AUDIENCE ISSUER
+    Verifies TOKEN as a careless bearer verifier does: ignoring the header
+    kid, it tries every RSA key of the JWKS until one verifies. Prints
+    "accepted by <kid>" or "refused: tried <n> keys".
 """
 import base64
 import hashlib
@@ -94,5 +98,18 @@ def bearer(jwks_file, token, audience, issuer):
     print("accepted")
 
 
+def every(jwks_file, token, audience, issuer):
+    with open(jwks_file) as f:
+        jwks = jwt.PyJWKSet.from_dict(json.load(f))
+    for key in jwks.keys:
+        try:
+            jwt.decode(token, key.key, algorithms=["RS256"], audience=audience, issuer=issuer)
+        except jwt.PyJWTError:
+            continue
+        print(f"accepted by {key.key_id}")
+        return
+    print(f"refused: tried {len(jwks.keys)} keys")
+
+
 if __name__ == "__main__":
-    {"check": check, "make": make, "bearer": bearer}[sys.argv[1]](*sys.argv[2:])
+    {"check": check, "make": make, "bearer": bearer, "every": every}[sys.argv[1]](*sys.argv[2:])

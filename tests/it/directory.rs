@@ -263,6 +263,7 @@ fn doc_claims(
         expires_at: at(exp),
         address: None,
         keys: vec![key.public().clone()],
+        bound_keys: Vec::new(),
         revoked: Vec::new(),
         key_expires: Default::default(),
     }

@@ -640,12 +640,14 @@ async fn proofs_interoperate_with_pyjwt() {
     );
 }
 
-/// A bound token names its key as `<kid>.dpop`, which no published JWKS
-/// lists: a bearer verifier selecting the key by kid (PyJWT with the JWKS
-/// `tokend jwks` prints) refuses it, while a bearer token of the same key
-/// passes there; tokend resolves the kid and still demands the proof.
+/// A bound token is signed by a bound key, which no export to third-party
+/// verifiers lists (`tokend jwks`, the SPIFFE bundles through the real
+/// socket), and names it `<kid>.dpop`: a bearer verifier refuses a stolen
+/// bound token whether it selects the key by kid (PyJWT's `PyJWKSet`) or
+/// ignores the kid and tries every key of the JWKS, while a bearer token
+/// passes both; tokend still demands the proof.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bound_token_is_no_bearer_token_for_kid_selecting_verifiers() {
+async fn bound_token_is_no_bearer_token_for_any_bearer_verifier() {
     let root = tmp();
     let s = Sidecar::start(root.path(), "ledger", "");
     let minted = mint_bound(s.tokens().await, "ledger", "").await;
@@ -655,37 +657,50 @@ async fn bound_token_is_no_bearer_token_for_kid_selecting_verifiers() {
     )
     .expect("json");
     assert_eq!(header["kid"], format!("{}.dpop", minted.kid));
+    let bound = crate::support::signing_key_in(&root.path().join("ledger/keys/bound"));
+    assert_eq!(minted.kid, bound.kid(), "signed by the bound key");
+    let signing = s.signing_key();
+    assert_ne!(bound.kid(), signing.kid());
     let jwks = s.jwks();
     assert!(
-        jwks.contains(&minted.kid) && !jwks.contains(".dpop"),
+        jwks.contains(signing.kid()) && !jwks.contains(bound.kid()) && !jwks.contains(".dpop"),
         "{jwks}"
+    );
+    let bundles = crate::bound_keys::spiffe_bundles(&s.socket).await;
+    assert!(
+        bundles.contains(signing.kid()) && !bundles.contains(bound.kid()),
+        "{bundles}"
     );
     let file = root.path().join("ledger.jwks.json");
     std::fs::write(&file, &jwks).expect("write jwks");
     let file = file.to_string_lossy().into_owned();
-    let out = crate::interop::run_script(
-        "dpop_interop.py",
-        &["bearer", &file, &minted.token, &id("ledger"), &id("ledger")],
-    )
-    .await;
-    assert!(out.starts_with("refused: "), "PyJWT: {out}");
     let bearer = s.mint("ledger").await.token;
-    let out = crate::interop::run_script(
-        "dpop_interop.py",
-        &["bearer", &file, &bearer, &id("ledger"), &id("ledger")],
-    )
-    .await;
-    assert_eq!(out, "accepted", "the same key's bearer token passes PyJWT");
+    for mode in ["bearer", "every"] {
+        let out = crate::interop::run_script(
+            "dpop_interop.py",
+            &[mode, &file, &minted.token, &id("ledger"), &id("ledger")],
+        )
+        .await;
+        assert!(out.starts_with("refused: "), "PyJWT {mode}: {out}");
+        let out = crate::interop::run_script(
+            "dpop_interop.py",
+            &[mode, &file, &bearer, &id("ledger"), &id("ledger")],
+        )
+        .await;
+        assert!(
+            out == "accepted" || out == format!("accepted by {}", signing.kid()),
+            "PyJWT {mode} accepts the bearer token: {out}"
+        );
+    }
     assert_eq!(
         s.verify(&minted.token).await.err().as_deref(),
         Some("missing_proof")
     );
     // The bound kid on a token bound to nothing (only a key holder could
     // sign one) is refused: the kid and cnf go together.
-    let key = s.signing_key();
     let forged = crate::support::forge(
-        &key,
-        &format!("{}.dpop", key.kid()),
+        &signing,
+        &format!("{}.dpop", signing.kid()),
         &crate::support::claims("ledger", "ledger", 60),
     );
     assert_eq!(s.verify(&forged).await.err().as_deref(), Some("malformed"));

@@ -568,7 +568,12 @@ async fn a_refusal_flood_is_rate_limited_in_the_log() {
         .lines()
         .filter(|l| l.contains("ext_authz refused"))
         .filter_map(|l| l.split("suppressed=").nth(1))
-        .filter_map(|v| v.split(|c: char| !c.is_ascii_digit()).next()?.parse::<u64>().ok())
+        .filter_map(|v| {
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum();
     assert_eq!(
         lines + left_out,

@@ -229,7 +229,7 @@ impl Node {
     pub async fn rotate(&self) -> String {
         self.admin()
             .await
-            .rotate_key(pb::RotateKeyRequest {})
+            .rotate_key(pb::RotateKeyRequest::default())
             .await
             .expect("rotate")
             .into_inner()
@@ -253,7 +253,7 @@ impl Node {
     pub async fn keys(&self) -> Vec<pb::KeyInfo> {
         self.admin()
             .await
-            .list_keys(pb::ListKeysRequest {})
+            .list_keys(pb::ListKeysRequest::default())
             .await
             .expect("list")
             .into_inner()

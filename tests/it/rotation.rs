@@ -456,12 +456,12 @@ async fn admin_calls_need_an_allowed_uid() {
     let mut admin = a.admin().await;
     let refusals = [
         admin
-            .rotate_key(pb::RotateKeyRequest {})
+            .rotate_key(pb::RotateKeyRequest::default())
             .await
             .map(drop)
             .err(),
         admin
-            .list_keys(pb::ListKeysRequest {})
+            .list_keys(pb::ListKeysRequest::default())
             .await
             .map(drop)
             .err(),
@@ -547,7 +547,7 @@ async fn sigkill_during_rotation_never_loses_a_live_key() {
             if rnd(6) == 0 {
                 // An on-demand rotation in flight when the kill lands, some of the time.
                 let mut adm = admin.clone();
-                tokio::spawn(async move { adm.rotate_key(pb::RotateKeyRequest {}).await });
+                tokio::spawn(async move { adm.rotate_key(pb::RotateKeyRequest::default()).await });
             }
             let req = pb::MintRequest {
                 audience: "ledger".into(),
@@ -560,7 +560,7 @@ async fn sigkill_during_rotation_never_loses_a_live_key() {
             n += 1;
             tokio::time::sleep(Duration::from_millis(rnd(60))).await;
         }
-        let _ = admin.list_keys(pb::ListKeysRequest {}).await;
+        let _ = admin.list_keys(pb::ListKeysRequest::default()).await;
         a.kill9();
         a.restart();
         let now = now();

@@ -118,6 +118,7 @@ impl DocumentKey {
 /// The JSON payload of `claims`.
 pub(super) fn payload(claims: &DocumentClaims) -> Value {
     let keys: Vec<_> = claims.keys.iter().map(|k| k.to_jwk()).collect();
+    let bound: Vec<_> = claims.bound_keys.iter().map(|k| k.to_jwk()).collect();
     let key_exp: Map<String, Value> = claims
         .key_expires
         .iter()
@@ -135,6 +136,9 @@ pub(super) fn payload(claims: &DocumentClaims) -> Value {
     });
     if let (Some(addr), Some(obj)) = (&claims.address, p.as_object_mut()) {
         obj.insert("addr".into(), Value::String(addr.clone()));
+    }
+    if let (false, Some(obj)) = (bound.is_empty(), p.as_object_mut()) {
+        obj.insert("bound_jwks".into(), json!({ "keys": bound }));
     }
     p
 }

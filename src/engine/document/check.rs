@@ -279,22 +279,49 @@ fn claims(
         issued_at: UnixTime::from_secs(int(payload, "iat")?),
         expires_at: UnixTime::from_secs(int(payload, "exp")?),
         address,
-        keys: keys(payload, limits)?,
+        keys: keys(payload, "jwks", limits)?,
+        bound_keys: bound_keys(payload, limits)?,
         revoked: revoked(payload, limits)?,
         key_expires: key_expires(payload, limits)?,
     })
 }
 
-fn keys(
+/// The bound-token keys (`bound_jwks`, absent: none); no key of both classes.
+fn bound_keys(
     payload: &Map<String, Value>,
     limits: &DocumentLimits,
 ) -> Result<Vec<PublicKey>, DocumentError> {
+    if !payload.contains_key("bound_jwks") {
+        return Ok(Vec::new());
+    }
+    let bound = keys(payload, "bound_jwks", limits)?;
+    let signing = keys(payload, "jwks", limits)?;
+    if let Some(k) = bound
+        .iter()
+        .find(|b| signing.iter().any(|s| s.kid() == b.kid()))
+    {
+        return Err(malformed(format!(
+            "key {:?} is listed in both jwks and bound_jwks",
+            k.kid()
+        )));
+    }
+    Ok(bound)
+}
+
+/// The keys of the JWKS claim `name`, each under its thumbprint, no kid twice.
+fn keys(
+    payload: &Map<String, Value>,
+    name: &str,
+    limits: &DocumentLimits,
+) -> Result<Vec<PublicKey>, DocumentError> {
     let Some(Value::Array(jwks)) = payload
-        .get("jwks")
+        .get(name)
         .and_then(|j| j.as_object())
         .and_then(|j| j.get("keys"))
     else {
-        return Err(malformed("claim jwks is not a JWKS ({\"keys\":[…]})"));
+        return Err(malformed(format!(
+            "claim {name} is not a JWKS ({{\"keys\":[…]}})"
+        )));
     };
     if jwks.len() > limits.max_keys {
         return Err(DocumentError::TooManyKeys {
@@ -305,18 +332,18 @@ fn keys(
     let mut out: Vec<PublicKey> = Vec::with_capacity(jwks.len());
     for j in jwks {
         let jwk: Jwk = serde_json::from_value(j.clone())
-            .map_err(|e| malformed(format!("a key of jwks: {e}")))?;
-        let key = PublicKey::from_jwk(&jwk).map_err(|e| malformed(format!("jwks: {e}")))?;
+            .map_err(|e| malformed(format!("a key of {name}: {e}")))?;
+        let key = PublicKey::from_jwk(&jwk).map_err(|e| malformed(format!("{name}: {e}")))?;
         // Keys travel under their thumbprint, so no key of a document can
         // take the kid of another key (a colliding kid would shadow it).
         if !key.kid_is_thumbprint() {
             return Err(malformed(format!(
-                "jwks: kid {:?} is not the key's RFC 7638 thumbprint",
+                "{name}: kid {:?} is not the key's RFC 7638 thumbprint",
                 key.kid()
             )));
         }
         if out.iter().any(|k| k.kid() == key.kid()) {
-            return Err(malformed(format!("jwks: duplicate kid {:?}", key.kid())));
+            return Err(malformed(format!("{name}: duplicate kid {:?}", key.kid())));
         }
         out.push(key);
     }
@@ -351,7 +378,7 @@ fn key_expires(
     let Some(Value::Object(map)) = payload.get("key_exp") else {
         return Err(malformed("claim key_exp is missing or not an object"));
     };
-    if map.len() > limits.max_keys + limits.max_revoked {
+    if map.len() > 2 * limits.max_keys + limits.max_revoked {
         return Err(DocumentError::TooManyKeys {
             count: map.len(),
             max: limits.max_keys,

@@ -17,8 +17,15 @@
 //! ```json
 //! {"iss":"spiffe://td/payments","instance":"5f0c…","seq":42,
 //!  "iat":1700000000,"exp":1700000300,"addr":"https://10.0.0.7:7443",
-//!  "jwks":{"keys":[…RSA JWKs…]},"revoked":["kid…"],"key_exp":{"kid":1700003900}}
+//!  "jwks":{"keys":[…RSA JWKs…]},"bound_jwks":{"keys":[…RSA JWKs…]},
+//!  "revoked":["kid…"],"key_exp":{"kid":1700003900}}
 //! ```
+//!
+//! `bound_jwks` (added after 0.1; absent means none) lists the keys the
+//! instance signs bound tokens (`cnf.jkt`) with: a class of their own, never
+//! listed in `jwks`. A verifier of an earlier release ignores the claim and
+//! so cannot verify bound tokens signed by them; it verifies everything else
+//! as before. `revoked` and `key_exp` cover both classes.
 //!
 //! Its `typ` and `x5c` make it unusable as a token (the token verifier
 //! refuses both), and a token is refused here (wrong `typ`, no `x5c`).
@@ -189,6 +196,8 @@ pub struct DocumentClaims {
     pub address: Option<String>,
     /// The public keys it signs with (or will, or did).
     pub keys: Vec<PublicKey>,
+    /// The public keys it signs bound tokens with (claim `bound_jwks`).
+    pub bound_keys: Vec<PublicKey>,
     /// Kids it revoked: refused for the whole identity.
     pub revoked: Vec<String>,
     /// kid → the latest instant a token it signed may still be valid.

@@ -91,6 +91,7 @@ fn claims(who: &str) -> DocumentClaims {
         revoked: vec!["old-kid".into()],
         key_expires: BTreeMap::from([(k.kid().to_owned(), t(NOW + 3600))]),
         keys: vec![k],
+        bound_keys: Vec::new(),
     }
 }
 
@@ -381,4 +382,46 @@ fn kids_must_be_thumbprints() {
         matches!(&e, DocumentError::Malformed(m) if m.contains("thumbprint")),
         "{e}"
     );
+}
+
+/// `bound_jwks` carries the bound-token keys apart from `jwks`; a document
+/// without it (an earlier release) has none; a key in both lists, or a
+/// `bound_jwks` that is no JWKS, is refused as `malformed`.
+#[test]
+fn bound_keys_travel_apart() {
+    let ca = ca("bank.internal");
+    let key = leaf(&ca, &["spiffe://bank.internal/payments"], None);
+    let mut c = claims("payments");
+    c.bound_keys = vec![rsa_key(9)];
+    let jws = sign_document(&c, &key).expect("sign");
+    let v = verify(&jws, &anchors(&ca), NOW + 10).expect("verifies");
+    assert_eq!(v.claims.keys.len(), 1);
+    assert_eq!(v.claims.keys[0].kid(), c.keys[0].kid());
+    assert_eq!(v.claims.bound_keys.len(), 1);
+    assert_eq!(v.claims.bound_keys[0].kid(), rsa_key(9).kid());
+    let payload = build::payload(&c);
+    assert_eq!(payload["jwks"]["keys"].as_array().map(Vec::len), Some(1));
+
+    let old = verify(
+        &sign_document(&claims("payments"), &key).expect("sign"),
+        &anchors(&ca),
+        NOW + 10,
+    )
+    .expect("verifies");
+    assert!(old.claims.bound_keys.is_empty());
+    assert!(
+        !build::payload(&claims("payments"))
+            .as_object()
+            .is_some_and(|o| o.contains_key("bound_jwks"))
+    );
+
+    c.bound_keys = vec![c.keys[0].clone()];
+    let e = verify(
+        &sign_document(&c, &key).expect("sign"),
+        &anchors(&ca),
+        NOW + 10,
+    )
+    .expect_err("overlap");
+    assert_eq!(e.kind(), "malformed");
+    assert!(e.to_string().contains("both jwks and bound_jwks"), "{e}");
 }

@@ -16,6 +16,7 @@ use super::{
 };
 use crate::engine::document::VerifiedDocument;
 use crate::jose::PublicKey;
+use crate::keys::KeyClass;
 use crate::time::UnixTime;
 
 /// How long an instance whose document expired is still shown (and may be
@@ -45,6 +46,8 @@ pub struct InstanceKeys {
     /// `peer:<address>`, `file:<path>`, `directory:<…>`, …
     pub source: String,
     keys: Vec<Arc<PublicKey>>,
+    /// The keys its bound tokens are signed with: a class of their own.
+    bound: Vec<Arc<PublicKey>>,
     /// Per-kid expiry hints, applied once the instance is stale or gone.
     expires: HashMap<String, UnixTime>,
     revoked: Vec<String>,
@@ -70,6 +73,7 @@ impl InstanceKeys {
     pub(super) fn plain(
         source: String,
         keys: Vec<PublicKey>,
+        bound: Vec<PublicKey>,
         revoked: Vec<String>,
         expires: HashMap<String, UnixTime>,
         at: UnixTime,
@@ -77,6 +81,7 @@ impl InstanceKeys {
         Self {
             source,
             keys: keys.into_iter().map(Arc::new).collect(),
+            bound: bound.into_iter().map(Arc::new).collect(),
             expires,
             revoked,
             updated_at: at,
@@ -90,6 +95,7 @@ impl InstanceKeys {
         Self {
             source,
             keys: c.keys.iter().cloned().map(Arc::new).collect(),
+            bound: c.bound_keys.iter().cloned().map(Arc::new).collect(),
             expires: c.key_expires.iter().map(|(k, t)| (k.clone(), *t)).collect(),
             revoked: c.revoked.clone(),
             stale: false,
@@ -110,6 +116,18 @@ impl InstanceKeys {
     /// Its keys, as delivered.
     pub fn keys(&self) -> &[Arc<PublicKey>] {
         &self.keys
+    }
+
+    /// Its bound-token signing keys, as delivered.
+    pub fn bound_keys(&self) -> &[Arc<PublicKey>] {
+        &self.bound
+    }
+
+    fn class(&self, class: KeyClass) -> &[Arc<PublicKey>] {
+        match class {
+            KeyClass::Signing => &self.keys,
+            KeyClass::Bound => &self.bound,
+        }
     }
 
     /// The kids it revoked.
@@ -156,6 +174,7 @@ impl InstanceKeys {
             && self
                 .keys
                 .iter()
+                .chain(&self.bound)
                 .all(|k| self.usable_until(k.kid()).is_some_and(|t| t < at))
     }
 }
@@ -175,6 +194,10 @@ pub struct IssuerKeys {
     pub source: String,
     instances: HashMap<String, Arc<InstanceKeys>>,
     index: HashMap<String, Usable>,
+    /// The bound-token keys, kept apart: a bearer token is never checked
+    /// against one, a bound token only against one (or, in the legacy
+    /// form, against `index`; see `verify`).
+    bound_index: HashMap<String, Usable>,
     revoked: HashSet<String>,
     /// instance → (highest document seq seen, when).
     high_water: HashMap<String, (u64, UnixTime)>,
@@ -216,6 +239,19 @@ impl IssuerKeys {
         keys
     }
 
+    /// The bound-token keys usable at `now`, sorted by kid (diagnostics;
+    /// never exported to third-party verifiers).
+    pub fn usable_bound_keys(&self, now: UnixTime) -> Vec<Arc<PublicKey>> {
+        let mut keys: Vec<_> = self
+            .bound_index
+            .values()
+            .filter(|u| u.until.is_none_or(|t| t >= now))
+            .map(|u| u.key.clone())
+            .collect();
+        keys.sort_by(|a, b| a.kid().cmp(b.kid()));
+        keys
+    }
+
     /// The revoked kids, sorted.
     pub fn revoked(&self) -> Vec<String> {
         let mut r: Vec<_> = self.revoked.iter().cloned().collect();
@@ -239,13 +275,18 @@ impl IssuerKeys {
         self.high_water.get(instance).map(|(s, _)| *s)
     }
 
-    /// Finds `kid` in the union at `now`: one revocation check and one
-    /// index probe, whatever the number of instances.
-    pub(super) fn lookup(&self, kid: &str, now: UnixTime) -> Lookup<'_> {
+    /// Finds `kid` among the keys of `class` in the union at `now`: one
+    /// revocation check and one index probe, whatever the number of
+    /// instances.
+    pub(super) fn lookup(&self, kid: &str, now: UnixTime, class: KeyClass) -> Lookup<'_> {
         if self.revoked.contains(kid) {
             return Lookup::Revoked;
         }
-        match self.index.get(kid) {
+        let index = match class {
+            KeyClass::Signing => &self.index,
+            KeyClass::Bound => &self.bound_index,
+        };
+        match index.get(kid) {
             Some(u) if u.until.is_none_or(|t| t >= now) => Lookup::Found(&u.key),
             _ => Lookup::UnknownKid,
         }
@@ -377,6 +418,16 @@ impl IssuerKeys {
         } else {
             current
         };
+        self.bound_index = self.build_index(KeyClass::Bound);
+        let mut index = self.build_index(KeyClass::Signing);
+        // A key some instance names a bound key never verifies a bearer
+        // token, whatever another delivery says of it.
+        index.retain(|kid, _| !self.bound_index.contains_key(kid));
+        self.index = index;
+    }
+
+    /// The kid index of one class of keys over every instance.
+    fn build_index(&self, class: KeyClass) -> HashMap<String, Usable> {
         // One entry per kid. Kids are thumbprints for every key tokend makes,
         // so two instances listing one kid list one key; should they differ
         // (a plain set from a compromised or foreign relay reusing a kid),
@@ -387,7 +438,7 @@ impl IssuerKeys {
         let mut index: HashMap<String, (Usable, (bool, u64))> = HashMap::new();
         for inst in self.instances.values() {
             let rank = (inst.document.is_some(), inst.delivery);
-            for key in &inst.keys {
+            for key in inst.class(class) {
                 if self.revoked.contains(key.kid()) {
                     continue;
                 }
@@ -417,7 +468,6 @@ impl IssuerKeys {
                 }
             }
         }
-        let index: HashMap<String, Usable> = index.into_iter().map(|(k, (u, _))| (k, u)).collect();
-        self.index = index;
+        index.into_iter().map(|(k, (u, _))| (k, u)).collect()
     }
 }

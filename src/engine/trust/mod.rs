@@ -13,6 +13,8 @@
 //! (`Document`, rollback-checked here), an instance that left
 //! (`InstanceGone`), contact lost or regained (`Stale`, `InstanceStale`).
 
+#[cfg(test)]
+mod class_tests;
 mod issuer;
 #[cfg(test)]
 mod tests;
@@ -25,7 +27,7 @@ use tokio::sync::watch;
 pub use self::issuer::{DocumentState, InstanceKeys, IssuerKeys};
 use super::document::VerifiedDocument;
 use crate::jose::{BOUND_KID_SUFFIX, PublicKey};
-use crate::keys::KeySet;
+use crate::keys::{KeyClass, KeySet};
 use crate::time::UnixTime;
 
 /// The most keys one instance may publish.
@@ -91,6 +93,8 @@ pub enum TrustUpdate {
         source: String,
         /// Its public keys.
         keys: Vec<PublicKey>,
+        /// Its bound-token signing keys (none from a release without them).
+        bound: Vec<PublicKey>,
         /// Kids it revoked.
         revoked: Vec<String>,
         /// The publisher's per-kid expiry hints.
@@ -204,11 +208,16 @@ pub struct TrustSet {
 // === impl TrustSet ===
 
 impl TrustSet {
-    /// Finds `kid` in `issuer`'s union, and nowhere else, at `now`.
+    /// Finds `kid` among `issuer`'s signing keys, and nowhere else, at `now`.
     pub fn lookup(&self, issuer: &str, kid: &str, now: UnixTime) -> Lookup<'_> {
+        self.lookup_in(issuer, kid, now, KeyClass::Signing)
+    }
+
+    /// Finds `kid` among `issuer`'s keys of `class`, and nowhere else, at `now`.
+    pub fn lookup_in(&self, issuer: &str, kid: &str, now: UnixTime, class: KeyClass) -> Lookup<'_> {
         match self.issuers.get(issuer) {
             None => Lookup::UnknownIssuer,
-            Some(e) => e.lookup(kid, now),
+            Some(e) => e.lookup(kid, now, class),
         }
     }
 
@@ -271,7 +280,7 @@ impl TrustSet {
                 self.put_instance(
                     &issuer,
                     DEFAULT_INSTANCE,
-                    InstanceKeys::plain(source, keys, revoked, expires, at),
+                    InstanceKeys::plain(source, keys, Vec::new(), revoked, expires, at),
                 )
             }
             TrustUpdate::Instance {
@@ -279,11 +288,12 @@ impl TrustSet {
                 instance,
                 source,
                 keys,
+                bound,
                 revoked,
                 expires,
                 at,
             } => {
-                let set = InstanceKeys::plain(source, keys, revoked, expires, at);
+                let set = InstanceKeys::plain(source, keys, bound, revoked, expires, at);
                 self.put_instance(&issuer, &instance, set)
             }
             TrustUpdate::Document {
@@ -340,7 +350,10 @@ impl TrustSet {
         instance: &str,
         set: InstanceKeys,
     ) -> Result<(), SetError> {
-        let (keys, revoked) = (set.keys().len(), set.revoked().len());
+        let (keys, revoked) = (
+            set.keys().len().max(set.bound_keys().len()),
+            set.revoked().len(),
+        );
         let refusal = if keys > MAX_KEYS_PER_ISSUER {
             Some(SetError::TooManyKeys(keys))
         } else if revoked > MAX_REVOKED_PER_ISSUER {
@@ -390,33 +403,41 @@ impl TrustView {
 }
 
 /// Everything a verification may check a key against: this sidecar's own
-/// keys, read straight from its key store's snapshot, and the peers' sets.
+/// keys of both classes, read straight from its key stores' snapshots, and
+/// the peers' sets.
 #[derive(Debug, Clone, Copy)]
 pub struct Anchors<'a> {
     /// This sidecar's identity: the issuer of `own`.
     pub own_id: &'a str,
-    /// This sidecar's keys.
+    /// This sidecar's signing keys (bearer tokens).
     pub own: &'a KeySet,
+    /// This sidecar's bound-token signing keys.
+    pub own_bound: &'a KeySet,
     /// Every peer issuer's keys.
     pub peers: &'a TrustSet,
 }
 
 impl<'a> Anchors<'a> {
-    /// Finds `kid` in `issuer`'s keys only; a bound token's kid
-    /// (`<kid>.dpop`) names the same key.
-    pub fn lookup(&self, issuer: &str, kid: &str, now: UnixTime) -> Lookup<'a> {
+    /// Finds `kid` among `issuer`'s keys of `class` only; a bound token's
+    /// kid (`<kid>.dpop`) names the key `<kid>`. A kid revoked in either
+    /// class is revoked.
+    pub fn lookup(&self, issuer: &str, kid: &str, now: UnixTime, class: KeyClass) -> Lookup<'a> {
         let kid = kid.strip_suffix(BOUND_KID_SUFFIX).unwrap_or(kid);
         if issuer == self.own_id {
-            if self.own.revoked_kids().any(|k| k == kid) {
+            let revoked = |set: &KeySet| set.revoked_kids().any(|k| k == kid);
+            if revoked(self.own) || revoked(self.own_bound) {
                 return Lookup::Revoked;
             }
-            return self
-                .own
+            let set = match class {
+                KeyClass::Signing => self.own,
+                KeyClass::Bound => self.own_bound,
+            };
+            return set
                 .published()
                 .find(|k| k.kid() == kid)
                 .map_or(Lookup::UnknownKid, Lookup::Found);
         }
-        self.peers.lookup(issuer, kid, now)
+        self.peers.lookup_in(issuer, kid, now, class)
     }
 
     /// Whether `issuer` is this sidecar or a trusted peer.

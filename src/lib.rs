@@ -32,14 +32,6 @@
 //!    binary, `Sidecar` in-process for tests and the demo.
 //! 10. `cli`: the command line, on top.
 
-/// The allocator of every program built on tokend (the daemon, its tests and
-/// benches): mimalloc, whose per-thread free lists cut the allocator's share
-/// of a verify (glibc malloc was ~8 % of the server's CPU in the e2e
-/// bench's profile) and keep memory of short-lived request buffers local
-/// to the worker that used it.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod api;
 mod audit;
 mod bans;

@@ -73,6 +73,10 @@ pub(crate) fn serve_metrics(addr: SocketAddr) -> Result<(), String> {
 /// `# HELP` for the `[directory]` families (etcd relay and shared replay store).
 fn describe_directory() {
     describe_gauge!(
+        "tokend_signing_queued",
+        "Signatures (uncached mints, exchanges) waiting for a signing thread; beyond 4096 a mint is refused unavailable."
+    );
+    describe_gauge!(
         "tokend_directory_connected",
         "1 while the directory watch is live; 0 while stale (changes are not arriving)."
     );

@@ -101,7 +101,8 @@ pub struct Engine {
     nonces: Option<dpop::Nonces>,
     bans: BanView,
     origins: KeyOrigins,
-    /// Where new signatures run: off the async workers, preemptible.
+    /// Where new signatures run: off the async workers, leaving a core to
+    /// verifications while they come in.
     signers: Arc<signer::SignPool>,
     clock: SharedClock,
 }
@@ -229,8 +230,8 @@ impl Engine {
 
     /// Mints (or reuses) a token now; a new signature (an RSA operation of
     /// ~0.5 ms at 2048 bits, several at 4096) runs on the signing pool
-    /// (`signer`), at a priority the async workers that answer
-    /// verifications always preempt.
+    /// (`signer`), never on the async workers that answer verifications,
+    /// and on at most cores − 1 threads while verifications come in.
     pub async fn mint_off_thread(self: &Arc<Self>, req: MintRequest) -> Result<Minted, Refusal> {
         let started = std::time::Instant::now();
         let result = self.mint_queued(req).await;
@@ -311,6 +312,8 @@ impl Engine {
         proof: Option<&Presented<'_>>,
     ) -> Result<Arc<Verified>, Refusal> {
         let started = std::time::Instant::now();
+        // While verifications come in, signatures leave them a core.
+        self.signers.verifying();
         let wait = wait.map_or(self.refresh_wait, |w| w.min(self.refresh_wait));
         let result = self
             .verify_once_refreshed(token, audience, wait, proof)

@@ -1,22 +1,23 @@
 //! The signing pool. An RSA signature costs ~0.5 ms of CPU at 2048 bits and
-//! several ms at 4096; run on the async workers, or on threads of the same
-//! priority, a burst of uncached mints holds every core and each verify
-//! that arrives meanwhile waits behind a whole signature. So signatures
-//! run here: one thread per core under Linux's `SCHED_IDLE` policy, which
-//! the kernel preempts at once whenever a normal thread (an async worker
-//! with a verify to answer) becomes runnable, and which gets every cycle
-//! the workers leave idle, so mint throughput alone is unchanged.
+//! several ms at 4096, and cannot be interrupted; run on the async workers,
+//! or on as many threads as there are cores, a burst of uncached mints
+//! holds every core and each verify that arrives meanwhile waits behind a
+//! whole signature. So signatures run here, on threads of their own (one
+//! per core), and while this sidecar is answering verifications (one
+//! started within `VERIFYING`), at most cores − 1 of them sign at once:
+//! one core is always free of signing for the next verify. Without verify
+//! traffic every core signs, so mint throughput alone is unchanged.
 //!
-//! An idle-policy thread gets almost no CPU while normal threads keep every
-//! core busy (a verify overload, or other programs on the host), and an
-//! unprivileged thread cannot leave that policy again. So as many threads
-//! again stay at normal priority and sign only jobs that have waited
-//! `STARVED` or longer: when the CPU is saturated, mints get their fair
-//! share, as they would without the pool, after at most `STARVED` more.
+//! The threads run at normal priority and share only the queue's lock, so
+//! nothing the async workers wait for is ever held by a thread the kernel
+//! has set aside. A job whose caller has gone (a cancelled request) is
+//! skipped, and the queue is bounded: beyond `MAX_QUEUED` waiting
+//! signatures a mint is refused `unavailable` instead of piling up work.
 //!
 //! Threads start on the first job and end when the pool is dropped.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,18 +25,46 @@ use tokio::sync::oneshot;
 
 use crate::reason::{Reason, Refusal};
 
-/// How long a job may wait for an idle-priority thread before the
-/// normal-priority thread takes it.
-pub(crate) const STARVED: Duration = Duration::from_millis(10);
+/// How recently a verification must have started for signing to leave a
+/// core to verifications.
+pub(crate) const VERIFYING: Duration = Duration::from_millis(5);
 
-/// A signature to compute, with its reply channel inside.
-type Job = Box<dyn FnOnce() + Send + 'static>;
+/// Signatures that may wait for a thread; more are refused `unavailable`.
+pub(crate) const MAX_QUEUED: usize = 4096;
 
-/// Runs signatures off the async workers, at a priority that never delays
-/// them (see the module doc).
+/// A signature to compute and the channel its result goes back on.
+trait Job: Send {
+    /// Whether the caller has gone, so the work would be thrown away.
+    fn abandoned(&self) -> bool;
+    /// Computes and sends the result.
+    fn run(self: Box<Self>);
+}
+
+struct Task<F, R> {
+    f: F,
+    reply: oneshot::Sender<R>,
+}
+
+impl<F: FnOnce() -> R + Send, R: Send> Job for Task<F, R> {
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    fn run(self: Box<Self>) {
+        let Task { f, reply } = *self;
+        // The caller may have gone since: nothing to do then.
+        let _ = reply.send(f());
+    }
+}
+
+/// Runs signatures off the async workers, leaving a core to verifications
+/// (see the module doc).
 pub(crate) struct SignPool {
-    /// Idle-priority threads (one per core), and as many rescuers.
     threads: usize,
+    epoch: Instant,
+    /// When the last verification started, in µs since `epoch` (+1, so 0
+    /// means never).
+    last_verify: AtomicU64,
     /// The queue and the threads, started on first use.
     shared: OnceLock<Arc<Shared>>,
 }
@@ -43,23 +72,17 @@ pub(crate) struct SignPool {
 /// What the pool's threads share.
 struct Shared {
     queue: Mutex<Queue>,
-    /// Signalled on each new job and on close.
+    /// Signalled on each new job, each finished job and on close.
     ready: Condvar,
+    threads: usize,
 }
 
 #[derive(Default)]
 struct Queue {
-    jobs: VecDeque<(Instant, Job)>,
+    jobs: VecDeque<Box<dyn Job>>,
+    /// Jobs running now.
+    running: usize,
     closed: bool,
-}
-
-/// Which kind of pool thread is asking for work.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Role {
-    /// Takes any job, the oldest first; runs at idle priority.
-    Idle,
-    /// Takes only jobs that waited `STARVED`; runs at normal priority.
-    Rescue,
 }
 
 impl std::fmt::Debug for SignPool {
@@ -71,38 +94,58 @@ impl std::fmt::Debug for SignPool {
 }
 
 impl SignPool {
-    /// A pool with one idle-priority thread per core (and as many rescuers).
+    /// A pool with one thread per core.
     pub(crate) fn per_core() -> Self {
         Self::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
     }
 
-    /// A pool with `threads` idle-priority threads and `threads` rescuers
-    /// (at least one of each).
+    /// A pool with `threads` threads (at least one).
     pub(crate) fn new(threads: usize) -> Self {
         Self {
             threads: threads.max(1),
+            epoch: Instant::now(),
+            last_verify: AtomicU64::new(0),
             shared: OnceLock::new(),
         }
     }
 
+    /// Records that a verification starts now: for the next `VERIFYING`,
+    /// signatures leave a core free.
+    pub(crate) fn verifying(&self) {
+        let us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.last_verify.store(us + 1, Ordering::Relaxed);
+    }
+
+    /// How many signatures may run at once now.
+    fn limit(&self) -> usize {
+        let last = self.last_verify.load(Ordering::Relaxed);
+        let recent = last != 0
+            && u64::try_from(self.epoch.elapsed().as_micros())
+                .unwrap_or(u64::MAX)
+                .saturating_sub(last - 1)
+                < VERIFYING.as_micros() as u64;
+        if recent {
+            (self.threads - 1).max(1)
+        } else {
+            self.threads
+        }
+    }
+
     /// Runs `f` on a pool thread and waits for its result without blocking
-    /// the async worker.
-    pub(crate) async fn run<R, F>(&self, f: F) -> Result<R, Refusal>
+    /// the async worker. If this future is dropped before a thread takes
+    /// the job, `f` never runs.
+    pub(crate) async fn run<R, F>(self: &Arc<Self>, f: F) -> Result<R, Refusal>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move || {
-            // The caller may have gone (a cancelled request): nothing to do.
-            let _ = tx.send(f());
-        });
-        self.submit(job)?;
+        let (reply, rx) = oneshot::channel();
+        self.submit(Box::new(Task { f, reply }))?;
         rx.await
             .map_err(|_| Refusal::new(Reason::Unavailable, "the signing task failed"))
     }
 
-    fn submit(&self, job: Job) -> Result<(), Refusal> {
+    fn submit(self: &Arc<Self>, job: Box<dyn Job>) -> Result<(), Refusal> {
         let shared = self.shared.get_or_init(|| self.start());
         let mut queue = lock(&shared.queue);
         if queue.closed {
@@ -111,32 +154,42 @@ impl SignPool {
                 "the signing pool is closed",
             ));
         }
-        queue.jobs.push_back((Instant::now(), job));
+        if queue.jobs.len() >= MAX_QUEUED {
+            return Err(Refusal::new(
+                Reason::Unavailable,
+                format!("the signing queue is full ({MAX_QUEUED} signatures waiting)"),
+            ));
+        }
+        queue.jobs.push_back(job);
+        metrics::gauge!("tokend_signing_queued").set(queue.jobs.len() as f64);
         drop(queue);
-        shared.ready.notify_all();
+        shared.ready.notify_one();
         Ok(())
     }
 
-    fn start(&self) -> Arc<Shared> {
+    fn start(self: &Arc<Self>) -> Arc<Shared> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
+            threads: self.threads,
         });
-        let roles = std::iter::repeat_n(Role::Idle, self.threads)
-            .chain(std::iter::repeat_n(Role::Rescue, self.threads));
-        for (i, role) in roles.enumerate() {
+        let mut started = 0;
+        for i in 0..self.threads {
             let s = Arc::clone(&shared);
+            // The thread holds the pool weakly: dropping the last engine
+            // drops the pool, which closes the queue and ends the threads.
+            let pool = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
                 .name(format!("tokend-sign-{i}"))
-                .spawn(move || work(&s, role));
-            if let Err(e) = spawned {
-                // Fewer threads only means slower mints; with none at all,
-                // jobs would wait forever, so the next submit fails instead.
-                tracing::error!(error = %e, "could not start a signing thread");
-                if i == 0 {
-                    lock(&shared.queue).closed = true;
-                }
+                .spawn(move || work(&s, &pool));
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => tracing::error!(error = %e, "could not start a signing thread"),
             }
+        }
+        if started == 0 {
+            // With no thread, jobs would wait forever: refuse them instead.
+            lock(&shared.queue).closed = true;
         }
         shared
     }
@@ -151,85 +204,52 @@ impl Drop for SignPool {
     }
 }
 
-/// A pool thread: lowers its own priority (idle role), then runs jobs
-/// until the pool closes and the queue is empty.
-fn work(shared: &Shared, role: Role) {
-    if role == Role::Idle {
-        lower_priority();
-    }
-    while let Some(job) = next_job(shared, role) {
-        // A panic in one signature must not take the thread (and with it
-        // a core's worth of signing) down; the caller sees its reply
-        // channel closed and answers `unavailable`.
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
-            tracing::error!("a signing job panicked");
+/// A pool thread: runs jobs until the pool closes and the queue is empty.
+fn work(shared: &Shared, pool: &std::sync::Weak<SignPool>) {
+    let limit = || pool.upgrade().map_or(shared.threads, |p| p.limit());
+    while let Some(job) = next_job(shared, limit) {
+        if !job.abandoned() {
+            // A panic in one signature must not take the thread (and with
+            // it a core's worth of signing) down; the caller sees its
+            // reply channel closed and answers `unavailable`.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.run())).is_err() {
+                tracing::error!("a signing job panicked");
+            }
         }
+        lock(&shared.queue).running -= 1;
+        // A thread held back by the limit may go now.
+        shared.ready.notify_one();
     }
 }
 
-/// The next job for `role`, waiting as long as needed; `None` once closed.
-fn next_job(shared: &Shared, role: Role) -> Option<Job> {
+/// The next job, once fewer than `limit()` run; `None` once closed and
+/// empty. The caller must decrement `running` when the job is done.
+fn next_job(shared: &Shared, limit: impl Fn() -> usize) -> Option<Box<dyn Job>> {
     let mut queue = lock(&shared.queue);
     loop {
-        match role {
-            Role::Idle => {
-                if let Some((_, job)) = queue.jobs.pop_front() {
-                    return Some(job);
-                }
-                if queue.closed {
-                    return None;
-                }
-                queue = shared
-                    .ready
-                    .wait(queue)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if queue.jobs.is_empty() {
+            if queue.closed {
+                return None;
             }
-            Role::Rescue => {
-                let waited = queue.jobs.front().map(|(at, _)| at.elapsed());
-                match waited {
-                    Some(w) if w >= STARVED => return queue.jobs.pop_front().map(|(_, j)| j),
-                    None if queue.closed => return None,
-                    _ => {}
-                }
-                queue = match waited {
-                    // Look again when the oldest job would have starved.
-                    Some(w) => shared
-                        .ready
-                        .wait_timeout(
-                            queue,
-                            STARVED.saturating_sub(w).max(Duration::from_millis(1)),
-                        )
-                        .map(|(q, _)| q)
-                        .unwrap_or_else(|p| p.into_inner().0),
-                    // Nothing queued: sleep until a job (or the close) comes.
-                    None => shared
-                        .ready
-                        .wait(queue)
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                };
-            }
+            queue = shared
+                .ready
+                .wait(queue)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            continue;
         }
-    }
-}
-
-/// Puts the calling thread under `SCHED_IDLE` (Linux). Elsewhere, or where
-/// the kernel refuses, the thread stays at normal priority: signing still
-/// works, only the tail of concurrent verifies is longer.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        use thread_priority::unix::{
-            NormalThreadSchedulePolicy, ThreadSchedulePolicy, set_thread_priority_and_policy,
-            thread_native_id,
-        };
-        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-        if let Err(e) = set_thread_priority_and_policy(
-            thread_native_id(),
-            thread_priority::ThreadPriority::Min,
-            idle,
-        ) {
-            tracing::debug!(error = ?e, "signing thread stays at normal priority");
+        if queue.running < limit() {
+            let job = queue.jobs.pop_front();
+            queue.running += 1;
+            metrics::gauge!("tokend_signing_queued").set(queue.jobs.len() as f64);
+            return job;
         }
+        // Held back for the verifications: look again when a job ends or
+        // when they may have stopped.
+        queue = shared
+            .ready
+            .wait_timeout(queue, VERIFYING)
+            .map(|(q, _)| q)
+            .unwrap_or_else(|p| p.into_inner().0);
     }
 }
 
@@ -241,58 +261,151 @@ fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::AtomicUsize;
+
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn runs_jobs_and_returns_their_results() {
-        let pool = SignPool::new(2);
-        let results = futures_join(&pool, 20).await;
-        assert_eq!(results, (0..20).map(|i| i * i).collect::<Vec<_>>());
-    }
-
-    async fn futures_join(pool: &SignPool, n: u64) -> Vec<u64> {
-        let mut out = Vec::new();
-        for i in 0..n {
-            out.push(pool.run(move || i * i).await.expect("ran"));
+        let pool = Arc::new(SignPool::new(2));
+        let runs: Vec<_> = (0..20u64)
+            .map(|i| {
+                let pool = Arc::clone(&pool);
+                tokio::spawn(async move { pool.run(move || i * i).await })
+            })
+            .collect();
+        for (i, r) in runs.into_iter().enumerate() {
+            let i = i as u64;
+            assert_eq!(r.await.expect("task").expect("ran"), i * i);
         }
-        out
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_panicking_job_answers_unavailable_and_the_pool_lives_on() {
-        let pool = SignPool::new(1);
+        let pool = Arc::new(SignPool::new(1));
         let r = pool.run(|| -> u32 { panic!("boom") }).await;
         assert_eq!(r.err().map(|e| e.reason), Some(Reason::Unavailable));
         assert_eq!(pool.run(|| 7).await.ok(), Some(7));
     }
 
     #[test]
-    fn the_rescuer_takes_only_starved_jobs() {
+    fn while_verifying_one_core_is_left_free_of_signing() {
+        let pool = SignPool::new(4);
+        assert_eq!(pool.limit(), 4, "no verification yet: every core signs");
+        pool.verifying();
+        assert_eq!(pool.limit(), 3);
+        let one = SignPool::new(1);
+        one.verifying();
+        assert_eq!(one.limit(), 1, "a single core still signs");
+        // Long after the last verification, every core signs again.
+        pool.last_verify.store(1, Ordering::Relaxed);
+        std::thread::sleep(VERIFYING * 2);
+        assert_eq!(pool.limit(), 4);
+    }
+
+    #[test]
+    fn the_limit_holds_jobs_back_until_one_ends() {
         let shared = Shared {
             queue: Mutex::new(Queue::default()),
             ready: Condvar::new(),
+            threads: 2,
         };
-        let old = Instant::now()
-            .checked_sub(STARVED * 2)
-            .expect("the clock is past STARVED");
-        lock(&shared.queue).jobs.push_back((old, Box::new(|| ())));
-        assert!(next_job(&shared, Role::Rescue).is_some());
-        lock(&shared.queue)
-            .jobs
-            .push_back((Instant::now(), Box::new(|| ())));
-        lock(&shared.queue).closed = true;
-        // A fresh job is not the rescuer's, until it has waited STARVED;
-        // then it is taken, and then the closed, empty queue ends it.
-        assert!(next_job(&shared, Role::Rescue).is_some());
-        assert!(next_job(&shared, Role::Rescue).is_none());
+        let ran = Arc::new(AtomicUsize::new(0));
+        for _ in 0..2 {
+            let (reply, _rx) = oneshot::channel::<()>();
+            let ran = Arc::clone(&ran);
+            lock(&shared.queue).jobs.push_back(Box::new(Task {
+                f: move || {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                },
+                reply,
+            }));
+        }
+        let first = next_job(&shared, || 1).expect("a job");
+        assert_eq!(lock(&shared.queue).running, 1);
+        // With one running and a limit of one, the second waits; a thread
+        // that finishes the first lets it go.
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| next_job(&shared, || 1).is_some());
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(!waiter.is_finished(), "held back by the limit");
+            lock(&shared.queue).running -= 1;
+            shared.ready.notify_one();
+            assert!(waiter.join().expect("waiter"));
+        });
+        drop(first);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_caller_left_never_runs() {
+        let pool = Arc::new(SignPool::new(1));
+        let ran = Arc::new(AtomicUsize::new(0));
+        // Hold the one thread, queue a job, and drop its caller.
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = hold_rx.recv();
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let left = {
+            let pool = Arc::clone(&pool);
+            let ran = Arc::clone(&ran);
+            tokio::spawn(async move {
+                pool.run(move || {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left.abort();
+        let _ = left.await;
+        hold_tx.send(()).expect("release");
+        busy.await.expect("task").expect("ran");
+        // A later job runs, so the abandoned one was taken and skipped.
+        assert_eq!(pool.run(|| 1).await.ok(), Some(1));
+        assert_eq!(ran.load(Ordering::SeqCst), 0, "the abandoned job never ran");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_refuses_unavailable() {
+        let pool = Arc::new(SignPool::new(1));
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let busy = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move {
+                pool.run(move || {
+                    let _ = hold_rx.recv();
+                })
+                .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let shared = pool.shared.get().expect("started");
+        for _ in 0..MAX_QUEUED {
+            let (reply, rx) = oneshot::channel::<()>();
+            std::mem::forget(rx);
+            lock(&shared.queue)
+                .jobs
+                .push_back(Box::new(Task { f: || (), reply }));
+        }
+        let r = pool.run(|| ()).await;
+        assert_eq!(r.err().map(|e| e.reason), Some(Reason::Unavailable));
+        hold_tx.send(()).expect("release");
+        busy.await.expect("task").expect("ran");
     }
 
     #[test]
     fn a_dropped_pool_closes_its_queue_and_its_threads_end() {
-        let pool = SignPool::new(1);
+        let pool = Arc::new(SignPool::new(1));
         let shared = pool.shared.get_or_init(|| pool.start()).clone();
         drop(pool);
         assert!(lock(&shared.queue).closed);
-        assert!(next_job(&shared, Role::Idle).is_none());
+        assert!(next_job(&shared, || 1).is_none());
     }
 }

@@ -366,6 +366,25 @@ async fn ext_authz_answers_use_dpop_nonce() {
     };
     let authorization = format!("DPoP {token}");
     let inbound = [("authority", LEDGER)];
+    // DPoP without any DPoP header: missing_proof, with a nonce for the
+    // client's first proof (no extra round trip).
+    let (code, h) = denied(
+        &check(
+            &ledger,
+            &[("authorization", authorization.as_str())],
+            &inbound,
+        )
+        .await,
+    );
+    assert_eq!(code, 401);
+    assert_eq!(
+        h.get("tokend-reason").map(String::as_str),
+        Some("missing_proof")
+    );
+    assert!(
+        h.contains_key("dpop-nonce"),
+        "missing_proof carries a nonce: {h:?}"
+    );
     let proof = proof_for(None).await;
     let sent = [
         ("authorization", authorization.as_str()),

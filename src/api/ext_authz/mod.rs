@@ -124,10 +124,16 @@ impl ExtAuthzApi {
         let proof = match (bound, proofs.as_slice()) {
             (false, _) => None,
             (true, []) => {
-                return Decision::refused(Refusal::new(
+                let r = Refusal::new(
                     Reason::MissingProof,
                     "authorization DPoP without a DPoP header",
-                ));
+                );
+                // Where nonces are required, the client's next proof needs
+                // one: hand it out now rather than after another refusal.
+                return match self.engine.fresh_nonce() {
+                    Some(nonce) => Decision::ProofRefused { refusal: r, nonce },
+                    None => Decision::refused(r),
+                };
             }
             (true, [one]) => Some(*one),
             (true, _) => {

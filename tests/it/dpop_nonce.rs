@@ -488,3 +488,66 @@ async fn cli_prove_with_the_nonce_a_refusal_printed() {
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("malformed") && err.contains("nonce"), "{err}");
 }
+
+/// A proof refused for its nonce records nothing: neither its `jti` (the
+/// same proof passes once its nonce is good) nor the one-time id of the
+/// token it came with (the token is still usable once). A nonce from the
+/// verifier's future (its clock stepped back) is refused, and the same proof
+/// passes when the clock has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nonce_refusal_uses_up_neither_the_proof_nor_the_one_time_token() {
+    let bank = Bank::new();
+    let payments = bank.start(bank.lean_peer("payments")).await;
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .config(REQUIRED)
+                .peer("payments", payments.peer_addr()),
+        )
+        .await;
+    ledger.learns(&["payments"]).await;
+    let token = payments
+        .tokens()
+        .await
+        .mint(pb::MintRequest {
+            audience: "ledger".into(),
+            bind: true,
+            one_time: true,
+            ..Default::default()
+        })
+        .await
+        .expect("mint a one-time bound token")
+        .into_inner()
+        .token;
+    let t = bank.now();
+    let nonce = verify(&ledger, &token, &prove(&payments, &token, None).await)
+        .await
+        .expect_err("no nonce")
+        .expect("use_dpop_nonce", "requires a server nonce")
+        .expect("a nonce to use");
+    // A garbage nonce: refused, and the one-time token is not used up.
+    let garbage = prove(&payments, &token, Some("AAAA")).await;
+    verify(&ledger, &token, &garbage)
+        .await
+        .expect_err("garbage nonce")
+        .expect("use_dpop_nonce", "");
+    // The verifier's clock steps back 10 s: the nonce it issued is now from
+    // the future, so a proof made now with it is refused...
+    bank.clock().set(crate::inproc::at(t - 10));
+    let early = prove(&payments, &token, Some(&nonce)).await;
+    verify(&ledger, &token, &early)
+        .await
+        .expect_err("a nonce from the future")
+        .expect("use_dpop_nonce", "");
+    // ...and the very same proof (same jti) passes once the clock is back,
+    // which it could not had the refusal recorded its jti; the one-time
+    // token passes too, which it could not had a refusal claimed it.
+    bank.clock().set(crate::inproc::at(t));
+    verify(&ledger, &token, &early)
+        .await
+        .expect("the same proof, its nonce good now");
+    // Used once now: a fresh proof with a good nonce finds it replayed.
+    let next = prove(&payments, &token, Some(&nonce)).await;
+    let again = verify(&ledger, &token, &next).await.expect_err("used");
+    assert_eq!(again.reason, "replayed", "{again:?}");
+}

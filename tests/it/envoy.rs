@@ -556,9 +556,11 @@ async fn envoy_dpop_bound_tokens_both_ways() {
 /// the outbound route's proof (made before the request left, with no nonce)
 /// is refused 401 with `WWW-Authenticate: DPoP error="use_dpop_nonce"` and
 /// a `DPoP-Nonce` header that reach the client through both listeners: the
-/// documented limit of outbound routes. The application's retry, proving
-/// through `Prove` with that nonce, passes, and the 200 carries the next
-/// nonce as `DPoP-Nonce`, which the next proof uses.
+/// limit of outbound routes. The application relays it back in
+/// `x-tokend-dpop-nonce` and the outbound route's proof carries it (the
+/// header is removed before the request leaves); or it proves through
+/// `Prove` with that nonce itself. Either passes, and each 200 carries the
+/// next nonce as `DPoP-Nonce`, which the next proof uses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_dpop_nonce_round_trip() {
     let (_bank, payments, _ledger, envoy, inbound, outbound) =
@@ -574,6 +576,36 @@ async fn envoy_dpop_nonce_round_trip() {
     );
     let mut nonce = r.header("dpop-nonce").to_owned();
     assert!(!nonce.is_empty(), "DPoP-Nonce reaches the client: {r:?}");
+    // The application relays the nonce in x-tokend-dpop-nonce: the outbound
+    // route's proof carries it, and the header never reaches the upstream.
+    for call in 0..2 {
+        let r = get(
+            outbound,
+            "/bound/pay",
+            &[("x-tokend-dpop-nonce", nonce.as_str())],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            200,
+            "relayed nonce, call {call}: {r:?}\n{}",
+            envoy.log()
+        );
+        assert_eq!(r.upstream_saw("x-tokend-iss"), vec![id("payments")]);
+        assert!(
+            r.upstream_saw("x-tokend-dpop-nonce").is_empty(),
+            "the relay header is removed: {r:?}"
+        );
+        nonce = r.header("dpop-nonce").to_owned();
+        assert!(!nonce.is_empty(), "the 200 carries the next nonce: {r:?}");
+    }
+    let r = get(
+        outbound,
+        "/bound/pay",
+        &[("x-tokend-dpop-nonce", "not a nonce!")],
+    )
+    .await;
+    assert_eq!(r.status, 400, "a malformed relayed nonce: {r:?}");
 
     let token = crate::dpop::mint_bound(payments.tokens().await, "ledger", "")
         .await

@@ -35,6 +35,11 @@ use crate::engine::{AccessRules, ClaimHeader, Engine, MintRequest, Presented, Pr
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::reason::{Reason, Refusal};
 
+/// The request header in which an application relays, on an outbound bound
+/// route, the `DPoP-Nonce` its upstream answered (RFC 9449 §9): the proof
+/// ext_authz makes carries it. Removed before the request leaves.
+pub(crate) const OUTBOUND_NONCE_HEADER: &str = "x-tokend-dpop-nonce";
+
 /// The ext_authz service.
 #[derive(Clone, Debug)]
 pub(crate) struct ExtAuthzApi {
@@ -215,6 +220,23 @@ impl ExtAuthzApi {
             one_time: false,
             bind: bind.is_some(),
         };
+        // The application relays the upstream's DPoP-Nonce in this header
+        // (ext_authz never sees the upstream's answer); it never leaves.
+        let nonce = match header_values(http, OUTBOUND_NONCE_HEADER) {
+            Ok(v) => v,
+            Err(why) => return Decision::InvalidRequest(Refusal::new(Reason::Malformed, why)),
+        };
+        let nonce = match nonce.as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            _ => {
+                return Decision::InvalidRequest(Refusal::new(
+                    Reason::Malformed,
+                    format!("more than one {OUTBOUND_NONCE_HEADER} header"),
+                ));
+            }
+        };
+        let remove = vec![OUTBOUND_NONCE_HEADER.to_owned()];
         let m = match self.engine.mint_off_thread(request).await {
             Ok(m) => m,
             Err(r) => return Decision::Unavailable(r),
@@ -222,7 +244,7 @@ impl ExtAuthzApi {
         let Some(authority) = bind else {
             return Decision::Allow {
                 set: vec![("authorization".into(), format!("Bearer {}", m.token))],
-                remove: Vec::new(),
+                remove,
                 respond: Vec::new(),
             };
         };
@@ -234,15 +256,21 @@ impl ExtAuthzApi {
             Ok(u) => u,
             Err(why) => return Decision::Misconfigured(why),
         };
-        match self.engine.prove(&m.token, &http.method, &uri) {
+        match self
+            .engine
+            .prove_with_nonce(&m.token, &http.method, &uri, nonce)
+        {
             Ok(proof) => Decision::Allow {
                 set: vec![
                     ("authorization".into(), format!("DPoP {}", m.token)),
                     ("dpop".into(), proof),
                 ],
-                remove: Vec::new(),
+                remove,
                 respond: Vec::new(),
             },
+            Err(r) if r.reason == Reason::Malformed => {
+                Decision::InvalidRequest(r.context(OUTBOUND_NONCE_HEADER))
+            }
             Err(r) => Decision::Unavailable(r),
         }
     }

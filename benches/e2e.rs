@@ -496,6 +496,71 @@ fn background(
 
 // === the run ===
 
+/// Mints `DISTINCT` tokens (distinct claims) for "payments" over `conns`,
+/// 64 at a time.
+async fn pre_mint(conns: &[Channel]) -> Arc<Vec<String>> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..HIGH)
+        .map(|w| {
+            let mut c =
+                pb::token_service_client::TokenServiceClient::new(conns[w % conns.len()].clone());
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= DISTINCT {
+                        return out;
+                    }
+                    let m = c
+                        .mint(pb::MintRequest {
+                            audience: "payments".into(),
+                            claims_json: format!("{{\"n\":{i}}}"),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("pre-mint");
+                    out.push(m.into_inner().token);
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(DISTINCT);
+    for t in tasks {
+        all.extend(t.await.expect("pre-mint task"));
+    }
+    Arc::new(all)
+}
+
+/// Verifies `tokens` in turn (the i-th call the i-th token, cycling).
+fn verify_cycling(tokens: Arc<Vec<String>>) -> Op {
+    op(move |mut c, i| {
+        let token = tokens[i % tokens.len()].clone();
+        async move {
+            c.verify(pb::VerifyRequest {
+                token,
+                audience: String::new(),
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        }
+    })
+}
+
+/// Mints for "ledger", one-time (never cached) or not.
+fn mints(one_time: bool) -> Op {
+    op(move |mut c, _| async move {
+        c.mint(pb::MintRequest {
+            audience: "ledger".into(),
+            one_time,
+            ..Default::default()
+        })
+        .await
+        .is_ok()
+    })
+}
+
 /// A load to profile under, 64 in flight for `secs` seconds: the uncached
 /// verify (a sidecar with the verify cache off, 2,000 distinct tokens), or
 /// with `mint` the uncached (one-time) mint. It prints the sidecar's pid
@@ -509,45 +574,11 @@ fn profile(secs: u64, mint: bool) {
     let dir = dir.display().to_string();
     let server = Server::spawn(&["--sidecar", &dir, "--verify-cache", "0"]);
     let conns = rt.block_on(channels(&server.socket, HIGH.div_ceil(STREAMS_PER_CONN)));
-    let tokens: Arc<Vec<String>> = Arc::new(rt.block_on(async {
-        let mut c = pb::token_service_client::TokenServiceClient::new(conns[0].clone());
-        let mut out = Vec::with_capacity(DISTINCT);
-        for i in 0..DISTINCT {
-            let m = c
-                .mint(pb::MintRequest {
-                    audience: "payments".into(),
-                    claims_json: format!("{{\"n\":{i}}}"),
-                    ..Default::default()
-                })
-                .await
-                .expect("pre-mint");
-            out.push(m.into_inner().token);
-        }
-        out
-    }));
+    let tokens = rt.block_on(pre_mint(&conns));
     let load = if mint {
-        op(move |mut c, _| async move {
-            c.mint(pb::MintRequest {
-                audience: "ledger".into(),
-                one_time: true,
-                ..Default::default()
-            })
-            .await
-            .is_ok()
-        })
+        mints(true)
     } else {
-        op(move |mut c, i| {
-            let token = tokens[i % tokens.len()].clone();
-            async move {
-                c.verify(pb::VerifyRequest {
-                    token,
-                    audience: String::new(),
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
-            }
-        })
+        verify_cycling(tokens)
     };
     let what = if mint {
         "mint uncached"
@@ -653,57 +684,10 @@ fn bench() {
     let echo_conns = rt.block_on(channels(&echo.socket, max_conns));
     let nc_conns = rt.block_on(channels(&nocache.socket, max_conns));
 
-    let tokens: Arc<Vec<String>> = Arc::new(rt.block_on(async {
-        let next = Arc::new(AtomicUsize::new(0));
-        let tasks: Vec<_> = (0..HIGH)
-            .map(|w| {
-                let mut c = pb::token_service_client::TokenServiceClient::new(
-                    nc_conns[w % nc_conns.len()].clone(),
-                );
-                let next = next.clone();
-                tokio::spawn(async move {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= DISTINCT {
-                            return out;
-                        }
-                        let m = c
-                            .mint(pb::MintRequest {
-                                audience: "payments".into(),
-                                claims_json: format!("{{\"n\":{i}}}"),
-                                ..Default::default()
-                            })
-                            .await
-                            .expect("pre-mint");
-                        out.push(m.into_inner().token);
-                    }
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(DISTINCT);
-        for t in tasks {
-            all.extend(t.await.expect("pre-mint task"));
-        }
-        all
-    }));
+    let tokens = rt.block_on(pre_mint(&nc_conns));
     let token_len = tokens[0].len();
 
-    let verify_distinct = {
-        let tokens = tokens.clone();
-        op(move |mut c, i| {
-            let token = tokens[i % tokens.len()].clone();
-            async move {
-                c.verify(pb::VerifyRequest {
-                    token,
-                    audience: String::new(),
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
-            }
-        })
-    };
+    let verify_distinct = verify_cycling(tokens.clone());
     let verify_same = |token: String| {
         op(move |mut c, _| {
             let token = token.clone();
@@ -756,15 +740,7 @@ fn bench() {
     // rows runs OPEN_ROUNDS times, interleaved, and the round with the
     // median p99 is reported.
     let mint_rate = env_rate("E2E_MINT_RATE").unwrap_or((sign_rate / 4.0).max(1.0));
-    let one_time_mint = op(move |mut c, _| async move {
-        c.mint(pb::MintRequest {
-            audience: "ledger".into(),
-            one_time: true,
-            ..Default::default()
-        })
-        .await
-        .is_ok()
-    });
+    let one_time_mint = mints(true);
     let (mut echoes, mut alone, mut beside) = (Vec::new(), Vec::new(), Vec::new());
     let mut mints_done = 0;
     for _ in 0..OPEN_ROUNDS {
@@ -810,17 +786,6 @@ fn bench() {
     // A sidecar on defaults (mint cache and verify cache on).
     let sidecar = Server::spawn(&["--sidecar", &dir("defaults")]);
     let conns = rt.block_on(channels(&sidecar.socket, max_conns));
-    let mint = |one_time: bool| {
-        op(move |mut c, _| async move {
-            c.mint(pb::MintRequest {
-                audience: "ledger".into(),
-                one_time,
-                ..Default::default()
-            })
-            .await
-            .is_ok()
-        })
-    };
     let own_token = rt
         .block_on(
             pb::token_service_client::TokenServiceClient::new(conns[0].clone()).mint(
@@ -834,7 +799,7 @@ fn bench() {
         .into_inner()
         .token;
     for c in [1, HIGH] {
-        rows.push(row(&rt, &sidecar, &conns, "mint, cached", c, &mint(false)));
+        rows.push(row(&rt, &sidecar, &conns, "mint, cached", c, &mints(false)));
     }
     for c in [1, HIGH] {
         rows.push(row(
@@ -843,7 +808,7 @@ fn bench() {
             &conns,
             "mint, uncached (one_time)",
             c,
-            &mint(true),
+            &mints(true),
         ));
     }
     for c in [1, HIGH] {

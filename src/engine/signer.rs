@@ -112,18 +112,26 @@ impl SignPool {
     /// Records that a verification starts now: for the next `VERIFYING`,
     /// signatures leave a core free.
     pub(crate) fn verifying(&self) {
-        let us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
-        self.last_verify.store(us + 1, Ordering::Relaxed);
+        self.last_verify
+            .store(self.now_us().saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Microseconds since the pool was made.
+    fn now_us(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1)
     }
 
     /// How many signatures may run at once now.
     fn limit(&self) -> usize {
+        self.limit_at(self.now_us())
+    }
+
+    /// How many signatures may run at once at `now_us`: one core fewer
+    /// than there are threads while a verification started within
+    /// `VERIFYING` (but at least one).
+    fn limit_at(&self, now_us: u64) -> usize {
         let last = self.last_verify.load(Ordering::Relaxed);
-        let recent = last != 0
-            && u64::try_from(self.epoch.elapsed().as_micros())
-                .unwrap_or(u64::MAX)
-                .saturating_sub(last - 1)
-                < VERIFYING.as_micros() as u64;
+        let recent = last != 0 && now_us.saturating_sub(last - 1) < VERIFYING.as_micros() as u64;
         if recent {
             (self.threads - 1).max(1)
         } else {
@@ -292,15 +300,20 @@ mod tests {
     fn while_verifying_one_core_is_left_free_of_signing() {
         let pool = SignPool::new(4);
         assert_eq!(pool.limit(), 4, "no verification yet: every core signs");
-        pool.verifying();
-        assert_eq!(pool.limit(), 3);
+        // A verification at 1,000 µs: one core fewer until 5 ms later.
+        pool.last_verify.store(1_001, Ordering::Relaxed);
+        let window = VERIFYING.as_micros() as u64;
+        assert_eq!(pool.limit_at(1_000), 3);
+        assert_eq!(pool.limit_at(1_000 + window - 1), 3);
+        assert_eq!(pool.limit_at(1_000 + window), 4, "verifications stopped");
         let one = SignPool::new(1);
-        one.verifying();
-        assert_eq!(one.limit(), 1, "a single core still signs");
-        // Long after the last verification, every core signs again.
-        pool.last_verify.store(1, Ordering::Relaxed);
-        std::thread::sleep(VERIFYING * 2);
-        assert_eq!(pool.limit(), 4);
+        one.last_verify.store(1_001, Ordering::Relaxed);
+        assert_eq!(one.limit_at(1_000), 1, "a single core still signs");
+        // `verifying` records now: one core fewer from that instant.
+        pool.verifying();
+        let at = pool.last_verify.load(Ordering::Relaxed) - 1;
+        assert!(at <= pool.now_us());
+        assert_eq!(pool.limit_at(at), 3);
     }
 
     #[test]
@@ -336,14 +349,17 @@ mod tests {
         drop(first);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_job_whose_caller_left_never_runs() {
-        let pool = Arc::new(SignPool::new(1));
-        let ran = Arc::new(AtomicUsize::new(0));
-        // Hold the one thread, queue a job, and drop its caller.
+    /// Occupies a thread of `pool` until the returned sender sends (or is
+    /// dropped); the handle ends when that job did.
+    async fn hold(
+        pool: &Arc<SignPool>,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), Refusal>>,
+    ) {
         let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
         let busy = {
-            let pool = Arc::clone(&pool);
+            let pool = Arc::clone(pool);
             tokio::spawn(async move {
                 pool.run(move || {
                     let _ = hold_rx.recv();
@@ -352,6 +368,15 @@ mod tests {
             })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
+        (hold_tx, busy)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_caller_left_never_runs() {
+        let pool = Arc::new(SignPool::new(1));
+        let ran = Arc::new(AtomicUsize::new(0));
+        // Hold the one thread, queue a job, and drop its caller.
+        let (hold_tx, busy) = hold(&pool).await;
         let left = {
             let pool = Arc::clone(&pool);
             let ran = Arc::clone(&ran);
@@ -375,17 +400,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_full_queue_refuses_unavailable() {
         let pool = Arc::new(SignPool::new(1));
-        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
-        let busy = {
-            let pool = Arc::clone(&pool);
-            tokio::spawn(async move {
-                pool.run(move || {
-                    let _ = hold_rx.recv();
-                })
-                .await
-            })
-        };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (hold_tx, busy) = hold(&pool).await;
         let shared = pool.shared.get().expect("started");
         for _ in 0..MAX_QUEUED {
             let (reply, rx) = oneshot::channel::<()>();

@@ -87,6 +87,22 @@ impl Refused {
     }
 }
 
+/// A bank with `payments` (the caller) and one `ledger` that requires
+/// nonces and knows payments' keys.
+async fn caller_and_nonce_verifier() -> (Bank, Node, Node) {
+    let bank = Bank::new();
+    let payments = bank.start(bank.lean_peer("payments")).await;
+    let ledger = bank
+        .start(
+            bank.lean_peer("ledger")
+                .config(REQUIRED)
+                .peer("payments", payments.peer_addr()),
+        )
+        .await;
+    ledger.learns(&["payments"]).await;
+    (bank, payments, ledger)
+}
+
 /// The scenario, on `payments` (the caller) and two replicas of ledger
 /// requiring nonces, all on `bank`'s clock.
 async fn proof_is_usable_once_across_replicas(bank: &Bank, payments: &Node, ledger: [&Node; 2]) {
@@ -331,16 +347,7 @@ async fn ext_authz_answers_use_dpop_nonce() {
 
     use crate::ext_authz::{allowed, check, denied};
     const LEDGER: &str = "https://ledger.bank.internal";
-    let bank = Bank::new();
-    let payments = bank.start(bank.lean_peer("payments")).await;
-    let ledger = bank
-        .start(
-            bank.lean_peer("ledger")
-                .config(REQUIRED)
-                .peer("payments", payments.peer_addr()),
-        )
-        .await;
-    ledger.learns(&["payments"]).await;
+    let (_bank, payments, ledger) = caller_and_nonce_verifier().await;
     let token = mint_bound(payments.tokens().await, "ledger", "")
         .await
         .token;
@@ -496,16 +503,7 @@ async fn cli_prove_with_the_nonce_a_refusal_printed() {
 /// passes when the clock has caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nonce_refusal_uses_up_neither_the_proof_nor_the_one_time_token() {
-    let bank = Bank::new();
-    let payments = bank.start(bank.lean_peer("payments")).await;
-    let ledger = bank
-        .start(
-            bank.lean_peer("ledger")
-                .config(REQUIRED)
-                .peer("payments", payments.peer_addr()),
-        )
-        .await;
-    ledger.learns(&["payments"]).await;
+    let (bank, payments, ledger) = caller_and_nonce_verifier().await;
     let token = payments
         .tokens()
         .await

@@ -68,6 +68,9 @@ fn main() {
     if let Some(secs) = arg("--profile-mint") {
         return profile(secs.parse().unwrap_or(20), true);
     }
+    if let Some(secs) = arg("--profile-cached") {
+        return profile_cached(secs.parse().unwrap_or(20));
+    }
     if !args.iter().any(|a| a == "--bench") {
         // `cargo test --all-targets` runs bench targets without `--bench`:
         // a benchmark is not a test, so do nothing there.
@@ -559,6 +562,33 @@ fn mints(one_time: bool) -> Op {
         .await
         .is_ok()
     })
+}
+
+/// Like `profile`, for the verify of one token with the verify cache on
+/// (every call after the first a hit): `--profile-cached 20`.
+fn profile_cached(secs: u64) {
+    let rt = runtime();
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("defaults");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = dir.display().to_string();
+    let server = Server::spawn(&["--sidecar", &dir]);
+    let conns = rt.block_on(channels(&server.socket, HIGH.div_ceil(STREAMS_PER_CONN)));
+    let token = rt.block_on(pre_mint(&conns))[0].clone();
+    let load = verify_cycling(Arc::new(vec![token]));
+    println!("sidecar pid {}", server.pid());
+    let pid = server.pid().to_string();
+    let s0 = cpu_us(&pid);
+    let (lats, errors, took) =
+        rt.block_on(closed_loop(&conns, HIGH, Duration::from_secs(secs), &load));
+    let s1 = cpu_us(&pid);
+    println!(
+        "verify cached @{HIGH}: {:.0}/s, server {:.1} µs CPU/call, {errors} errors",
+        lats.len() as f64 / took,
+        (s1 - s0) / lats.len().max(1) as f64
+    );
+    drop(conns);
+    server.stop();
 }
 
 /// A load to profile under, 64 in flight for `secs` seconds: the uncached

@@ -85,6 +85,12 @@ pub(crate) struct Event {
     /// For a gap: how many records were dropped before this one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) dropped: Option<u64>,
+    /// The header and payload (never the signature) `claimed` was given,
+    /// read into iss, sub, jti and kid only if the event is recorded: most
+    /// events (successful verifications) are not, and reading costs a
+    /// base64 decode and a JSON parse per call. Never written.
+    #[serde(skip)]
+    unread_claims: Option<String>,
 }
 
 impl Event {
@@ -105,15 +111,29 @@ impl Event {
         self.detail = Some(bounded(detail));
     }
 
-    /// Fills iss, sub, jti and kid from a token's header and payload,
-    /// unverified (for a refusal: what the token claimed). Never keeps the
-    /// token; tolerates anything.
+    /// Notes the token whose header and payload fill iss, sub, jti and kid
+    /// (unverified: for a refusal, what the token claimed) once the event
+    /// is recorded (`read_claims`). Keeps at most 24 KiB of the header and
+    /// payload, never the signature; tolerates anything.
     pub(crate) fn claimed(&mut self, token: &str) {
+        let signed = token.rsplit_once('.').map_or(token, |(hp, _)| hp);
+        let mut end = signed.len().min(2 * CLAIMS_READ);
+        while !signed.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.unread_claims = Some(signed[..end].to_owned());
+    }
+
+    /// Fills iss, sub, jti and kid from the token `claimed` noted.
+    pub(crate) fn read_claims(&mut self) {
         use base64::Engine;
+        let Some(token) = self.unread_claims.take() else {
+            return;
+        };
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let part = |i: usize| -> Option<serde_json::Value> {
             let p = token.split('.').nth(i)?;
-            serde_json::from_slice(&b64.decode(p.get(..p.len().min(12 * 1024))?).ok()?).ok()
+            serde_json::from_slice(&b64.decode(p.get(..p.len().min(CLAIMS_READ))?).ok()?).ok()
         };
         let field =
             |v: &Option<serde_json::Value>, k: &str| v.as_ref()?.get(k)?.as_str().map(bounded);
@@ -124,6 +144,9 @@ impl Event {
         self.jti = field(&payload, "jti");
     }
 }
+
+/// How much of a token's header, and of its payload, `read_claims` reads.
+const CLAIMS_READ: usize = 12 * 1024;
 
 fn bounded(s: &str) -> String {
     match s.char_indices().nth(MAX_DETAIL) {
@@ -151,10 +174,11 @@ impl std::fmt::Debug for Audit {
 impl Audit {
     /// Records `event` now, without waiting: if the writer is `QUEUE`
     /// records behind, the event is dropped and counted (a gap follows).
-    pub(crate) fn record(&self, event: Event) {
+    pub(crate) fn record(&self, mut event: Event) {
         let Some(tx) = &self.tx else {
             return;
         };
+        event.read_claims();
         match tx.try_send((self.clock.now().as_secs(), event)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {

@@ -156,6 +156,8 @@ fn claimed_fields_without_the_token() {
     let mut e = Event::new("verify", Caller::default());
     e.claimed(&token);
     e.refused("bad_signature", "signature does not verify");
+    assert!(e.kid.is_none(), "read only when recorded");
+    e.read_claims();
     assert_eq!(e.kid.as_deref(), Some("k1"));
     assert_eq!(e.iss.as_deref(), Some("spiffe://td/a"));
     assert!(
@@ -167,6 +169,7 @@ fn claimed_fields_without_the_token() {
     assert!(!line.contains(&token) && !line.contains("c2ln"), "{line}");
     let mut garbage = Event::new("verify", Caller::default());
     garbage.claimed("%%%.###");
+    garbage.read_claims();
     assert!(garbage.iss.is_none() && garbage.kid.is_none());
 }
 

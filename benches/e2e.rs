@@ -157,6 +157,9 @@ fn echo_server(dir: &Path) {
 }
 
 fn sidecar_child(dir: &Path, verify_cache: Option<&str>) {
+    // As `tokend serve` starts (src/main.rs): no transparent huge pages.
+    #[cfg(target_os = "linux")]
+    let _ = nix::sys::prctl::set_thp_disable(true);
     let rt = runtime();
     rt.block_on(async {
         let mut b = tokend::Sidecar::new(dir, "payments");

@@ -18,7 +18,7 @@ use crate::proto::tokend::v1 as pb;
 type Tokens = pb::token_service_client::TokenServiceClient<tonic::transport::Channel>;
 
 fn say(step: &str, text: impl std::fmt::Display) {
-    println!("[{step}] {text}");
+    out!("[{step}] {text}");
 }
 
 /// A throwaway etcd, killed on drop.

@@ -1,6 +1,16 @@
 //! The `tokend` command line (DESIGN.md "CLI contract"): the clap tree, value
 //! parsers and dispatch. Opens no sockets or files itself.
 
+/// `println!` for command output: a reader that went away (`tokend verify
+/// … | head -1`) ends the output, not the process with a panic (Rust
+/// ignores SIGPIPE, and `println!` panics on a closed pipe).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 mod demo;
 mod demo_directory;
 mod endpoint;

@@ -25,7 +25,7 @@ pub(super) fn decode(token: &str) -> u8 {
         (Ok(header), Ok(claims)) => {
             eprintln!("UNVERIFIED: the signature was not checked; do not trust these claims");
             let out = serde_json::json!({ "unverified": true, "header": header, "claims": claims });
-            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            out!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             0
         }
         (Err(e), _) | (_, Err(e)) => {
@@ -46,7 +46,7 @@ pub(super) fn ca_init(out: &std::path::Path, td: &str) -> u8 {
     };
     match crate::ca::init(out, &td) {
         Ok(()) => {
-            println!(
+            out!(
                 "CA for spiffe://{td} written to {}/{{ca.pem,ca.key}}",
                 out.display()
             );
@@ -63,7 +63,7 @@ pub(super) fn ca_init(out: &std::path::Path, td: &str) -> u8 {
 pub(super) fn ca_issue(spec: &crate::ca::IssueSpec) -> u8 {
     match crate::ca::issue_with(spec) {
         Ok(id) if spec.intermediate => {
-            println!(
+            out!(
                 "intermediate CA {} of {} written to {}/{{ca.pem,ca.key}}",
                 spec.name,
                 id.trust_domain(),
@@ -72,7 +72,7 @@ pub(super) fn ca_issue(spec: &crate::ca::IssueSpec) -> u8 {
             0
         }
         Ok(id) => {
-            println!(
+            out!(
                 "certificate for {id} written to {}/{{cert.pem,key.pem}}",
                 spec.out.display()
             );
@@ -90,9 +90,12 @@ pub(super) fn ca_issue(spec: &crate::ca::IssueSpec) -> u8 {
 pub(super) fn audit_verify(files: &[std::path::PathBuf]) -> u8 {
     match crate::audit::verify_files(files) {
         Ok(ok) => {
-            println!(
+            out!(
                 "ok: {} records, seq {}..{}, head {}",
-                ok.records, ok.seqs.0, ok.seqs.1, ok.head
+                ok.records,
+                ok.seqs.0,
+                ok.seqs.1,
+                ok.head
             );
             0
         }
@@ -139,7 +142,7 @@ pub(super) fn ban_sign(key: &std::path::Path, td: &str, seq: u64, bans: &std::pa
     let now = crate::time::Clock::now(&crate::time::SystemClock);
     match crate::bans::sign(&der, td, seq, now, entries) {
         Ok(jws) => {
-            println!("{jws}");
+            out!("{jws}");
             0
         }
         Err(e) => fail(e),

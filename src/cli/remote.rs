@@ -114,7 +114,7 @@ pub(super) async fn mint(
     };
     match client.mint(req).await {
         Ok(r) => {
-            println!("{}", r.into_inner().token);
+            out!("{}", r.into_inner().token);
             0
         }
         Err(s) => print_status(&s, "refused"),
@@ -141,7 +141,7 @@ pub(super) async fn verify(
             let r = r.into_inner();
             let claims: serde_json::Value =
                 serde_json::from_str(&r.claims_json).unwrap_or_default();
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&claims).unwrap_or_default()
             );
@@ -173,7 +173,7 @@ pub(super) async fn exchange(
         .await
     {
         Ok(r) => {
-            println!("{}", r.into_inner().token);
+            out!("{}", r.into_inner().token);
             0
         }
         Err(s) => print_status(&s, "rejected"),
@@ -197,7 +197,7 @@ pub(super) async fn prove(
     };
     match client.prove(req).await {
         Ok(r) => {
-            println!("{}", r.into_inner().proof);
+            out!("{}", r.into_inner().proof);
             0
         }
         Err(s) => print_status(&s, "refused"),
@@ -217,12 +217,17 @@ pub(super) async fn keys_list(socket: &Path, bound: bool) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
     match client.list_keys(pb::ListKeysRequest { bound }).await {
         Ok(r) => {
-            println!(
+            out!(
                 "{:<44} {:<8} {:<21} {:<21} {:<21} {:<21}",
-                "KID", "STATE", "CREATED", "ACTIVATES", "RETIRES", "DELETED-AFTER"
+                "KID",
+                "STATE",
+                "CREATED",
+                "ACTIVATES",
+                "RETIRES",
+                "DELETED-AFTER"
             );
             for k in r.into_inner().keys {
-                println!(
+                out!(
                     "{:<44} {:<8} {:<21} {:<21} {:<21} {:<21}",
                     k.kid,
                     k.state,
@@ -244,7 +249,7 @@ pub(super) async fn keys_rotate(socket: &Path, bound: bool) -> u8 {
     match client.rotate_key(pb::RotateKeyRequest { bound }).await {
         Ok(r) => {
             let k = r.into_inner().key.unwrap_or_default();
-            println!(
+            out!(
                 "new key {} published; signs from {}",
                 k.kid,
                 time(k.activates_at)
@@ -261,7 +266,7 @@ pub(super) async fn keys_revoke(socket: &Path, kid: String) -> u8 {
     match client.revoke_key(pb::RevokeKeyRequest { kid }).await {
         Ok(r) => {
             let r = r.into_inner();
-            println!(
+            out!(
                 "revoked {}; {} is now {}",
                 r.revoked.unwrap_or_default().kid,
                 if r.bound {
@@ -296,7 +301,7 @@ pub(super) async fn ban(socket: &Path, kind: String, value: String, reason: Stri
             } else {
                 "already banned"
             };
-            println!("{} {} {state}", b.kind, b.value);
+            out!("{} {} {state}", b.kind, b.value);
             0
         }
         Err(s) => print_status(&s, "refused"),
@@ -308,7 +313,7 @@ pub(super) async fn unban(socket: &Path, kind: String, value: String) -> u8 {
     let mut client = pb::admin_service_client::AdminServiceClient::new(channel_or_exit!(socket));
     match client.unban(pb::UnbanRequest { kind, value }).await {
         Ok(r) if r.get_ref().removed => {
-            println!("ban lifted");
+            out!("ban lifted");
             0
         }
         Ok(_) => {
@@ -335,7 +340,7 @@ pub(super) async fn bans(socket: &Path) -> u8 {
                     })
                 })
                 .collect();
-            println!(
+            out!(
                 "{}",
                 serde_json::to_string_pretty(&list).unwrap_or_default()
             );
@@ -388,7 +393,7 @@ pub(super) async fn jwks(socket: &Path, all: bool) -> u8 {
                     .map(|i| doc(&i.jwks_json))
                     .unwrap_or_default()
             };
-            println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+            out!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
             0
         }
         Err(s) => print_status(&s, "refused"),
@@ -415,7 +420,7 @@ pub(super) async fn health(socket: &Path, service: String) -> u8 {
                 .map(|s| s.as_str_name().to_owned())
                 .unwrap_or_else(|_| format!("status {status}"));
             if status == ServingStatus::Serving as i32 {
-                println!("{what}: {name}");
+                out!("{what}: {name}");
                 0
             } else {
                 eprintln!("{what}: {name}");

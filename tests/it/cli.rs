@@ -128,3 +128,26 @@ fn demo_shows_acceptance_refusal_and_rotation() {
         "{stdout}"
     );
 }
+
+/// A reader that goes away (`tokend verify T | head -1`) ends the output,
+/// not the process with a panic: stdout is a pipe whose read end is closed
+/// before the command writes; it exits 0 and says nothing of a panic.
+#[tokio::test]
+async fn a_closed_stdout_is_no_panic() {
+    use std::process::{Command, Stdio};
+    let root = tmp();
+    let a = Sidecar::start(root.path(), "payments", "");
+    let token = a.mint("payments").await.token;
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(bin())
+        .args(["verify", &token])
+        .env("TOKEND_SOCKET", &a.socket)
+        .stdout(Stdio::from(writer))
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run verify");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+}

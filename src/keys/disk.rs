@@ -176,6 +176,13 @@ pub(super) struct KeyDir {
     dir: PathBuf,
 }
 
+impl KeyDir {
+    /// The directory.
+    pub(super) fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
     move |source| DiskError::Io {
         op,

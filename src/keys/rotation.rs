@@ -100,7 +100,7 @@ pub(crate) async fn apply(store: &mut KeyStore, now: UnixTime) -> Result<(), Key
             Step::Generate { at, lead } => {
                 store.generate(at, lead).await?;
             }
-            Step::Forget { kid } => store.forget(&kid)?,
+            Step::Forget { kid } => store.forget(&kid).await?,
         }
     }
     Ok(())

@@ -156,7 +156,7 @@ impl KeyStore {
     pub async fn generate(&mut self, at: UnixTime, lead: Duration) -> Result<KeyRecord, KeyError> {
         let der = generate::generate_pkcs8_async(self.bits).await?;
         let key = SigningKey::from_pkcs8(&der)?;
-        let file = self.dir.write_key(key.kid(), &der)?;
+        let file = self.write_key(key.kid(), &der).await?;
         let now = self.clock.now();
         let earliest = if lead.is_zero() {
             now
@@ -174,9 +174,9 @@ impl KeyStore {
             revoked_at: None,
         };
         self.records.push(record.clone());
-        if let Err(e) = self.commit(&self.records) {
+        if let Err(e) = self.commit(&self.records).await {
             self.records.pop();
-            self.discard_file(&file);
+            self.discard_file(&file).await;
             return Err(e);
         }
         match self.class {
@@ -262,7 +262,7 @@ impl KeyStore {
                     // The standby key if there is one (no keygen on the emergency
                     // path); the manifest below commits both changes together.
                     let (der, key) = self.take_spare_or_generate().await?;
-                    let file = self.dir.write_key(key.kid(), &der)?;
+                    let file = self.write_key(key.kid(), &der).await?;
                     now = self.clock.now();
                     new_records.push(KeyRecord {
                         kid: key.kid().to_owned(),
@@ -279,11 +279,11 @@ impl KeyStore {
         }
         let old_file = std::mem::take(&mut new_records[idx].file);
         new_records[idx].revoked_at = Some(now);
-        self.commit(&new_records)?;
+        self.commit(&new_records).await?;
         self.records = new_records;
         self.keys.remove(kid);
         self.publish();
-        self.discard_file(&old_file);
+        self.discard_file(&old_file).await;
         let active = self
             .tx
             .borrow()
@@ -301,29 +301,59 @@ impl KeyStore {
     }
 
     /// Forgets a key whose last token has expired: manifest first, then the file.
-    pub fn forget(&mut self, kid: &str) -> Result<(), KeyError> {
+    pub async fn forget(&mut self, kid: &str) -> Result<(), KeyError> {
         let Some(idx) = self.records.iter().position(|r| r.kid == kid) else {
             return Ok(());
         };
         let mut new_records = self.records.clone();
         let rec = new_records.remove(idx);
-        self.commit(&new_records)?;
+        self.commit(&new_records).await?;
         self.records = new_records;
         self.keys.remove(kid);
         self.publish();
         if !rec.file.is_empty() {
-            self.discard_file(&rec.file);
+            self.discard_file(&rec.file).await;
         }
         tracing::info!(kid, class = self.class.as_str(), "deleted expired key");
         Ok(())
+    }
+
+    /// Runs `f` on the keys directory on tokio's blocking pool: key files
+    /// and the manifest are written with fsyncs, which must not stall the
+    /// async workers that answer verifications.
+    async fn on_disk<R, F>(&self, op: &'static str, f: F) -> Result<R, DiskError>
+    where
+        F: FnOnce(&KeyDir) -> Result<R, DiskError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let dir = self.dir.clone();
+        let path = self.dir.path().to_owned();
+        tokio::task::spawn_blocking(move || f(&dir))
+            .await
+            .map_err(|e| DiskError::Io {
+                op,
+                path,
+                source: std::io::Error::other(format!("disk task failed: {e}")),
+            })?
+    }
+
+    /// Writes a key file (off the async workers); its file name.
+    async fn write_key(&self, kid: &str, der: &[u8]) -> Result<String, DiskError> {
+        let (kid, der) = (kid.to_owned(), der.to_vec());
+        self.on_disk("write a key file in", move |d| d.write_key(&kid, &der))
+            .await
     }
 
     /// Writes the manifest: the commit point. A failure after the rename (the
     /// directory fsync) means the change is already visible, so it counts as
     /// committed and is only logged; anything earlier is an error and nothing
     /// changed.
-    fn commit(&self, records: &[KeyRecord]) -> Result<(), KeyError> {
-        match self.dir.write_manifest(records) {
+    async fn commit(&self, records: &[KeyRecord]) -> Result<(), KeyError> {
+        let records = records.to_vec();
+        match self
+            .on_disk("write the manifest in", move |d| d.write_manifest(&records))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e @ DiskError::Unsynced { .. }) => {
                 tracing::error!(error = %e, "key manifest committed but not yet durable");
@@ -335,8 +365,12 @@ impl KeyStore {
 
     /// Removes a key file the manifest no longer names. Failure is logged, not
     /// returned: the change is committed, and the next start removes the file.
-    fn discard_file(&self, name: &str) {
-        if let Err(e) = self.dir.remove_key_file(name) {
+    async fn discard_file(&self, name: &str) {
+        let owned = name.to_owned();
+        if let Err(e) = self
+            .on_disk("remove a key file from", move |d| d.remove_key_file(&owned))
+            .await
+        {
             tracing::warn!(file = name, error = %e, "could not remove key file; it is removed at next start");
         }
     }

@@ -137,8 +137,9 @@ impl BanStore {
         self.tx.borrow().clone()
     }
 
-    /// Writes `next` to the file, then publishes it.
-    fn commit(&self, state: &mut State, next: State) -> Result<(), BanError> {
+    /// Writes `next` to the file (on tokio's blocking pool: the write
+    /// fsyncs, and must not stall the async workers), then publishes it.
+    async fn commit(&self, state: &mut State, next: State) -> Result<(), BanError> {
         let file = BansFile {
             version: 1,
             bans: next.local.clone(),
@@ -149,7 +150,13 @@ impl BanStore {
             path: self.dir.join(BANS_FILE),
             detail: e.to_string(),
         })?;
-        crate::keys::atomic_write(&self.dir, BANS_FILE, &bytes)?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || crate::keys::atomic_write(&dir, BANS_FILE, &bytes))
+            .await
+            .map_err(|e| BanError::File {
+                path: self.dir.join(BANS_FILE),
+                detail: format!("the write task failed: {e}"),
+            })??;
         let list = union(&next);
         metrics::gauge!("tokend_bans").set(list.bans().len() as f64);
         *state = next;
@@ -163,7 +170,7 @@ impl BanStore {
         if !f(&mut next.local) {
             return Ok(false);
         }
-        self.commit(&mut state, next)?;
+        self.commit(&mut state, next).await?;
         Ok(true)
     }
 
@@ -180,7 +187,7 @@ impl BanStore {
         let mut next = state.clone();
         next.document_seq = seq;
         next.document = bans;
-        self.commit(&mut state, next)?;
+        self.commit(&mut state, next).await?;
         Ok(Offered::Taken)
     }
 

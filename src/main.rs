@@ -42,5 +42,10 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    ExitCode::from(runtime.block_on(tokend::run_cli(cli)))
+    let code = runtime.block_on(tokend::run_cli(cli));
+    // The daemon has drained and stopped its tasks; a key still being
+    // generated on the blocking pool is not needed any more (and every
+    // write is atomic), so exit without waiting for it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    ExitCode::from(code)
 }

@@ -153,7 +153,14 @@ pub(crate) async fn run(
     const RETRY: Duration = Duration::from_secs(5);
     loop {
         let now = clock.now();
-        let wake = match apply(&mut store, now).await {
+        // A shutdown does not wait for a key being generated (seconds of
+        // CPU at 4096 bits): every write is atomic, and a key file the
+        // manifest does not name yet is removed at the next start.
+        let applied = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = apply(&mut store, now) => r,
+        };
+        let wake = match applied {
             Ok(()) => {
                 record_metrics(store.class(), now, store.records());
                 next_event(now, store.records(), &store.lifecycle())
@@ -165,7 +172,11 @@ pub(crate) async fn run(
                 now + RETRY
             }
         };
-        if let Err(e) = store.refill_spare().await {
+        let refilled = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = store.refill_spare() => r,
+        };
+        if let Err(e) = refilled {
             tracing::warn!(error = %e, "cannot prepare the standby key for revocations");
         }
         tokio::select! {

@@ -435,7 +435,11 @@ async fn python_grpcio_status_reads_error_info() {
 /// A health Watch open across SIGTERM sees NOT_SERVING and ends, and the
 /// process exits 0 well inside the 10 s drain bound (checked by a poll
 /// loop bounded at 5 s, not by a measured time).
-#[tokio::test]
+// Multi-thread: the client's HTTP/2 connection must keep running (and
+// answer the server's graceful-shutdown PING) while this thread blocks in
+// `wait_exit`; on a current-thread runtime it cannot, and the server's
+// drain waits for the PING's answer until its 10 s bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_health_not_serving_and_exits_promptly() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -493,9 +497,12 @@ async fn sigterm_turns_health_not_serving_and_exits_promptly() {
     // The drain bound is 10 s: an exit within 9 s of SIGTERM shows the open
     // watches and the bundle stream did not hold the drain to its end (the
     // margin is for a loaded CI machine; it exits in well under 1 s idle).
-    let status = a
-        .wait_exit(Duration::from_secs(9))
-        .expect("still running 9s after SIGTERM (the drain bound is 10s)");
+    let status = a.wait_exit(Duration::from_secs(9)).unwrap_or_else(|| {
+        panic!(
+            "still running 9s after SIGTERM (the drain bound is 10s):\n{}",
+            a.stderr()
+        )
+    });
     assert!(status.success(), "exit status {status:?}");
     assert!(!a.socket.exists(), "socket removed");
     assert!(!a.stderr().contains("still in flight"), "{}", a.stderr());
@@ -504,7 +511,11 @@ async fn sigterm_turns_health_not_serving_and_exits_promptly() {
 /// With a peer API, `tokend.v1.PeerService` (whose status the peer TLS
 /// watch sets) is SERVING on the socket's health service and turns
 /// NOT_SERVING on SIGTERM like every other service, then its watch ends.
-#[tokio::test]
+// Multi-thread: the client's HTTP/2 connection must keep running (and
+// answer the server's graceful-shutdown PING) while this thread blocks in
+// `wait_exit`; on a current-thread runtime it cannot, and the server's
+// drain waits for the PING's answer until its 10 s bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_the_peer_service_not_serving_too() {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -547,9 +558,12 @@ async fn sigterm_turns_the_peer_service_not_serving_too() {
         !matches!(end, Ok(Some(_))),
         "more after NOT_SERVING: {end:?}"
     );
-    let status = a
-        .wait_exit(Duration::from_secs(12))
-        .expect("still running 12s after SIGTERM (the drain bound is 10s)");
+    let status = a.wait_exit(Duration::from_secs(12)).unwrap_or_else(|| {
+        panic!(
+            "still running 12s after SIGTERM (the drain bound is 10s):\n{}",
+            a.stderr()
+        )
+    });
     assert!(status.success(), "exit status {status:?}");
 }
 

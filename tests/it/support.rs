@@ -123,7 +123,10 @@ impl Sidecar {
         let mut child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
-            .env("TOKEND_LOG", "info")
+            .env(
+                "TOKEND_LOG",
+                std::env::var("IT_TOKEND_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env_remove("TOKEND_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

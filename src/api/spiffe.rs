@@ -269,10 +269,26 @@ impl SpiffeApi {
         req: Request<pb::ValidateJwtsvidRequest>,
         event: &mut Event,
     ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
-        event.claimed(&req.get_ref().svid);
-        event.aud = Some(req.get_ref().audience.chars().take(256).collect());
-        self.admit(&req)?;
+        let admitted = self.admit(&req);
         let r = req.into_inner();
+        let result = match admitted {
+            Ok(()) => self.validate_checked(&r).await,
+            Err(e) => Err(e),
+        };
+        // Only a refusal is recorded: what the SVID claimed and the
+        // audience are noted then, not on every successful validation.
+        if result.is_err() {
+            event.claimed(&r.svid);
+            event.aud = Some(r.audience.chars().take(256).collect());
+        }
+        result
+    }
+
+    /// `validate_jwtsvid_call` once the caller is admitted.
+    async fn validate_checked(
+        &self,
+        r: &pb::ValidateJwtsvidRequest,
+    ) -> Result<Response<pb::ValidateJwtsvidResponse>, Status> {
         if r.audience.is_empty() || r.svid.is_empty() {
             return Err(spiffe_status(Refusal::new(
                 Reason::Malformed,

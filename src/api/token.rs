@@ -176,14 +176,31 @@ impl TokenApi {
         req: Request<pb::VerifyRequest>,
         event: &mut Event,
     ) -> Result<Response<pb::VerifyResponse>, Status> {
-        event.claimed(&req.get_ref().token);
-        event.aud = Some(match req.get_ref().audience.as_str() {
-            "" => self.engine.own().to_string(),
-            text => r_audience(text),
-        });
-        self.callers.check(&req).map_err(status)?;
+        let allowed = self.callers.check(&req).map_err(status);
         let wait = refresh_budget(&req);
         let r = req.into_inner();
+        let result = match allowed {
+            Ok(()) => self.verify_checked(&r, wait).await,
+            Err(e) => Err(e),
+        };
+        // Only a refusal is recorded: what the token claimed and the
+        // audience are noted then, not on every successful verification.
+        if result.is_err() {
+            event.claimed(&r.token);
+            event.aud = Some(match r.audience.as_str() {
+                "" => self.engine.own().to_string(),
+                text => r_audience(text),
+            });
+        }
+        result
+    }
+
+    /// `verify_call` once the caller is allowed.
+    async fn verify_checked(
+        &self,
+        r: &pb::VerifyRequest,
+        wait: Option<Duration>,
+    ) -> Result<Response<pb::VerifyResponse>, Status> {
         let named;
         let aud = if r.audience.is_empty() {
             self.engine.own().as_str()

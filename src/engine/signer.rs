@@ -149,8 +149,12 @@ impl SignPool {
     {
         let (reply, rx) = oneshot::channel();
         self.submit(Box::new(Task { f, reply }))?;
-        rx.await
-            .map_err(|_| Refusal::new(Reason::Unavailable, "the signing task failed"))
+        rx.await.map_err(|_| {
+            Refusal::new(
+                Reason::Unavailable,
+                "no signature: its signing job panicked or the pool closed (see the log)",
+            )
+        })
     }
 
     fn submit(self: &Arc<Self>, job: Box<dyn Job>) -> Result<(), Refusal> {

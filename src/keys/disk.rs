@@ -183,7 +183,11 @@ impl KeyDir {
     }
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
+/// Maps an I/O error of `op` on `path` to a `DiskError` naming both.
+pub(super) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
     move |source| DiskError::Io {
         op,
         path: path.to_owned(),

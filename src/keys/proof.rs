@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::disk::{DiskError, atomic_write};
+use super::disk::{DiskError, atomic_write, io};
 use super::safe_path;
 use crate::jose::ProofKey;
 use crate::time::UnixTime;
@@ -42,14 +42,6 @@ pub(crate) struct ProofKeyStore {
     interval: Duration,
     keep: Duration,
     held: Mutex<Vec<Held>>,
-}
-
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DiskError + 'a {
-    move |source| DiskError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
 }
 
 // === impl ProofKeyStore ===

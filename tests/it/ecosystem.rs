@@ -474,36 +474,14 @@ async fn sigterm_turns_health_not_serving_and_exits_promptly() {
         .into_inner();
     assert!(bundles.message().await.expect("bundle").is_some());
 
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    for mut s in watches {
-        let next = tokio::time::timeout(Duration::from_secs(5), s.message())
-            .await
-            .expect("the watch saw nothing within 5s")
-            .expect("a status")
-            .expect("a status, not the end");
-        assert_eq!(next.status, ServingStatus::NotServing as i32);
-        let end = tokio::time::timeout(Duration::from_secs(5), s.message())
-            .await
-            .expect("the watch did not end within 5s");
-        assert!(
-            !matches!(end, Ok(Some(_))),
-            "more after NOT_SERVING: {end:?}"
-        );
+    sigterm_pid(a.pid());
+    for s in watches {
+        turns_not_serving_then_ends(s).await;
     }
     // The drain bound is 10 s: an exit within 9 s of SIGTERM shows the open
     // watches and the bundle stream did not hold the drain to its end (the
     // margin is for a loaded CI machine; it exits in well under 1 s idle).
-    let status = a.wait_exit(Duration::from_secs(9)).unwrap_or_else(|| {
-        panic!(
-            "still running 9s after SIGTERM (the drain bound is 10s):\n{}",
-            a.stderr()
-        )
-    });
-    assert!(status.success(), "exit status {status:?}");
+    exits_cleanly_within(&mut a, 9);
     assert!(!a.socket.exists(), "socket removed");
     assert!(!a.stderr().contains("still in flight"), "{}", a.stderr());
 }
@@ -540,11 +518,25 @@ async fn sigterm_turns_the_peer_service_not_serving_too() {
             .expect("a status");
     }
     assert_eq!(first.status, ServingStatus::Serving as i32);
+    sigterm_pid(a.pid());
+    turns_not_serving_then_ends(watch).await;
+    exits_cleanly_within(&mut a, 12);
+}
+
+/// Sends SIGTERM to the process `pid`.
+fn sigterm_pid(pid: u32) {
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.pid() as i32),
+        nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .expect("SIGTERM");
+}
+
+/// A health watch's next status is NOT_SERVING, and then it ends.
+async fn turns_not_serving_then_ends(
+    mut watch: tonic::Streaming<tonic_health::pb::HealthCheckResponse>,
+) {
+    use tonic_health::pb::health_check_response::ServingStatus;
     let next = tokio::time::timeout(Duration::from_secs(15), watch.message())
         .await
         .expect("the watch saw nothing within 15s")
@@ -558,9 +550,13 @@ async fn sigterm_turns_the_peer_service_not_serving_too() {
         !matches!(end, Ok(Some(_))),
         "more after NOT_SERVING: {end:?}"
     );
-    let status = a.wait_exit(Duration::from_secs(12)).unwrap_or_else(|| {
+}
+
+/// The sidecar exits with status 0 within `secs` (its log on failure).
+fn exits_cleanly_within(a: &mut Sidecar, secs: u64) {
+    let status = a.wait_exit(Duration::from_secs(secs)).unwrap_or_else(|| {
         panic!(
-            "still running 12s after SIGTERM (the drain bound is 10s):\n{}",
+            "still running {secs}s after SIGTERM (the drain bound is 10s):\n{}",
             a.stderr()
         )
     });

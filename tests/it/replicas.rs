@@ -260,6 +260,30 @@ async fn old_release_peer_interoperates() {
 }
 
 /// A document straight from a replica's peer API (as an auditor would fetch it).
+/// A fake payments peer that only relays `document` (and whatever is sent
+/// on the returned sender later), and a ledger that knows payments through
+/// that relay alone.
+async fn ledger_behind_relay(
+    bank: &Bank,
+    document: String,
+) -> (tokio::sync::watch::Sender<Option<String>>, SocketAddr, Node) {
+    let (tx, rx) = tokio::sync::watch::channel(Some(document));
+    let relay = serve_fake(
+        bank,
+        "payments",
+        FakePeer {
+            watch: vec![],
+            unary: pb::PeerKeySet::default(),
+            documents: Some(rx),
+        },
+    )
+    .await;
+    let ledger = bank
+        .start(bank.lean_peer("ledger").peer("payments", relay))
+        .await;
+    (tx, relay, ledger)
+}
+
 async fn fetch_document(bank: &Bank, addr: SocketAddr) -> String {
     let auditor = issue(bank, "auditor");
     let ca = std::fs::read(bank.ca().join("ca.pem")).expect("ca");
@@ -299,20 +323,8 @@ async fn direct_fetch_outlives_a_silent_relay() {
                 .document_lifetime("60s"),
         )
         .await;
-    let (tx, rx) = tokio::sync::watch::channel(Some(fetch_document(&bank, x.peer_addr()).await));
-    let relay = serve_fake(
-        &bank,
-        "payments",
-        FakePeer {
-            watch: vec![],
-            unary: pb::PeerKeySet::default(),
-            documents: Some(rx),
-        },
-    )
-    .await;
-    let ledger = bank
-        .start(bank.lean_peer("ledger").peer("payments", relay))
-        .await;
+    let (tx, relay, ledger) =
+        ledger_behind_relay(&bank, fetch_document(&bank, x.peer_addr()).await).await;
     knows_instances(&ledger, "payments", 1).await;
     let token = x.mint("ledger").await;
     ledger.verify(&token.token).await.expect("via the relay");
@@ -579,20 +591,7 @@ async fn mesh_relay_cannot_roll_back() {
     let next_kid = payments.rotate().await;
     let newer = fetch_document(&bank, payments.peer_addr()).await;
     assert_ne!(older, newer);
-    let (tx, rx) = tokio::sync::watch::channel(Some(newer));
-    let relay = serve_fake(
-        &bank,
-        "payments",
-        FakePeer {
-            watch: vec![],
-            unary: pb::PeerKeySet::default(),
-            documents: Some(rx),
-        },
-    )
-    .await;
-    let ledger = bank
-        .start(bank.lean_peer("ledger").peer("payments", relay))
-        .await;
+    let (tx, _, ledger) = ledger_behind_relay(&bank, newer).await;
     assert!(
         eventually(5, || async {
             ledger.kids_of("payments").await.contains(&next_kid)
@@ -681,20 +680,8 @@ async fn a_withheld_revocation_ends_within_the_document_lifetime() {
     let x = bank
         .start(bank.peer("payments").replica(1).document_lifetime("60s"))
         .await;
-    let (_tx, rx) = tokio::sync::watch::channel(Some(fetch_document(&bank, x.peer_addr()).await));
-    let relay = serve_fake(
-        &bank,
-        "payments",
-        FakePeer {
-            watch: vec![],
-            unary: pb::PeerKeySet::default(),
-            documents: Some(rx),
-        },
-    )
-    .await;
-    let ledger = bank
-        .start(bank.lean_peer("ledger").peer("payments", relay))
-        .await;
+    let (_tx, _, ledger) =
+        ledger_behind_relay(&bank, fetch_document(&bank, x.peer_addr()).await).await;
     knows_instances(&ledger, "payments", 1).await;
     let token = x.mint("ledger").await;
     ledger.verify(&token.token).await.expect("verifies");

@@ -186,6 +186,17 @@ struct Usable {
     until: Option<UnixTime>,
 }
 
+/// The keys of `index` usable at `now`, sorted by kid.
+fn usable(index: &HashMap<String, Usable>, now: UnixTime) -> Vec<Arc<PublicKey>> {
+    let mut keys: Vec<_> = index
+        .values()
+        .filter(|u| u.until.is_none_or(|t| t >= now))
+        .map(|u| u.key.clone())
+        .collect();
+    keys.sort_by(|a, b| a.kid().cmp(b.kid()));
+    keys
+}
+
 /// One issuer: its instances, their union, its remembered revocations and
 /// the instances' document high-water marks.
 #[derive(Clone, Debug, Default)]
@@ -229,27 +240,13 @@ impl IssuerKeys {
 
     /// The keys usable at `now`, sorted by kid.
     pub fn usable_keys(&self, now: UnixTime) -> Vec<Arc<PublicKey>> {
-        let mut keys: Vec<_> = self
-            .index
-            .values()
-            .filter(|u| u.until.is_none_or(|t| t >= now))
-            .map(|u| u.key.clone())
-            .collect();
-        keys.sort_by(|a, b| a.kid().cmp(b.kid()));
-        keys
+        usable(&self.index, now)
     }
 
     /// The bound-token keys usable at `now`, sorted by kid (diagnostics;
     /// never exported to third-party verifiers).
     pub fn usable_bound_keys(&self, now: UnixTime) -> Vec<Arc<PublicKey>> {
-        let mut keys: Vec<_> = self
-            .bound_index
-            .values()
-            .filter(|u| u.until.is_none_or(|t| t >= now))
-            .map(|u| u.key.clone())
-            .collect();
-        keys.sort_by(|a, b| a.kid().cmp(b.kid()));
-        keys
+        usable(&self.bound_index, now)
     }
 
     /// The revoked kids, sorted.
